@@ -86,7 +86,7 @@ type Params struct {
 	Logger    *zap.Logger
 	Listener  net.Listener
 	Signer    *signer.Signer
-	Attester  Attester `optional:"true"`
+	Attester  Attester     `optional:"true"`
 	Lifecycle fx.Lifecycle `optional:"true"`
 }
 
@@ -120,7 +120,7 @@ func New(p Params) (*Server, error) {
 	}
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
-			grpc.ConnectionTimeout(cfg.HandshakeTimeout),
+		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.ForceServerCodecV2(newRequestCodec()),
 		grpc.ChainUnaryInterceptor(unaryLogging(log), unaryRecovery(log), unaryMalformed),
 		grpc.ChainStreamInterceptor(streamLogging(log), streamRecovery(log), streamMalformed),
