@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 
+	"go.uber.org/dig"
 	"go.uber.org/fx"
 	"go.uber.org/fx/fxevent"
 	"go.uber.org/zap"
@@ -73,11 +74,19 @@ func New(c Config, w io.Writer) (*zap.Logger, error) {
 }
 
 // FxLogger sends fx's lifecycle events to log at debug level, so start-up is
-// quiet by default and fully traceable with --log-level debug.
+// quiet by default and fully traceable with --log-level debug. fx's own error
+// events are debug too: each main logs the root cause once (RootCause).
 func FxLogger() fx.Option {
 	return fx.WithLogger(func(log *zap.Logger) fxevent.Logger {
 		l := &fxevent.ZapLogger{Logger: log.Named("fx")}
 		l.UseLogLevel(zapcore.DebugLevel)
+		l.UseErrorLevel(zapcore.DebugLevel)
 		return l
 	})
+}
+
+// RootCause strips fx's and dig's dependency-graph wrapping from a start-up
+// error, leaving the error the failing constructor returned.
+func RootCause(err error) error {
+	return dig.RootCause(err)
 }

@@ -1,0 +1,142 @@
+// Command nitrosign-enclave is the signing service that runs inside an AWS
+// Nitro Enclave. It listens only on AF_VSOCK, generates its RSA, ECC and
+// Ed25519 keys at start-up (they never leave the process), and serves Echo,
+// Signer, Attestation, grpc.health.v1 and reflection.
+//
+// Inside an enclave its flags are baked into Dockerfile.enclave's ENTRYPOINT,
+// since nitro-cli run-enclave passes none, and so measured into the PCRs.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/fx"
+	"go.uber.org/zap"
+
+	"github.com/nitrosign/nitrosign/enclave"
+	"github.com/nitrosign/nitrosign/enclave/listener"
+	"github.com/nitrosign/nitrosign/internal/logging"
+)
+
+const usage = `nitrosign-enclave: the enclave signing service (AF_VSOCK only).
+
+Usage:
+  nitrosign-enclave [flags]
+
+Examples:
+  # inside a Nitro Enclave (see Dockerfile.enclave)
+  nitrosign-enclave --port 5005
+  # on a machine with vsock_loopback, for development
+  nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --log-format console
+
+Flags:
+`
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("nitrosign-enclave", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage)
+		fs.PrintDefaults()
+	}
+	var (
+		c   enclave.Config
+		cid = cidFlag(listener.CIDAny)
+	)
+	fs.Var(&cid, "cid", `vsock context ID to bind: "any" (default) or a number, e.g. 1 for local loopback`)
+	port := fs.Uint("port", uint(listener.DefaultPort), "vsock port to listen on (not 9000: nitro-cli's heartbeat)")
+	fs.IntVar(&c.Signer.RSABits, "rsa-bits", 2048, "RSA key size: 2048, 3072 or 4096")
+	fs.StringVar(&c.Signer.ECCCurve, "ecc-curve", "P-256", "ECC curve: P-256 or P-384")
+	fs.BoolVar(&c.Signer.Ed25519, "ed25519", true, "also generate an Ed25519 key")
+	fs.DurationVar(&c.Server.GracefulStopTimeout, "graceful-timeout", 10*time.Second, "how long in-flight calls may finish after SIGTERM")
+	fs.IntVar(&c.Server.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest request accepted, in bytes")
+	fs.StringVar(&c.Log.Level, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&c.Log.Format, "log-format", "json", "log format: json or console")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "nitrosign-enclave: unexpected argument %q (flags only; see -h)\n", fs.Arg(0))
+		return 2
+	}
+	if *port > 0xFFFFFFFF {
+		fmt.Fprintf(os.Stderr, "nitrosign-enclave: --port %d does not fit 32 bits\n", *port)
+		return 2
+	}
+	c.Listener = listener.Config{CID: uint32(cid), Port: uint32(*port)}
+	if err := c.Validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "nitrosign-enclave: %v\n", err)
+		return 2
+	}
+	log, err := logging.New(c.Log, os.Stderr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nitrosign-enclave: %v\n", err)
+		return 2
+	}
+	defer func() { _ = log.Sync() }()
+
+	app := fx.New(enclave.VsockOptions(c, log))
+	return runApp(app, log, c.Server.GracefulStopTimeout)
+}
+
+// runApp starts app, waits for SIGINT/SIGTERM, and stops it within the
+// graceful timeout plus a margin. It returns the exit status: 0 after a
+// clean drain, 1 when start-up or shutdown failed.
+func runApp(app *fx.App, log *zap.Logger, graceful time.Duration) int {
+	if err := app.Err(); err != nil {
+		log.Error("start-up failed", zap.String("error", logging.RootCause(err).Error()))
+		return 1
+	}
+	startCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := app.Start(startCtx); err != nil {
+		log.Error("start-up failed", zap.String("error", logging.RootCause(err).Error()))
+		return 1
+	}
+	sig := <-app.Wait()
+	log.Info("stopping", zap.String("signal", sig.Signal.String()))
+	stopCtx, cancelStop := context.WithTimeout(context.Background(), graceful+5*time.Second)
+	defer cancelStop()
+	if err := app.Stop(stopCtx); err != nil {
+		log.Error("shutdown failed", zap.Error(err))
+		return 1
+	}
+	log.Info("stopped")
+	return sig.ExitCode
+}
+
+// cidFlag parses "any" or a 32-bit number.
+type cidFlag uint32
+
+func (c *cidFlag) String() string {
+	if uint32(*c) == listener.CIDAny {
+		return "any"
+	}
+	return strconv.FormatUint(uint64(*c), 10)
+}
+
+func (c *cidFlag) Set(s string) error {
+	if strings.EqualFold(s, "any") {
+		*c = cidFlag(listener.CIDAny)
+		return nil
+	}
+	v, err := strconv.ParseUint(s, 10, 32)
+	if err != nil {
+		return fmt.Errorf(`want "any" or a number`)
+	}
+	*c = cidFlag(v)
+	return nil
+}

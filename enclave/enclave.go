@@ -1,0 +1,47 @@
+// Package enclave assembles the enclave signer: one fx graph from the
+// listener, signer, attestation and server modules. The binary adds the
+// vsock listener; tests and benchmarks supply their own net.Listener.
+package enclave
+
+import (
+	"errors"
+
+	"go.uber.org/fx"
+	"go.uber.org/zap"
+
+	"github.com/nitrosign/nitrosign/enclave/listener"
+	"github.com/nitrosign/nitrosign/enclave/server"
+	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/internal/logging"
+)
+
+// Config is the whole enclave's configuration, one part per module.
+type Config struct {
+	Log      logging.Config
+	Listener listener.Config
+	Signer   signer.Config
+	Server   server.Config
+}
+
+// Validate checks every part and names the first one that is wrong.
+func (c Config) Validate() error {
+	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate())
+}
+
+// Options is the enclave's graph without a listener: the binary adds
+// listener.Module, tests fx.Supply a net.Listener. log is the root logger.
+func Options(c Config, log *zap.Logger) fx.Option {
+	return fx.Options(
+		fx.Supply(log, c.Signer, c.Server),
+		logging.FxLogger(),
+		signer.Module,
+		attestModule(c),
+		server.Module,
+	)
+}
+
+// VsockOptions is the graph the shipped binary runs: Options plus the vsock
+// listener. It is the only way the enclave listens.
+func VsockOptions(c Config, log *zap.Logger) fx.Option {
+	return fx.Options(Options(c, log), fx.Supply(c.Listener), listener.Module)
+}

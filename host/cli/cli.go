@@ -1,0 +1,232 @@
+// Package cli implements the nitrosign command: subcommands that talk to
+// either end of the system (the enclave over vsock, or the host proxy over
+// TCP) and print text or JSON. Run is the whole program, so tests drive it
+// exactly as a user does.
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/status"
+
+	"github.com/nitrosign/nitrosign/host/client"
+)
+
+// Exit statuses.
+const (
+	ExitOK      = 0
+	ExitFailure = 1 // the operation failed (RPC error, invalid signature)
+	ExitUsage   = 2 // bad flags or arguments
+)
+
+// DefaultTarget is the host proxy on this machine.
+const DefaultTarget = "tcp://127.0.0.1:8443"
+
+// IO is where a command reads and writes.
+type IO struct {
+	Stdin  io.Reader
+	Stdout io.Writer
+	Stderr io.Writer
+}
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, io IO, args []string) error
+}
+
+func commands() []command {
+	return []command{
+		{"echo", "round-trip a payload and print the latency", runEcho},
+		{"keys", "list the signing keys", runKeys},
+		{"pubkey", "print a public key as PEM", runPubkey},
+		{"sign", "sign a message or digest", runSign},
+		{"verify", "verify a signature locally (exit 0 only when valid)", runVerify},
+	}
+}
+
+// Extra subcommands registered by other files of this package.
+var extraCommands []command
+
+const topUsage = `nitrosign: client of the nitrosign enclave signing service.
+
+Usage:
+  nitrosign <command> [flags]
+
+Commands:
+%s
+Every command takes --target (vsock://CID:PORT for the enclave directly,
+tcp://HOST:PORT for the host proxy; default %s), --timeout and
+--output text|json. "nitrosign <command> -h" shows its flags and examples.
+`
+
+func usage(w io.Writer) {
+	var b strings.Builder
+	for _, c := range append(commands(), extraCommands...) {
+		fmt.Fprintf(&b, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, topUsage, b.String(), DefaultTarget)
+}
+
+// usageError is a mistake in flags or arguments (exit 2).
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Sprintf(format, a...)} }
+
+// errInvalid marks a signature that did not verify (exit 1, no usage).
+var errInvalid = errors.New("signature is NOT valid")
+
+// Run runs the program with args (without the program name) and returns
+// its exit status.
+func Run(ctx context.Context, io IO, args []string) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(io.Stdout)
+		if len(args) == 0 {
+			return ExitUsage
+		}
+		return ExitOK
+	}
+	for _, c := range append(commands(), extraCommands...) {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(ctx, io, args[1:])
+		var ue usageError
+		switch {
+		case err == nil:
+			return ExitOK
+		case errors.Is(err, flag.ErrHelp):
+			return ExitOK
+		case errors.As(err, &ue):
+			fmt.Fprintf(io.Stderr, "nitrosign %s: %v\n", c.name, err)
+			return ExitUsage
+		default:
+			fmt.Fprintf(io.Stderr, "nitrosign %s: %s\n", c.name, describe(err))
+			return ExitFailure
+		}
+	}
+	fmt.Fprintf(io.Stderr, "nitrosign: unknown command %q\n\n", args[0])
+	usage(io.Stderr)
+	return ExitUsage
+}
+
+// describe renders an error for a person: a gRPC status as "Code: message".
+func describe(err error) string {
+	if st, ok := status.FromError(err); ok {
+		return fmt.Sprintf("%s: %s", st.Code(), st.Message())
+	}
+	return err.Error()
+}
+
+// common holds the flags every command takes.
+type common struct {
+	target      string
+	timeout     time.Duration
+	output      string
+	connections int
+}
+
+func (c *common) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.target, "target", DefaultTarget, "server: vsock://CID:PORT (enclave) or tcp://HOST:PORT (proxy)")
+	fs.DurationVar(&c.timeout, "timeout", 10*time.Second, "deadline for the whole command, connection included")
+	fs.StringVar(&c.output, "output", "text", "output format: text or json")
+}
+
+func (c *common) validate() error {
+	if c.output != "text" && c.output != "json" {
+		return usagef("--output %q: want text or json", c.output)
+	}
+	if c.timeout <= 0 {
+		return usagef("--timeout must be positive")
+	}
+	return nil
+}
+
+// dial connects within the command's deadline.
+func (c *common) dial(ctx context.Context) (*client.Client, error) {
+	return client.Dial(ctx, c.target, client.Options{Connections: c.connections})
+}
+
+// newFlagSet makes a FlagSet whose -h prints the command's usage text.
+func newFlagSet(io IO, name, text string) *flag.FlagSet {
+	fs := flag.NewFlagSet("nitrosign "+name, flag.ContinueOnError)
+	fs.SetOutput(io.Stderr)
+	fs.Usage = func() {
+		fmt.Fprint(io.Stderr, text)
+		fmt.Fprintln(io.Stderr, "\nFlags:")
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parse parses args, rejects positional arguments and validates common flags.
+func parse(fs *flag.FlagSet, c *common, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usagef("%v", err)
+	}
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q (see -h)", fs.Arg(0))
+	}
+	return c.validate()
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func withTimeout(ctx context.Context, c *common) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, c.timeout)
+}
+
+// readInput returns the bytes of --message, --in FILE ("-" is stdin), or
+// stdin when neither is given.
+func readInput(io IO, message string, messageSet bool, in string) ([]byte, error) {
+	switch {
+	case messageSet && in != "":
+		return nil, usagef("give either --message or --in, not both")
+	case messageSet:
+		return []byte(message), nil
+	case in != "" && in != "-":
+		b, err := os.ReadFile(in)
+		if err != nil {
+			return nil, fmt.Errorf("read message: %w", err)
+		}
+		return b, nil
+	default:
+		// 64 KiB is far above what Sign takes (4096 RAW), yet bounded.
+		b, err := readAllLimit(io.Stdin, 1<<16)
+		if err != nil {
+			return nil, fmt.Errorf("read message from stdin: %w", err)
+		}
+		return b, nil
+	}
+}
+
+func readAllLimit(r io.Reader, limit int64) ([]byte, error) {
+	if r == nil {
+		return nil, nil
+	}
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("input larger than %d bytes", limit)
+	}
+	return b, nil
+}

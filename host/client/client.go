@@ -1,0 +1,95 @@
+// Package client is the Go client of nitrosign: it dials either end of the
+// system (vsock://CID:PORT for the enclave directly, tcp://HOST:PORT for the
+// host proxy) over a pool of connections and exposes the typed services.
+// The CLI, the benchmark and the tests use it.
+package client
+
+import (
+	"context"
+	"fmt"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/target"
+	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
+)
+
+// Options tune Dial.
+type Options struct {
+	// Connections is the number of HTTP/2 connections calls are spread
+	// over. Default 1.
+	Connections int
+	// HealthCheck makes a connection usable only while the server's
+	// grpc.health.v1 reports SERVING. Default false for the client: a
+	// one-shot CLI call against a draining server should get the server's
+	// own answer, not a local "no ready connection".
+	HealthCheck bool
+	// Logger receives connection-state logs; nil discards them.
+	Logger *zap.Logger
+	// DialOptions are appended to the pool's (e.g. TLS credentials).
+	DialOptions []grpc.DialOption
+}
+
+// Client talks to one target.
+type Client struct {
+	target target.Target
+	pool   *pool.Pool
+
+	Echo        pb.EchoServiceClient
+	Signer      pb.SignerServiceClient
+	Attestation pb.AttestationServiceClient
+	Health      healthpb.HealthClient
+}
+
+// Dial parses addr, opens the connections and waits until one is ready or
+// ctx ends. The error says which target could not be reached.
+func Dial(ctx context.Context, addr string, o Options) (*Client, error) {
+	t, err := target.Parse(addr)
+	if err != nil {
+		return nil, err
+	}
+	cfg := pool.DefaultConfig()
+	cfg.Size = 1
+	if o.Connections > 0 {
+		cfg.Size = o.Connections
+	}
+	cfg.HealthCheck = o.HealthCheck
+	p, err := pool.New(t, cfg, o.Logger, o.DialOptions...)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.WaitReady(ctx); err != nil {
+		_ = p.Close()
+		return nil, fmt.Errorf("cannot reach %s (is the %s running?): %w", t, who(t), err)
+	}
+	return &Client{
+		target:      t,
+		pool:        p,
+		Echo:        pb.NewEchoServiceClient(p),
+		Signer:      pb.NewSignerServiceClient(p),
+		Attestation: pb.NewAttestationServiceClient(p),
+		Health:      healthpb.NewHealthClient(p),
+	}, nil
+}
+
+func who(t target.Target) string {
+	if t.Scheme == target.VSOCK {
+		return "enclave signer"
+	}
+	return "host proxy"
+}
+
+// Target is the address the client dialed.
+func (c *Client) Target() target.Target { return c.target }
+
+// Conn is the underlying connection pool, for calls to other services.
+func (c *Client) Conn() grpc.ClientConnInterface { return c.pool }
+
+// Stats reports per-connection state and call counts.
+func (c *Client) Stats() []pool.ConnStats { return c.pool.Stats() }
+
+// Close closes every connection.
+func (c *Client) Close() error { return c.pool.Close() }
