@@ -9,6 +9,7 @@ import (
 	"go.uber.org/fx"
 	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/enclave/attest"
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/enclave/signer"
@@ -21,11 +22,12 @@ type Config struct {
 	Listener listener.Config
 	Signer   signer.Config
 	Server   server.Config
+	Attest   attest.Config
 }
 
 // Validate checks every part and names the first one that is wrong.
 func (c Config) Validate() error {
-	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate())
+	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate())
 }
 
 // Options is the enclave's graph without a listener: the binary adds

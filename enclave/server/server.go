@@ -127,11 +127,7 @@ func New(p Params) (*Server, error) {
 	)
 	pb.RegisterEchoServiceServer(s.grpc, &echoService{})
 	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log})
-	att := p.Attester
-	if att == nil {
-		att = noAttester{}
-	}
-	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: att, log: log})
+	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: p.Attester, log: log})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	s.setServing(healthpb.HealthCheckResponse_NOT_SERVING)

@@ -32,6 +32,7 @@ type Enclave struct {
 func DefaultConfig() enclave.Config {
 	var c enclave.Config
 	c.Signer.Ed25519 = true
+	c.Attest.DevSimulatedNSM = true
 	return c
 }
 

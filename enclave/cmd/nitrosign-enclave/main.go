@@ -60,6 +60,7 @@ func run(args []string) int {
 	fs.BoolVar(&c.Signer.Ed25519, "ed25519", true, "also generate an Ed25519 key")
 	fs.DurationVar(&c.Server.GracefulStopTimeout, "graceful-timeout", 10*time.Second, "how long in-flight calls may finish after SIGTERM")
 	fs.IntVar(&c.Server.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest request accepted, in bytes")
+	fs.BoolVar(&c.Attest.DevSimulatedNSM, "dev-simulated-nsm", false, "DEVELOPMENT ONLY: without /dev/nsm, attest with a simulated NSM whose documents chain to a throwaway dev root, never to AWS")
 	fs.StringVar(&c.Log.Level, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&c.Log.Format, "log-format", "json", "log format: json or console")
 	if err := fs.Parse(args); err != nil {
