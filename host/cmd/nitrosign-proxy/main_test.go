@@ -1,0 +1,100 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/fx"
+	"go.uber.org/goleak"
+
+	"github.com/nitrosign/nitrosign/host/proxy"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+func TestParseFlags(t *testing.T) {
+	tests := []struct {
+		name       string
+		args       []string
+		check      func(t *testing.T, c proxy.Config)
+		wantErr    string // in the returned error and in stderr
+		wantHelp   bool
+		wantStderr string
+	}{
+		{name: "defaults", args: nil, check: func(t *testing.T, c proxy.Config) {
+			if c.Listen != "127.0.0.1:8443" || c.Upstream != "vsock://16:5005" || c.Pool.Size != 4 ||
+				c.GracefulStopTimeout != 10*time.Second || c.Log.Level != "info" || c.Log.Format != "json" {
+				t.Fatalf("defaults: %+v", c)
+			}
+		}},
+		{name: "every flag", args: []string{
+			"--listen", "127.0.0.1:9443", "--upstream", "vsock://42:6000", "--pool-size", "8",
+			"--graceful-timeout", "3s", "--log-level", "debug", "--log-format", "console",
+		}, check: func(t *testing.T, c proxy.Config) {
+			if c.Listen != "127.0.0.1:9443" || c.Upstream != "vsock://42:6000" || c.Pool.Size != 8 ||
+				c.GracefulStopTimeout != 3*time.Second || c.Log.Level != "debug" || c.Log.Format != "console" {
+				t.Fatalf("flags not applied: %+v", c)
+			}
+		}},
+		{name: "tcp upstream", args: []string{"-upstream=tcp://127.0.0.1:5005"}, check: func(t *testing.T, c proxy.Config) {
+			if c.Upstream != "tcp://127.0.0.1:5005" {
+				t.Fatalf("upstream %q", c.Upstream)
+			}
+		}},
+		{name: "pool size zero", args: []string{"--pool-size", "0"}, wantErr: "pool size 0: must be between 1 and 256"},
+		{name: "bad upstream", args: []string{"--upstream", "16:5005"}, wantErr: "want vsock://CID:PORT or tcp://HOST:PORT"},
+		{name: "heartbeat port", args: []string{"--upstream", "vsock://16:9000"}, wantErr: "reserved for the nitro-cli boot heartbeat"},
+		{name: "bad listen", args: []string{"--listen", "8443"}, wantErr: `listen address "8443"`},
+		{name: "bad timeout", args: []string{"--graceful-timeout", "0s"}, wantErr: "graceful stop timeout 0s"},
+		{name: "bad log level", args: []string{"--log-level", "verbose"}, wantErr: `log level "verbose"`},
+		{name: "two errors, both reported", args: []string{"--pool-size", "0", "--log-format", "xml"}, wantErr: "pool size 0", wantStderr: `log format "xml"`},
+		{name: "unknown flag", args: []string{"--port", "1"}, wantErr: "flag provided but not defined: -port"},
+		{name: "not a number", args: []string{"--pool-size", "four"}, wantErr: "invalid value"},
+		{name: "stray argument", args: []string{"vsock://16:5005"}, wantErr: `unexpected argument "vsock://16:5005"`},
+		{name: "help", args: []string{"-h"}, wantHelp: true, wantStderr: "Examples:"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			cfg, err := parseFlags(tt.args, &stderr)
+			switch {
+			case tt.wantHelp:
+				if !errors.Is(err, flag.ErrHelp) {
+					t.Fatalf("err = %v, want flag.ErrHelp", err)
+				}
+			case tt.wantErr != "":
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want it to contain %q", err, tt.wantErr)
+				}
+				if !strings.Contains(stderr.String(), tt.wantErr) {
+					t.Fatalf("stderr %q does not explain %q", stderr.String(), tt.wantErr)
+				}
+			default:
+				if err != nil {
+					t.Fatalf("parseFlags: %v (stderr %q)", err, stderr.String())
+				}
+				tt.check(t, cfg)
+			}
+			if tt.wantStderr != "" && !strings.Contains(stderr.String(), tt.wantStderr) {
+				t.Fatalf("stderr %q, want it to contain %q", stderr.String(), tt.wantStderr)
+			}
+		})
+	}
+}
+
+// The graph main runs, for the config main builds, is complete.
+func TestValidateApp(t *testing.T) {
+	cfg, err := parseFlags(nil, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fx.ValidateApp(proxy.Options(cfg)); err != nil {
+		t.Fatalf("fx.ValidateApp: %v", err)
+	}
+}

@@ -1,0 +1,137 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/logging"
+	"github.com/nitrosign/nitrosign/internal/target"
+)
+
+// Defaults. The enclave's CID is chosen by `nitro-cli run-enclave
+// --enclave-cid`; it is always >= 4 (0-3 are reserved: hypervisor, local
+// loopback, host, parent), so 16 is only a placeholder: pass the CID you
+// gave nitro-cli. 5005 is the enclave signer's default vsock port.
+const (
+	DefaultListen   = "127.0.0.1:8443"
+	DefaultUpstream = "vsock://16:5005"
+)
+
+// Config configures the proxy. Start from DefaultConfig; Validate is strict.
+type Config struct {
+	// Listen is the TCP address (HOST:PORT) the proxy serves gRPC on.
+	// Default 127.0.0.1:8443. The port has no TLS or authentication yet:
+	// any other address is logged as a loud warning.
+	Listen string
+	// Upstream is the enclave signer: vsock://CID:PORT (an enclave CID is
+	// >= 4; 1 is local loopback, for tests) or tcp://HOST:PORT for
+	// development. Default vsock://16:5005.
+	Upstream string
+	// Pool configures the connections to Upstream; see pool.Config.
+	// Default pool.DefaultConfig() (4 connections, health checked).
+	Pool pool.Config
+	// GracefulStopTimeout bounds how long a stop waits for calls in flight
+	// before cutting them. Default 10s.
+	GracefulStopTimeout time.Duration
+	// MaxRecvMsgSize is the largest request message, in bytes, accepted
+	// from a client. Default 4 MiB (grpc-go's default, which the enclave
+	// also has unless it says otherwise).
+	MaxRecvMsgSize int
+	// MaxSendMsgSize is the largest response message, in bytes, accepted
+	// from the enclave and sent on to a client. Default 4 MiB.
+	MaxSendMsgSize int
+	// Log selects log level and format. Default info, json.
+	Log logging.Config
+}
+
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		Listen:              DefaultListen,
+		Upstream:            DefaultUpstream,
+		Pool:                pool.DefaultConfig(),
+		GracefulStopTimeout: 10 * time.Second,
+		MaxRecvMsgSize:      4 << 20,
+		MaxSendMsgSize:      4 << 20,
+		Log:                 logging.Config{Level: "info", Format: "json"},
+	}
+}
+
+// vsockCIDAny is VMADDR_CID_ANY: a wildcard for listening, never a peer.
+const vsockCIDAny = math.MaxUint32
+
+// Validate reports every invalid field, each with a precise message.
+func (c Config) Validate() error {
+	var errs []error
+	if err := validateListen(c.Listen); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := c.upstream(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Pool.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.GracefulStopTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("graceful stop timeout %v: must be > 0", c.GracefulStopTimeout))
+	}
+	if c.MaxRecvMsgSize < 1 {
+		errs = append(errs, fmt.Errorf("max receive message size %d: must be >= 1 byte", c.MaxRecvMsgSize))
+	}
+	if c.MaxSendMsgSize < 1 {
+		errs = append(errs, fmt.Errorf("max send message size %d: must be >= 1 byte", c.MaxSendMsgSize))
+	}
+	if err := c.Log.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func validateListen(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("listen address %q: want HOST:PORT, e.g. %s", s, DefaultListen)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || (p == 0 && port != "0") {
+		return fmt.Errorf("listen address %q: port must be a number 0-65535", s)
+	}
+	_ = host // empty host means every interface: valid, warned about in New
+	return nil
+}
+
+// upstream parses and checks Upstream.
+func (c Config) upstream() (target.Target, error) {
+	t, err := target.Parse(c.Upstream)
+	if err != nil {
+		return target.Target{}, fmt.Errorf("upstream: %w", err)
+	}
+	if t.Scheme == target.VSOCK {
+		switch {
+		case t.CID == 0:
+			return target.Target{}, fmt.Errorf("upstream %q: CID 0 is the hypervisor; an enclave CID is >= 4", c.Upstream)
+		case t.CID == vsockCIDAny:
+			return target.Target{}, fmt.Errorf("upstream %q: CID %d is VMADDR_CID_ANY, not a peer; an enclave CID is >= 4", c.Upstream, t.CID)
+		case t.Port == target.ReservedVsockPort:
+			return target.Target{}, fmt.Errorf("upstream %q: port %d is reserved for the nitro-cli boot heartbeat", c.Upstream, t.Port)
+		}
+	}
+	return t, nil
+}
+
+// isLoopback reports whether a listen address only accepts local peers.
+func isLoopback(listen string) bool {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

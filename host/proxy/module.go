@@ -1,0 +1,98 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"go.uber.org/fx"
+	"go.uber.org/zap"
+
+	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/logging"
+	"github.com/nitrosign/nitrosign/internal/target"
+)
+
+// Module provides the *Proxy and runs it with the app: OnStart listens on
+// Config.Listen (or serves an injected net.Listener) and serves in a
+// goroutine; OnStop drains and stops (see Proxy.Stop). Neither blocks
+// beyond its context.
+var Module = fx.Module("proxy",
+	fx.Provide(provide),
+	fx.Invoke(func(*Proxy) {}), // a proxy nobody asks for must still run
+)
+
+// Params are the proxy's dependencies in an fx graph.
+type Params struct {
+	fx.In
+
+	Config     Config
+	Pool       *pool.Pool
+	Log        *zap.Logger
+	Lifecycle  fx.Lifecycle
+	Shutdowner fx.Shutdowner
+	// Listener, when the graph has one, is served instead of listening on
+	// Config.Listen. Tests inject a 127.0.0.1:0 listener this way.
+	Listener net.Listener `optional:"true"`
+}
+
+func provide(p Params) (*Proxy, error) {
+	px, err := New(p.Config, p.Pool, p.Log)
+	if err != nil {
+		return nil, err
+	}
+	p.Lifecycle.Append(fx.Hook{
+		OnStart: func(ctx context.Context) error {
+			l := p.Listener
+			if l == nil {
+				var lc net.ListenConfig
+				var err error
+				if l, err = lc.Listen(ctx, "tcp", p.Config.Listen); err != nil {
+					return fmt.Errorf("proxy: listen on %s: %w", p.Config.Listen, err)
+				}
+			}
+			go func() {
+				if err := px.Serve(l); err != nil {
+					px.log.Error("proxy stopped serving", zap.Error(err))
+					_ = p.Shutdowner.Shutdown(fx.ExitCode(1))
+				}
+			}()
+			return nil
+		},
+		OnStop: px.Stop,
+	})
+	return px, nil
+}
+
+// Options is the whole nitrosign-proxy application for cfg: logger, fx
+// event logging, upstream target, pool and proxy. The binary runs exactly
+// this, and its fx.ValidateApp test validates exactly this.
+func Options(cfg Config) fx.Option {
+	return fx.Options(
+		fx.Supply(cfg),
+		fx.Provide(
+			newLogger,
+			func(c Config) (target.Target, error) { return c.upstream() },
+			func(c Config) pool.Config { return c.Pool },
+		),
+		logging.FxLogger(),
+		// The proxy's stop waits up to GracefulStopTimeout; leave fx room
+		// for it and for closing the pool.
+		fx.StopTimeout(cfg.GracefulStopTimeout+5*time.Second),
+		pool.Module,
+		Module,
+	)
+}
+
+// newLogger builds the process logger. Everything else depends on it, so its
+// stop hook is appended first and runs last: it flushes what stopping logged.
+func newLogger(c Config, lc fx.Lifecycle) (*zap.Logger, error) {
+	log, err := logging.New(c.Log, os.Stderr)
+	if err != nil {
+		return nil, err
+	}
+	lc.Append(fx.StopHook(func() { _ = log.Sync() }))
+	return log, nil
+}
