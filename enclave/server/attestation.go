@@ -47,7 +47,7 @@ func (s *attestationService) Attest(ctx context.Context, req *pb.AttestRequest) 
 func mapAttestError(err error) (*status.Status, bool) {
 	switch {
 	case errors.Is(err, attest.ErrInvalidArgument):
-		return status.New(codes.InvalidArgument, err.Error()), true
+		return status.New(codes.InvalidArgument, detail(err, attest.ErrInvalidArgument)), true
 	case errors.Is(err, attest.ErrNSM):
 		return status.New(codes.Unavailable, "the Nitro Secure Module could not produce an attestation document; try again"), true
 	case errors.Is(err, attest.ErrKeys):

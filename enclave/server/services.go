@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -54,6 +55,12 @@ func (s *signerService) ListKeys(context.Context, *pb.ListKeysRequest) (*pb.List
 	return &pb.ListKeysResponse{Keys: s.signer.Keys()}, nil
 }
 
+// detail drops the sentinel's own words ("invalid argument: ") from a
+// message the status code already says.
+func detail(err, sentinel error) string {
+	return strings.TrimPrefix(err.Error(), sentinel.Error()+": ")
+}
+
 // toStatus maps a domain error to its gRPC status, once, at the edge. Caller
 // mistakes keep their message (it names the field, never the bytes);
 // anything else is logged and answered with a bare Internal, so no internal
@@ -61,9 +68,9 @@ func (s *signerService) ListKeys(context.Context, *pb.ListKeysRequest) (*pb.List
 func toStatus(log *zap.Logger, op string, err error) error {
 	switch {
 	case errors.Is(err, signer.ErrInvalidArgument):
-		return status.Error(codes.InvalidArgument, err.Error())
+		return status.Error(codes.InvalidArgument, detail(err, signer.ErrInvalidArgument))
 	case errors.Is(err, signer.ErrNotFound):
-		return status.Error(codes.NotFound, err.Error())
+		return status.Error(codes.NotFound, detail(err, signer.ErrNotFound))
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, "call canceled by the caller")
 	case errors.Is(err, context.DeadlineExceeded):
