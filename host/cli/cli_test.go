@@ -162,3 +162,65 @@ func TestCLIDeadTarget(t *testing.T) {
 		t.Fatalf("dead target: exit %d, stderr %q", r.code, r.stderr)
 	}
 }
+
+func TestCLIAttest(t *testing.T) {
+	e := enclavetest.Start(t, enclavetest.DefaultConfig(), 0)
+	tg := "--target=" + e.Target
+
+	// A simulated NSM is refused unless its root is trusted explicitly.
+	r := run(t, "", "attest", tg)
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "SIMULATED NSM") {
+		t.Fatalf("simulated document accepted without the dev flag: exit %d, %q", r.code, r.stderr)
+	}
+	r = mustOK(t, run(t, "", "attest", tg, "--dev-trust-server-root"))
+	for _, want := range []string{"WARNING: SIMULATED NSM", "attestation document VERIFIED", "PCR0", "attested signing keys"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Fatalf("attest output lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	r = mustOK(t, run(t, "", "attest", tg, "--dev-trust-server-root", "--output", "json", "--nonce", "00112233", "--user-data", "order-42"))
+	var doc struct {
+		Verified bool              `json:"verified"`
+		Nonce    string            `json:"nonce"`
+		PCRs     map[string]string `json:"pcrs"`
+		Keys     []keyJSON         `json:"keys"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &doc); err != nil {
+		t.Fatal(err)
+	}
+	if !doc.Verified || doc.Nonce != "00112233" || len(doc.Keys) != 3 || len(doc.PCRs) != 16 {
+		t.Fatalf("attest json: %+v", doc)
+	}
+	// Expected PCRs: a match passes, a mismatch names the reason.
+	mustOK(t, run(t, "", "attest", tg, "--dev-trust-server-root", "--pcr", "0="+doc.PCRs["0"]))
+	r = run(t, "", "attest", tg, "--dev-trust-server-root", "--pcr", "0="+strings.Repeat("ab", 48))
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "REJECTED") || !strings.Contains(strings.ToLower(r.stderr), "pcr") {
+		t.Fatalf("PCR mismatch: exit %d, %q", r.code, r.stderr)
+	}
+	// Sign and verify with attested keys only.
+	sig := strings.TrimSpace(mustOK(t, run(t, "attested message", "sign", tg, "--key-type", "ecc", "--attested", "--dev-trust-server-root")).stdout)
+	mustOK(t, run(t, "attested message", "verify", tg, "--key-type", "ecc", "--attested", "--dev-trust-server-root", "--signature", sig))
+	r = run(t, "attested message", "sign", tg, "--key-type", "ecc", "--attested")
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "SIMULATED NSM") {
+		t.Fatalf("sign --attested against a simulated NSM without the dev flag: exit %d, %q", r.code, r.stderr)
+	}
+}
+
+func TestCLIAttestGenuineDocument(t *testing.T) {
+	const doc = "../verify/testdata/genuine-brave-nitriding-20220804.cbor"
+	r := mustOK(t, run(t, "", "attest", "--document", doc, "--at", "1659640280975"))
+	for _, want := range []string{"VERIFIED", "i-0809849710bf1b61b-enc01826a449a00b17a"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Fatalf("attest output lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	// Today its certificates have long expired.
+	r = run(t, "", "attest", "--document", doc)
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "REJECTED") || !strings.Contains(r.stderr, "expired") {
+		t.Fatalf("expired genuine document: exit %d, %q", r.code, r.stderr)
+	}
+	r = run(t, "", "attest", "--document", doc, "--at", "yesterday")
+	if r.code != ExitUsage {
+		t.Fatalf("bad --at: exit %d, %q", r.code, r.stderr)
+	}
+}

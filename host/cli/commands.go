@@ -320,6 +320,9 @@ Examples:
 	c.register(fs)
 	k.register(fs)
 	m.register(fs)
+	var a attestFlags
+	attestedOnly := fs.Bool("attested", false, "trust only an attested key: fetch and verify an attestation document first (see 'nitrosign attest -h' for its policy flags), sign, and check the signature against the attested key")
+	a.register(fs)
 	out := fs.String("out", "", "write the raw signature bytes to this file")
 	if err := parse(fs, &c, args); err != nil {
 		return err
@@ -339,9 +342,24 @@ Examples:
 		return err
 	}
 	defer cl.Close()
+	var attestedKey *pb.KeyInfo
+	if *attestedOnly {
+		at, err := a.fetchAndVerify(ctx, cl)
+		if err != nil {
+			return err
+		}
+		if attestedKey, err = at.key(sel); err != nil {
+			return err
+		}
+	}
 	resp, err := cl.Signer.Sign(ctx, &pb.SignRequest{Key: sel, Message: msg, MessageType: mt, SigningAlgorithm: alg})
 	if err != nil {
 		return err
+	}
+	if attestedKey != nil {
+		if err := checkAttested(attestedKey, resp, msg, mt); err != nil {
+			return err
+		}
 	}
 	if *out != "" {
 		if err := os.WriteFile(*out, resp.GetSignature(), 0o644); err != nil {
@@ -382,6 +400,9 @@ Examples:
 	c.register(fs)
 	k.register(fs)
 	m.register(fs)
+	var a attestFlags
+	attestedOnly := fs.Bool("attested", false, "use only an attested key: fetch and verify an attestation document and take the key from it (see 'nitrosign attest -h' for its policy flags)")
+	a.register(fs)
 	pubFile := fs.String("public-key", "", "PEM public key file (verify offline)")
 	sigB64 := fs.String("signature", "", "the signature, base64")
 	sigFile := fs.String("signature-file", "", "file with the raw signature bytes")
@@ -412,6 +433,9 @@ Examples:
 	var pub crypto.PublicKey
 	var keyID string
 	var defAlg pb.SigningAlgorithm
+	if *pubFile != "" && *attestedOnly {
+		return usagef("give either --public-key or --attested, not both")
+	}
 	if *pubFile != "" {
 		if k.keyType != "" || k.keyID != "" {
 			return usagef("give either --public-key or --key-type/--key-id, not both")
@@ -437,15 +461,27 @@ Examples:
 			return err
 		}
 		defer cl.Close()
-		resp, err := cl.Signer.GetPublicKey(ctx, &pb.GetPublicKeyRequest{Key: sel})
-		if err != nil {
-			return err
+		var key *pb.KeyInfo
+		if *attestedOnly {
+			at, err := a.fetchAndVerify(ctx, cl)
+			if err != nil {
+				return err
+			}
+			if key, err = at.key(sel); err != nil {
+				return err
+			}
+		} else {
+			resp, err := cl.Signer.GetPublicKey(ctx, &pb.GetPublicKeyRequest{Key: sel})
+			if err != nil {
+				return err
+			}
+			key = resp.GetKey()
 		}
-		if pub, err = x509.ParsePKIXPublicKey(resp.GetKey().GetPublicKey()); err != nil {
+		if pub, err = x509.ParsePKIXPublicKey(key.GetPublicKey()); err != nil {
 			return fmt.Errorf("server sent an unparsable public key: %w", err)
 		}
-		keyID = resp.GetKey().GetKeyId()
-		defAlg = resp.GetKey().GetDefaultSigningAlgorithm()
+		keyID = key.GetKeyId()
+		defAlg = key.GetDefaultSigningAlgorithm()
 	}
 	if alg == pb.SigningAlgorithm_SIGNING_ALGORITHM_UNSPECIFIED {
 		alg = defAlg
@@ -488,4 +524,20 @@ func readPublicPEM(path string) (crypto.PublicKey, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return pub, nil
+}
+
+// checkAttested makes sure a signature came from the attested key: the
+// response names it, and the signature verifies against its public key.
+func checkAttested(key *pb.KeyInfo, resp *pb.SignResponse, msg []byte, mt pb.MessageType) error {
+	if resp.GetKeyId() != key.GetKeyId() {
+		return fmt.Errorf("the signature names key %s, not the attested key %s", resp.GetKeyId(), key.GetKeyId())
+	}
+	pub, err := x509.ParsePKIXPublicKey(key.GetPublicKey())
+	if err != nil {
+		return err
+	}
+	if err := sigalg.Verify(pub, resp.GetSigningAlgorithm(), mt, msg, resp.GetSignature()); err != nil {
+		return fmt.Errorf("the signature does not verify against the attested key: %w", err)
+	}
+	return nil
 }
