@@ -23,9 +23,9 @@
 set -euo pipefail
 
 prog=scripts/vm/run.sh
-log() { printf 'e2e: vm: %s\n' "$*" >&2; }
+log() { printf 'vm: %s\n' "$*" >&2; }
 die() {
-	printf 'e2e: vm: error: %s\n' "$*" >&2
+	printf 'vm: error: %s\n' "$*" >&2
 	exit 125
 }
 usage() {
@@ -56,11 +56,11 @@ while (($# > 0)); do
 	--env=*) envs+=("${1#*=}"); shift ;;
 	-h | --help) usage ;;
 	--) shift; break ;;
-	*) printf 'e2e: vm: unknown argument: %s\n' "$1" >&2; usage ;;
+	*) printf 'vm: unknown argument: %s\n' "$1" >&2; usage ;;
 	esac
 done
-(($# > 0)) || { printf 'e2e: vm: missing -- CMD\n' >&2; usage; }
-[[ -n $bundle ]] || { printf 'e2e: vm: missing --bundle DIR\n' >&2; usage; }
+(($# > 0)) || { printf 'vm: missing -- CMD\n' >&2; usage; }
+[[ -n $bundle ]] || { printf 'vm: missing --bundle DIR\n' >&2; usage; }
 [[ -d $bundle ]] || die "bundle directory $bundle does not exist"
 for v in "$timeout_s" "$mem" "$cpus"; do
 	[[ $v =~ ^[1-9][0-9]*$ ]] || die "not a positive integer: $v"
@@ -364,7 +364,7 @@ while read -r m; do
 done </lib/modules/load-order
 ifconfig lo 127.0.0.1 up || fail "ifconfig lo"
 [ -c /dev/vsock ] || fail "/dev/vsock missing after loading the vsock modules"
-echo "e2e: vm: guest ready after $(cut -d' ' -f1 /proc/uptime)s (kernel $(uname -r), $(nproc) cpus); running: $(cat /nitrosign/cmd.sh | tail -n 1)"
+echo "vm: guest ready after $(cut -d' ' -f1 /proc/uptime)s (kernel $(uname -r), $(nproc) cpus); running: $(cat /nitrosign/cmd.sh | tail -n 1)"
 cd /bundle || fail "cd /bundle"
 export PATH=/bundle:/sbin:/usr/sbin:/bin:/usr/bin HOME=/tmp TMPDIR=/tmp
 . /nitrosign/env.sh
