@@ -27,17 +27,28 @@ TARGET    ?= tcp://$(LISTEN)
 
 BINARIES := nitrosign-enclave nitrosign-proxy nitrosign
 
-.PHONY: build test test-unit lint proto proto-check e2e demo benchmark \
+.PHONY: build test test-unit fuzz lint buf-lint proto proto-check e2e demo benchmark \
         run-server run-proxy run-client clean tools
 
 build: ## Build every binary into bin/
 	@mkdir -p $(BIN)
 	$(GO) build $(GOFLAGS_BUILD) -ldflags='$(LDFLAGS)' -o $(BIN)/ ./enclave/cmd/... ./host/cmd/...
 
-test: lint proto-check test-unit ## Lint, check generated code, run unit and integration tests with -race
+test: lint proto-check test-unit fuzz ## Lint, check generated code, unit and integration tests with -race, bounded fuzzing
 
 test-unit:
-	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 10m ./...
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
+
+# Each fuzz target runs for FUZZTIME; its seed corpus runs in test-unit too.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest
+
+fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
+	@for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "fuzz $$fn ($$pkg) for $(FUZZTIME)"; \
+	  CGO_ENABLED=1 $(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg || exit 1; \
+	done
 
 lint: $(TOOLS)/staticcheck-$(STATICCHECK_VERSION) ## go vet, gofmt, staticcheck, buf lint
 	@unformatted="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.tools/*'))"; \
@@ -78,8 +89,9 @@ run-proxy: build ## Run the host proxy in front of run-server
 run-client: build ## Exercise the client against run-proxy
 	./scripts/require-vsock-loopback.sh run-client
 	$(BIN)/nitrosign keys --target $(TARGET)
-	echo -n "hello" | $(BIN)/nitrosign sign --target $(TARGET) --key-type ecc --out-file /tmp/nitrosign-hello.sig
+	echo -n "hello" | $(BIN)/nitrosign sign --target $(TARGET) --key-type ecc --out /tmp/nitrosign-hello.sig
 	echo -n "hello" | $(BIN)/nitrosign verify --target $(TARGET) --key-type ecc --signature-file /tmp/nitrosign-hello.sig
+	$(BIN)/nitrosign attest --target $(TARGET) --dev-trust-server-root
 
 clean: ## Remove build output and tools
 	rm -rf $(BIN) $(TOOLS)
