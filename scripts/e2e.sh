@@ -44,6 +44,8 @@ bundle=$tmp/bundle
 mkdir -p "$bundle" "$tmp/tools"
 
 export CGO_ENABLED=0
+GRPCURL_VERSION=v1.9.4
+HEALTH_PROBE_VERSION=v0.4.62
 
 # --------------------------------------------------------------- build --
 
@@ -55,6 +57,16 @@ else
 	log "building ${#mains[@]} binaries (CGO_ENABLED=0 -trimpath): ${mains[*]}"
 	go build -trimpath -o "$bundle/" "${mains[@]}"
 fi
+
+# Real third-party gRPC clients, pinned, are part of the suite: grpcurl
+# (reflection) and grpc-health-probe must work against our servers.
+tools=$repo/.tools/e2e
+if [[ ! -x $tools/grpcurl || ! -x $tools/grpc-health-probe ]]; then
+	log "installing grpcurl $GRPCURL_VERSION and grpc-health-probe $HEALTH_PROBE_VERSION into .tools/e2e"
+	GOBIN=$tools go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+	GOBIN=$tools go install "github.com/grpc-ecosystem/grpc-health-probe@$HEALTH_PROBE_VERSION"
+fi
+cp "$tools/grpcurl" "$tools/grpc-health-probe" "$bundle/"
 
 compgen -G "e2e/*_test.go" >/dev/null || die "./e2e has no _test.go files yet: nothing to run"
 log "building the e2e test binary (./e2e)"
