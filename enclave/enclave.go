@@ -1,10 +1,11 @@
 // Package enclave assembles the enclave signer: one fx graph from the
-// listener, signer, attestation and server modules. The binary adds the
+// listener, signer, attestation, stats and server modules. The binary adds the
 // vsock listener; tests and benchmarks supply their own net.Listener.
 package enclave
 
 import (
 	"errors"
+	"time"
 
 	"go.uber.org/fx"
 	"go.uber.org/zap"
@@ -13,6 +14,7 @@ import (
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/enclave/stats"
 	"github.com/nitrosign/nitrosign/internal/logging"
 )
 
@@ -39,6 +41,26 @@ func Options(c Config, log *zap.Logger) fx.Option {
 		signer.Module,
 		attestModule(c),
 		server.Module,
+		statsModule(),
+	)
+}
+
+// statsModule counts what the enclave does and serves the counts
+// (server.Params.Stats): the NSM's calls and the signer's key generation
+// are observed by decorating the values the other modules provide, so
+// none of them depends on stats.
+func statsModule() fx.Option {
+	return fx.Options(
+		stats.Module,
+		fx.Decorate(
+			func(n attest.NSM, s *stats.Stats) attest.NSM { return s.WrapNSM(n) },
+			func(sd attest.Seeder, s *stats.Stats) attest.Seeder { return s.WrapSeeder(sd) },
+			// Runs right after signer.New returned: its keys were made by then.
+			func(sg *signer.Signer, s *stats.Stats) *signer.Signer {
+				s.ObserveKeys(sg.Keys(), time.Now())
+				return sg
+			},
+		),
 	)
 }
 

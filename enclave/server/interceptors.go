@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/nitrosign/nitrosign/internal/requestid"
 	"github.com/nitrosign/nitrosign/internal/sigalg"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
@@ -42,9 +43,10 @@ func streamRecovery(log *zap.Logger) grpc.StreamServerInterceptor {
 	}
 }
 
-// unaryLogging logs each call at debug level: method, key selector and
-// algorithm for Sign, status code and latency. Payloads, messages and
-// signatures are never logged. At info level it costs one level check.
+// unaryLogging logs each call at debug level: method, request id (set by
+// the host proxy), key selector and algorithm for Sign, status code and
+// latency. Payloads, messages and signatures are never logged. At info
+// level it costs one level check.
 func unaryLogging(log *zap.Logger) grpc.UnaryServerInterceptor {
 	log = log.Named("rpc")
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -56,7 +58,8 @@ func unaryLogging(log *zap.Logger) grpc.UnaryServerInterceptor {
 		fields := append(make([]zap.Field, 0, 8),
 			zap.String("method", info.FullMethod),
 			zap.String("code", status.Code(err).String()),
-			zap.Duration("latency", time.Since(start)))
+			zap.Duration("latency", time.Since(start)),
+			requestid.Field(ctx))
 		if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
 			fields = append(fields, zap.String("peer", p.Addr.String()))
 		}
@@ -77,7 +80,8 @@ func streamLogging(log *zap.Logger) grpc.StreamServerInterceptor {
 		}
 		start := time.Now()
 		err := handler(srv, ss)
-		log.Debug("stream", zap.String("method", info.FullMethod), zap.String("code", status.Code(err).String()), zap.Duration("latency", time.Since(start)))
+		log.Debug("stream", zap.String("method", info.FullMethod), zap.String("code", status.Code(err).String()), zap.Duration("latency", time.Since(start)),
+			requestid.Field(ss.Context()))
 		return err
 	}
 }

@@ -1,6 +1,7 @@
 // Package server is the enclave's gRPC edge: it serves Echo, Signer,
-// Attestation, grpc.health.v1 and reflection on an injected net.Listener,
-// maps domain errors to precise status codes, and drains gracefully.
+// Attestation, Stats (when given), grpc.health.v1 and reflection on an
+// injected net.Listener, maps domain errors to precise status codes, and
+// drains gracefully.
 package server
 
 import (
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/enclave/stats"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -88,6 +90,10 @@ type Params struct {
 	Signer    *signer.Signer
 	Attester  Attester     `optional:"true"`
 	Lifecycle fx.Lifecycle `optional:"true"`
+
+	// Stats, when present, counts every call and is served as
+	// nitrosign.v1.StatsService (the host proxy scrapes it).
+	Stats *stats.Stats `optional:"true"`
 }
 
 // Server is the enclave's gRPC server.
@@ -118,16 +124,29 @@ func New(p Params) (*Server, error) {
 		health: health.NewServer(),
 		served: make(chan struct{}),
 	}
+	// Stats sit inside logging and outside recovery, so they count the
+	// code a panic or a malformed request turned into.
+	unary := []grpc.UnaryServerInterceptor{unaryLogging(log)}
+	stream := []grpc.StreamServerInterceptor{streamLogging(log)}
+	if p.Stats != nil {
+		unary = append(unary, p.Stats.UnaryInterceptor())
+		stream = append(stream, p.Stats.StreamInterceptor())
+	}
+	unary = append(unary, unaryRecovery(log), unaryMalformed)
+	stream = append(stream, streamRecovery(log), streamMalformed)
 	s.grpc = grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
 		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.ForceServerCodecV2(newRequestCodec()),
-		grpc.ChainUnaryInterceptor(unaryLogging(log), unaryRecovery(log), unaryMalformed),
-		grpc.ChainStreamInterceptor(streamLogging(log), streamRecovery(log), streamMalformed),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
 	)
 	pb.RegisterEchoServiceServer(s.grpc, &echoService{})
 	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log})
 	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: p.Attester, log: log})
+	if p.Stats != nil {
+		pb.RegisterStatsServiceServer(s.grpc, stats.NewService(p.Stats))
+	}
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	reflection.Register(s.grpc)
 	s.setServing(healthpb.HealthCheckResponse_NOT_SERVING)

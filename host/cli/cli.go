@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/nitrosign/nitrosign/host/client"
+	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
 
 // Exit statuses.
@@ -134,12 +135,16 @@ type common struct {
 	timeout     time.Duration
 	output      string
 	connections int
+	// tls: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, for
+	// a proxy serving TLS or mutual TLS (its --tls-cert, --client-ca).
+	tls tlsconfig.ClientConfig
 }
 
 func (c *common) register(fs *flag.FlagSet) {
 	fs.StringVar(&c.target, "target", DefaultTarget, "server: vsock://CID:PORT (enclave) or tcp://HOST:PORT (proxy)")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Second, "deadline for the whole command, connection included")
 	fs.StringVar(&c.output, "output", "text", "output format: text or json")
+	c.tls.RegisterFlags(fs)
 }
 
 func (c *common) validate() error {
@@ -149,12 +154,22 @@ func (c *common) validate() error {
 	if c.timeout <= 0 {
 		return usagef("--timeout must be positive")
 	}
+	if err := c.tls.Validate(); err != nil {
+		return usagef("%v", err)
+	}
+	if c.tls.On() && strings.HasPrefix(c.target, "vsock://") {
+		return usagef("TLS flags are for the proxy (tcp://HOST:PORT); the enclave's vsock port is plaintext")
+	}
 	return nil
 }
 
 // dial connects within the command's deadline.
 func (c *common) dial(ctx context.Context) (*client.Client, error) {
-	return client.Dial(ctx, c.target, client.Options{Connections: c.connections})
+	tc, err := c.tls.TLSConfig()
+	if err != nil {
+		return nil, err
+	}
+	return client.Dial(ctx, c.target, client.Options{Connections: c.connections, TLS: tc})
 }
 
 // newFlagSet makes a FlagSet whose -h prints the command's usage text.

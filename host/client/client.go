@@ -6,10 +6,13 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/nitrosign/nitrosign/host/pool"
@@ -29,7 +32,12 @@ type Options struct {
 	HealthCheck bool
 	// Logger receives connection-state logs; nil discards them.
 	Logger *zap.Logger
-	// DialOptions are appended to the pool's (e.g. TLS credentials).
+	// TLS, when not nil, secures the connections to a tcp:// target (the
+	// host proxy's external port); see internal/tlsconfig.ClientConfig for
+	// the flags that build it. The enclave's vsock port has no TLS: a
+	// vsock:// target with TLS is an error. Default nil (plaintext).
+	TLS *tls.Config
+	// DialOptions are appended to the pool's.
 	DialOptions []grpc.DialOption
 }
 
@@ -51,13 +59,20 @@ func Dial(ctx context.Context, addr string, o Options) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
+	dialOpts := o.DialOptions
+	if o.TLS != nil {
+		if t.Scheme != target.TCP {
+			return nil, errors.New("TLS is for the host proxy (tcp://HOST:PORT); the enclave's vsock port is plaintext")
+		}
+		dialOpts = append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(o.TLS))}, dialOpts...)
+	}
 	cfg := pool.DefaultConfig()
 	cfg.Size = 1
 	if o.Connections > 0 {
 		cfg.Size = o.Connections
 	}
 	cfg.HealthCheck = o.HealthCheck
-	p, err := pool.New(t, cfg, o.Logger, o.DialOptions...)
+	p, err := pool.New(t, cfg, o.Logger, dialOpts...)
 	if err != nil {
 		return nil, err
 	}

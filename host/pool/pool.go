@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"sync"
 	"sync/atomic"
 
@@ -72,6 +73,12 @@ type ConnStats struct {
 	Calls uint64
 	// Readies counts how many times it became READY (1 + reconnections).
 	Readies uint64
+	// Dials counts connection attempts through the pool's dialer (the
+	// first one and every redial after a failure or a lost connection).
+	Dials uint64
+	// DialErrors counts the attempts whose dial failed (the transport
+	// connect; a failed HTTP/2 handshake after it is not counted here).
+	DialErrors uint64
 }
 
 // conn is one pooled ClientConn with its counters.
@@ -82,6 +89,20 @@ type conn struct {
 	inFlight atomic.Int64
 	calls    atomic.Uint64
 	readies  atomic.Uint64
+	dials    atomic.Uint64
+	dialErrs atomic.Uint64
+}
+
+// countDials wraps the dialer so the pool knows how often it (re)dials.
+func (c *conn) countDials(dial func(context.Context, string) (net.Conn, error)) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		c.dials.Add(1)
+		nc, err := dial(ctx, addr)
+		if err != nil {
+			c.dialErrs.Add(1)
+		}
+		return nc, err
+	}
 }
 
 func (c *conn) release() { c.inFlight.Add(-1) }
@@ -133,7 +154,6 @@ func New(t target.Target, cfg Config, log *zap.Logger, extra ...grpc.DialOption)
 	log = log.Named("pool").With(zap.Stringer("upstream", t))
 
 	opts := dialOptions(t, cfg)
-	opts = append(opts, extra...)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Pool{
@@ -144,7 +164,12 @@ func New(t target.Target, cfg Config, log *zap.Logger, extra ...grpc.DialOption)
 		changed: make(chan struct{}),
 	}
 	for i := range cfg.Size {
-		cc, err := grpc.NewClient(t.GRPCTarget(), opts...)
+		c := &conn{idx: i}
+		// Each connection dials through its own counting dialer; extra
+		// options come last and may replace it (tests inject transports).
+		copts := append(opts[:len(opts):len(opts)], grpc.WithContextDialer(c.countDials(t.Dialer())))
+		copts = append(copts, extra...)
+		cc, err := grpc.NewClient(t.GRPCTarget(), copts...)
 		if err != nil {
 			cancel()
 			for _, c := range p.conns {
@@ -152,7 +177,7 @@ func New(t target.Target, cfg Config, log *zap.Logger, extra ...grpc.DialOption)
 			}
 			return nil, fmt.Errorf("pool: connection %d to %s: %w", i, t, err)
 		}
-		c := &conn{idx: i, cc: cc}
+		c.cc = cc
 		c.state.Store(int32(cc.GetState()))
 		p.conns = append(p.conns, c)
 	}
@@ -171,7 +196,7 @@ func dialOptions(t target.Target, cfg Config) []grpc.DialOption {
 		sc = serviceConfigHealth
 	}
 	opts := []grpc.DialOption{
-		grpc.WithContextDialer(t.Dialer()),
+		// The dialer is added per connection, in New.
 		// The vsock hop never leaves the instance; TLS belongs on the
 		// proxy's external port.
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -288,6 +313,9 @@ func (p *Pool) Stats() []ConnStats {
 			InFlight: c.inFlight.Load(),
 			Calls:    c.calls.Load(),
 			Readies:  c.readies.Load(),
+
+			Dials:      c.dials.Load(),
+			DialErrors: c.dialErrs.Load(),
 		}
 	}
 	return out

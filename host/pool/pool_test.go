@@ -526,3 +526,22 @@ func TestModule(t *testing.T) {
 		t.Fatalf("Echo after stop = %v, want ErrClosed", err)
 	}
 }
+
+// Stats count every dial: the first, the failed redials while the upstream
+// is down, and the one that reconnects.
+func TestDialCounts(t *testing.T) {
+	u := pooltest.Start(t)
+	p := newPool(t, u.Target(), 1)
+	waitAllReady(t, p)
+	if s := p.Stats()[0]; s.Dials != 1 || s.DialErrors != 0 || s.Readies != 1 {
+		t.Fatalf("after start: %+v, want 1 dial, 0 errors, 1 ready", s)
+	}
+	u.Stop()
+	eventually(t, 10*time.Second, "a failed redial", func() bool { return p.Stats()[0].DialErrors >= 1 })
+	u.Restart()
+	waitAllReady(t, p)
+	s := p.Stats()[0]
+	if s.Readies != 2 || s.Dials < 3 || s.Dials-s.DialErrors != 2 {
+		t.Fatalf("after restart: %+v, want 2 readies and 2 successful dials of at least 3", s)
+	}
+}

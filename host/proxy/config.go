@@ -8,9 +8,12 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/internal/logging"
+	"github.com/nitrosign/nitrosign/internal/pprofserver"
 	"github.com/nitrosign/nitrosign/internal/target"
+	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
 
 // Defaults. The enclave's CID is chosen by `nitro-cli run-enclave
@@ -25,9 +28,23 @@ const (
 // Config configures the proxy. Start from DefaultConfig; Validate is strict.
 type Config struct {
 	// Listen is the TCP address (HOST:PORT) the proxy serves gRPC on.
-	// Default 127.0.0.1:8443. The port has no TLS or authentication yet:
-	// any other address is logged as a loud warning.
+	// Default 127.0.0.1:8443. A non-loopback address needs TLS (see TLS)
+	// or, explicitly, Insecure.
 	Listen string
+	// TLS is the external port's certificate, key and, for mutual TLS,
+	// the client CA bundle; re-read on SIGHUP (Proxy.ReloadTLS). Default
+	// none: plaintext, allowed on loopback only unless Insecure.
+	TLS tlsconfig.ServerConfig
+	// Insecure allows plaintext on a non-loopback Listen address: anyone
+	// who reaches the port can then use the enclave's keys. Default false.
+	Insecure bool
+	// Metrics configures the Prometheus endpoint; see metrics.Config.
+	// Default off.
+	Metrics metrics.Config
+	// PprofListen serves Go's runtime profiles (/debug/pprof/) on this
+	// loopback HOST:PORT, for profiling under load (docs/PERFORMANCE.md).
+	// Only loopback addresses are accepted. Default empty: off.
+	PprofListen string
 	// Upstream is the enclave signer: vsock://CID:PORT (an enclave CID is
 	// >= 4; 1 is local loopback, for tests) or tcp://HOST:PORT for
 	// development. Default vsock://16:5005.
@@ -69,6 +86,21 @@ const vsockCIDAny = math.MaxUint32
 func (c Config) Validate() error {
 	var errs []error
 	if err := validateListen(c.Listen); err != nil {
+		errs = append(errs, err)
+	} else if !c.TLS.Enabled() && !c.Insecure && !isLoopback(c.Listen) {
+		errs = append(errs, fmt.Errorf("listen address %q is not loopback and the port has no TLS: "+
+			"give --tls-cert and --tls-key (and --client-ca for mutual TLS), or --insecure to serve plaintext anyway", c.Listen))
+	}
+	if err := c.TLS.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Insecure && c.TLS.Enabled() {
+		errs = append(errs, errors.New("--insecure (plaintext) contradicts --tls-cert: give one or the other"))
+	}
+	if err := c.Metrics.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := (pprofserver.Config{Listen: c.PprofListen}).Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if _, err := c.upstream(); err != nil {

@@ -32,6 +32,10 @@ type harnessOpts struct {
 	srvOpts  []grpc.ServerOption // proxy server
 	mutate   func(*proxy.Config)
 	log      *zap.Logger
+	// proxyOpts are more options for proxy.New (an observer).
+	proxyOpts []proxy.Option
+	// clientOpts replace the plaintext credentials of h.cc (TLS tests).
+	clientOpts []grpc.DialOption
 }
 
 // harness is upstream <- pool <- proxy <- client, all on TCP loopback.
@@ -67,7 +71,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	if err != nil {
 		t.Fatalf("pool.New: %v", err)
 	}
-	h.proxy, err = proxy.New(cfg, h.pool, o.log, o.srvOpts...)
+	h.proxy, err = proxy.New(cfg, h.pool, o.log, append([]proxy.Option{proxy.WithServerOptions(o.srvOpts...)}, o.proxyOpts...)...)
 	if err != nil {
 		_ = h.pool.Close()
 		t.Fatalf("proxy.New: %v", err)
@@ -94,7 +98,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	}
 	t.Cleanup(h.stop)
 
-	h.cc = dialProxy(t, h.addr)
+	h.cc = dialProxy(t, h.addr, o.clientOpts...)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := h.pool.WaitReady(ctx); err != nil {
@@ -103,10 +107,14 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	return h
 }
 
-// dialProxy is a plain client of the proxy, closed in t.Cleanup.
-func dialProxy(t *testing.T, addr string) *grpc.ClientConn {
+// dialProxy is a plain client of the proxy (or one with opts instead of
+// plaintext credentials), closed in t.Cleanup.
+func dialProxy(t *testing.T, addr string, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
-	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if len(opts) == 0 {
+		opts = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	cc, err := grpc.NewClient("passthrough:///"+addr, opts...)
 	if err != nil {
 		t.Fatalf("dial proxy: %v", err)
 	}

@@ -32,7 +32,16 @@ func TestConfigValidate(t *testing.T) {
 		{"tcp upstream", func(c *proxy.Config) { c.Upstream = "tcp://127.0.0.1:5005" }, ""},
 		{"vsock loopback upstream", func(c *proxy.Config) { c.Upstream = "vsock://1:5005" }, ""},
 		{"listen any port", func(c *proxy.Config) { c.Listen = "127.0.0.1:0" }, ""},
-		{"listen all interfaces", func(c *proxy.Config) { c.Listen = ":8443" }, ""},
+		{"listen all interfaces, insecure", func(c *proxy.Config) { c.Listen = ":8443"; c.Insecure = true }, ""},
+		{"listen all interfaces, tls", func(c *proxy.Config) { c.Listen = ":8443"; c.TLS.CertFile, c.TLS.KeyFile = "c", "k" }, ""},
+		{"listen all interfaces, plaintext", func(c *proxy.Config) { c.Listen = ":8443" }, `listen address ":8443" is not loopback and the port has no TLS`},
+		{"listen private address, plaintext", func(c *proxy.Config) { c.Listen = "10.0.0.5:8443" }, "--insecure to serve plaintext anyway"},
+		{"listen localhost, plaintext", func(c *proxy.Config) { c.Listen = "localhost:8443" }, ""},
+		{"listen ::1, plaintext", func(c *proxy.Config) { c.Listen = "[::1]:8443" }, ""},
+		{"insecure with tls", func(c *proxy.Config) { c.Insecure = true; c.TLS.CertFile, c.TLS.KeyFile = "c", "k" }, "contradicts --tls-cert"},
+		{"tls key missing", func(c *proxy.Config) { c.TLS.CertFile = "c" }, "add --tls-key"},
+		{"metrics listen without port", func(c *proxy.Config) { c.Metrics.Listen = "127.0.0.1" }, `metrics listen address "127.0.0.1"`},
+		{"metrics listen", func(c *proxy.Config) { c.Metrics.Listen = "127.0.0.1:0" }, ""},
 		{"listen without port", func(c *proxy.Config) { c.Listen = "127.0.0.1" }, `listen address "127.0.0.1": want HOST:PORT`},
 		{"listen bad port", func(c *proxy.Config) { c.Listen = "127.0.0.1:http" }, "port must be a number 0-65535"},
 		{"listen port too big", func(c *proxy.Config) { c.Listen = "127.0.0.1:70000" }, "port must be a number 0-65535"},
@@ -87,6 +96,7 @@ func TestNewWarnsBeyondLoopback(t *testing.T) {
 			core, logs := observer.New(zapcore.WarnLevel)
 			cfg := proxy.DefaultConfig()
 			cfg.Listen = tt.listen
+			cfg.Insecure = true // plaintext beyond loopback: allowed only so
 			cfg.Upstream = u.Target().String()
 			cfg.Pool.Size = 1
 			pl, err := pool.New(u.Target(), cfg.Pool, zap.NewNop())

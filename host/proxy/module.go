@@ -5,12 +5,16 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"go.uber.org/fx"
 	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/host/sdnotify"
 	"github.com/nitrosign/nitrosign/internal/logging"
 	"github.com/nitrosign/nitrosign/internal/target"
 )
@@ -18,10 +22,12 @@ import (
 // Module provides the *Proxy and runs it with the app: OnStart listens on
 // Config.Listen (or serves an injected net.Listener) and serves in a
 // goroutine; OnStop drains and stops (see Proxy.Stop). Neither blocks
-// beyond its context.
+// beyond its context. With TLS, SIGHUP reloads the certificate. Then it
+// notifies systemd (package sdnotify): READY=1 once a pooled connection
+// is ready, watchdog pings, STOPPING=1.
 var Module = fx.Module("proxy",
-	fx.Provide(provide),
-	fx.Invoke(func(*Proxy) {}), // a proxy nobody asks for must still run
+	fx.Provide(provide, provideNotifier),
+	fx.Invoke(func(*Proxy, *sdnotify.Notifier) {}), // a proxy nobody asks for must still run
 )
 
 // Params are the proxy's dependencies in an fx graph.
@@ -36,12 +42,18 @@ type Params struct {
 	// Listener, when the graph has one, is served instead of listening on
 	// Config.Listen. Tests inject a 127.0.0.1:0 listener this way.
 	Listener net.Listener `optional:"true"`
+	// Observer, when the graph has one, is told about every call
+	// (Options wires *metrics.Metrics).
+	Observer Observer `optional:"true"`
 }
 
 func provide(p Params) (*Proxy, error) {
-	px, err := New(p.Config, p.Pool, p.Log)
+	px, err := New(p.Config, p.Pool, p.Log, WithObserver(p.Observer))
 	if err != nil {
 		return nil, err
+	}
+	if px.TLSEnabled() {
+		p.Lifecycle.Append(reloadOnSIGHUP(px))
 	}
 	p.Lifecycle.Append(fx.Hook{
 		OnStart: func(ctx context.Context) error {
@@ -66,9 +78,56 @@ func provide(p Params) (*Proxy, error) {
 	return px, nil
 }
 
+// reloadOnSIGHUP reloads the proxy's TLS files on every SIGHUP (what
+// `systemctl reload` sends, see deploy/nitrosign-proxy.service) until the
+// app stops. A failed reload is logged and the previous certificate kept.
+func reloadOnSIGHUP(px *Proxy) fx.Hook {
+	sig := make(chan os.Signal, 1)
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	return fx.Hook{
+		OnStart: func(context.Context) error {
+			signal.Notify(sig, syscall.SIGHUP)
+			go func() {
+				defer close(stopped)
+				for {
+					select {
+					case <-sig:
+						if err := px.ReloadTLS(); err != nil {
+							px.log.Error("SIGHUP: TLS reload failed", zap.Error(err))
+						}
+					case <-done:
+						return
+					}
+				}
+			}()
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			signal.Stop(sig)
+			close(done)
+			<-stopped
+			return nil
+		},
+	}
+}
+
+// provideNotifier follows the pool for systemd once the proxy serves: it
+// depends on *Proxy, so its start hook runs after the proxy listens, and
+// its stop hook (STOPPING=1) before the proxy drains.
+func provideNotifier(px *Proxy, pl *pool.Pool, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Notifier {
+	n := sdnotify.New(pl, px.Alive, log)
+	lc.Append(fx.Hook{
+		OnStart: func(context.Context) error { return n.Start() },
+		OnStop:  func(context.Context) error { return n.Stop() },
+	})
+	return n
+}
+
 // Options is the whole nitrosign-proxy application for cfg: logger, fx
-// event logging, upstream target, pool and proxy. The binary runs exactly
-// this, and its fx.ValidateApp test validates exactly this.
+// event logging, upstream target, pool, metrics (served when
+// cfg.Metrics.Listen is set) and proxy. The binary runs exactly this, and
+// its fx.ValidateApp test validates exactly this.
 func Options(cfg Config) fx.Option {
 	return fx.Options(
 		fx.Supply(cfg),
@@ -76,12 +135,15 @@ func Options(cfg Config) fx.Option {
 			newLogger,
 			func(c Config) (target.Target, error) { return c.upstream() },
 			func(c Config) pool.Config { return c.Pool },
+			func(c Config) metrics.Config { return c.Metrics },
+			func(m *metrics.Metrics) Observer { return m },
 		),
 		logging.FxLogger(),
 		// The proxy's stop waits up to GracefulStopTimeout; leave fx room
 		// for it and for closing the pool.
 		fx.StopTimeout(cfg.GracefulStopTimeout+5*time.Second),
 		pool.Module,
+		metrics.Module,
 		Module,
 	)
 }

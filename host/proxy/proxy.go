@@ -18,6 +18,8 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -31,8 +33,54 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
+
+// Observer is told about every call the proxy serves and every forwarded
+// call that failed upstream; *metrics.Metrics implements it. Its methods
+// run on the call path: they must be quick and safe for concurrent use.
+type Observer interface {
+	// CallStarted is called when a call arrives, CallFinished when its
+	// status is known; method is the full method name the client called.
+	CallStarted(method string)
+	CallFinished(method string, code codes.Code, elapsed time.Duration)
+	// UpstreamError is called once per forwarded call that failed because
+	// of the upstream hop or the enclave, with a metrics.Reason* constant.
+	UpstreamError(reason string)
+}
+
+var _ Observer = (*metrics.Metrics)(nil)
+
+type nopObserver struct{}
+
+func (nopObserver) CallStarted(string)                             {}
+func (nopObserver) CallFinished(string, codes.Code, time.Duration) {}
+func (nopObserver) UpstreamError(string)                           {}
+
+// Option adds to what New builds.
+type Option func(*options)
+
+type options struct {
+	server   []grpc.ServerOption
+	observer Observer
+}
+
+// WithServerOptions appends grpc server options to the proxy's own (tests
+// inject a buffer pool with them).
+func WithServerOptions(o ...grpc.ServerOption) Option {
+	return func(opts *options) { opts.server = append(opts.server, o...) }
+}
+
+// WithObserver reports every call to o (metrics). Default: nothing.
+func WithObserver(o Observer) Option {
+	return func(opts *options) {
+		if o != nil {
+			opts.observer = o
+		}
+	}
+}
 
 // Proxy is a gRPC server that forwards to a pool. Create it with New, run
 // it with Serve, end it with Stop.
@@ -44,11 +92,14 @@ type Proxy struct {
 	health   *healthServer
 	codec    encoding.CodecV2
 	callOpts []grpc.CallOption
+	obs      Observer
+	tls      *tlsconfig.Server // nil: plaintext
 
 	mu      sync.Mutex
 	stopped bool
 	addr    net.Addr
 	serving sync.WaitGroup
+	active  atomic.Int32 // Serve calls running
 
 	stopOnce sync.Once
 	stopErr  error
@@ -56,9 +107,8 @@ type Proxy struct {
 
 // New builds a proxy forwarding to up; it does not listen or serve. The
 // proxy owns up from then on and closes it in Stop (if New fails, the
-// caller still owns it). extra server options are appended to the proxy's
-// own (tests inject a buffer pool with them).
-func New(cfg Config, up *pool.Pool, log *zap.Logger, extra ...grpc.ServerOption) (*Proxy, error) {
+// caller still owns it). With cfg.TLS set it loads the certificate now.
+func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
 	}
@@ -69,6 +119,10 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, extra ...grpc.ServerOption)
 		log = zap.NewNop()
 	}
 	log = log.Named("proxy")
+	o := options{observer: nopObserver{}}
+	for _, opt := range opts {
+		opt(&o)
+	}
 	c, err := NewCodec()
 	if err != nil {
 		return nil, err
@@ -78,6 +132,7 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, extra ...grpc.ServerOption)
 		log:   log,
 		pool:  up,
 		codec: c,
+		obs:   o.observer,
 		callOpts: []grpc.CallOption{
 			grpc.ForceCodecV2(c),
 			// A response the proxy could not send on is refused upstream,
@@ -86,27 +141,60 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, extra ...grpc.ServerOption)
 			grpc.MaxCallSendMsgSize(cfg.MaxRecvMsgSize),
 		},
 	}
+	if cfg.TLS.Enabled() {
+		// Before anything subscribes to the pool: a bad file fails New
+		// with nothing to undo.
+		if p.tls, err = tlsconfig.NewServer(cfg.TLS, log); err != nil {
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+	}
 	p.health = newHealthServer(up, log.Named("health"))
 
-	opts := []grpc.ServerOption{
+	srvOpts := []grpc.ServerOption{
 		grpc.ForceServerCodecV2(c),
 		grpc.UnknownServiceHandler(p.forward),
-		// Logging outermost, so it records the code recovery produced.
-		grpc.ChainUnaryInterceptor(logUnary(log), recoverUnary(log)),
-		grpc.ChainStreamInterceptor(logStream(log), recoverStream(log)),
+		// The request id first, so every later step can log it; then the
+		// observer and logging, outside recovery, so they record the code
+		// recovery produced.
+		grpc.ChainUnaryInterceptor(requestIDUnary, observeUnary(p.obs), logUnary(log), recoverUnary(log)),
+		grpc.ChainStreamInterceptor(requestIDStream, observeStream(p.obs), logStream(log), recoverStream(log)),
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
 		grpc.MaxSendMsgSize(cfg.MaxSendMsgSize),
 	}
-	p.srv = grpc.NewServer(append(opts, extra...)...)
+	if p.tls != nil {
+		srvOpts = append(srvOpts, grpc.Creds(p.tls.Credentials()))
+	}
+	p.srv = grpc.NewServer(append(srvOpts, o.server...)...)
 	healthgrpc.RegisterHealthServer(p.srv, p.health)
 
-	if !isLoopback(cfg.Listen) {
-		log.Warn("PROXY LISTENS BEYOND LOOPBACK: its port has no TLS and no authentication yet; "+
-			"anyone who can reach it can use the enclave's signing keys. Bind 127.0.0.1 or firewall the port.",
+	switch {
+	case isLoopback(cfg.Listen):
+	case p.tls == nil:
+		log.Warn("PROXY SERVES PLAINTEXT BEYOND LOOPBACK (--insecure): no TLS and no authentication; "+
+			"anyone who can reach the port can use the enclave's signing keys. Use --tls-cert/--tls-key/--client-ca, "+
+			"or bind 127.0.0.1, or firewall the port.",
+			zap.String("listen", cfg.Listen))
+	case !cfg.TLS.MutualTLS():
+		log.Warn("proxy listens beyond loopback with TLS but without client certificates: anyone who can reach "+
+			"the port can use the enclave's signing keys; add --client-ca for mutual TLS or firewall the port",
 			zap.String("listen", cfg.Listen))
 	}
 	return p, nil
 }
+
+// ReloadTLS re-reads the TLS certificate, key and client CA bundle (on
+// SIGHUP). Established connections are kept; new handshakes use the new
+// files. A failed reload keeps the previous certificate and returns why.
+// Without TLS it does nothing.
+func (p *Proxy) ReloadTLS() error {
+	if p.tls == nil {
+		return nil
+	}
+	return p.tls.Reload()
+}
+
+// TLSEnabled reports whether the external port serves TLS.
+func (p *Proxy) TLSEnabled() bool { return p.tls != nil }
 
 // Serve serves gRPC on l until Stop; it returns nil after Stop and the
 // listener's error otherwise. It closes l.
@@ -121,8 +209,10 @@ func (p *Proxy) Serve(l net.Listener) error {
 	if p.addr == nil {
 		p.addr = l.Addr()
 	}
+	p.active.Add(1)
 	p.mu.Unlock()
 	defer p.serving.Done()
+	defer p.active.Add(-1)
 
 	p.log.Info("proxy serving", zap.Stringer("listen", l.Addr()), zap.Stringer("upstream", p.pool.Target()),
 		zap.Int("pool_size", p.pool.Size()))
@@ -131,6 +221,16 @@ func (p *Proxy) Serve(l net.Listener) error {
 		return nil
 	}
 	return fmt.Errorf("proxy: serve on %s: %w", l.Addr(), err)
+}
+
+// Alive reports an error when the proxy is not serving any listener (the
+// systemd watchdog asks). It does not look at the enclave: a proxy whose
+// enclave is down is alive, and says so through its health service.
+func (p *Proxy) Alive() error {
+	if p.active.Load() == 0 {
+		return errors.New("proxy: not serving")
+	}
+	return nil
 }
 
 // Addr is the address of the first listener served, nil before Serve.
@@ -198,15 +298,34 @@ func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
 
 	cs, err := p.pool.NewStream(ctx, bidi, method, p.callOpts...)
 	if err != nil {
+		if errors.Is(err, pool.ErrNoReadyConn) || errors.Is(err, pool.ErrClosed) {
+			p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
+		} else {
+			p.observeUpstream(err)
+		}
 		return err // already a status: Unavailable when no connection is ready
 	}
 	go p.clientToUpstream(method, ss, cs, cancel)
 	err = p.upstreamToClient(method, cs, ss)
 	var ce *clientError
 	if errors.As(context.Cause(ctx), &ce) {
-		return ce.err
+		return ce.err // the client's failure, not the upstream's
+	}
+	if err != errPanic {
+		p.observeUpstream(err)
 	}
 	return err
+}
+
+// observeUpstream reports a forwarded call's upstream status when it is a
+// failure of the hop or of the enclave, not of the caller.
+func (p *Proxy) observeUpstream(err error) {
+	switch status.Code(err) {
+	case codes.Unavailable:
+		p.obs.UpstreamError(metrics.ReasonUnavailable)
+	case codes.Internal, codes.Unknown, codes.DataLoss:
+		p.obs.UpstreamError(metrics.ReasonServerFault)
+	}
 }
 
 // clientToUpstream copies request messages until the client half-closes

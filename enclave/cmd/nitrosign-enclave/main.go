@@ -12,6 +12,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -44,7 +45,30 @@ func main() {
 }
 
 func run(args []string) int {
+	c, err := parseFlags(args, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		return 2
+	}
+	log, err := logging.New(c.Log, os.Stderr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nitrosign-enclave: %v\n", err)
+		return 2
+	}
+	defer func() { _ = log.Sync() }()
+
+	app := fx.New(enclave.VsockOptions(c, log))
+	return runApp(app, log, c.Server.GracefulStopTimeout)
+}
+
+// parseFlags turns the command line (in an enclave: Dockerfile.enclave's
+// ENTRYPOINT) into a validated Config. It prints what is wrong to stderr;
+// -h prints the usage and returns flag.ErrHelp.
+func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	fs := flag.NewFlagSet("nitrosign-enclave", flag.ContinueOnError)
+	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
 		fs.PrintDefaults()
@@ -64,33 +88,23 @@ func run(args []string) int {
 	fs.StringVar(&c.Log.Level, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&c.Log.Format, "log-format", "json", "log format: json or console")
 	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+		return enclave.Config{}, err // flag printed it
+	}
+	fail := func(err error) (enclave.Config, error) {
+		fmt.Fprintf(stderr, "nitrosign-enclave: %v\n", err)
+		return enclave.Config{}, err
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "nitrosign-enclave: unexpected argument %q (flags only; see -h)\n", fs.Arg(0))
-		return 2
+		return fail(fmt.Errorf("unexpected argument %q (flags only; see -h)", fs.Arg(0)))
 	}
 	if *port > 0xFFFFFFFF {
-		fmt.Fprintf(os.Stderr, "nitrosign-enclave: --port %d does not fit 32 bits\n", *port)
-		return 2
+		return fail(fmt.Errorf("--port %d does not fit 32 bits", *port))
 	}
 	c.Listener = listener.Config{CID: uint32(cid), Port: uint32(*port)}
 	if err := c.Validate(); err != nil {
-		fmt.Fprintf(os.Stderr, "nitrosign-enclave: %v\n", err)
-		return 2
+		return fail(err)
 	}
-	log, err := logging.New(c.Log, os.Stderr)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "nitrosign-enclave: %v\n", err)
-		return 2
-	}
-	defer func() { _ = log.Sync() }()
-
-	app := fx.New(enclave.VsockOptions(c, log))
-	return runApp(app, log, c.Server.GracefulStopTimeout)
+	return c, nil
 }
 
 // runApp starts app, waits for SIGINT/SIGTERM, and stops it within the

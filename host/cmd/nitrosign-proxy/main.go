@@ -5,6 +5,7 @@
 // Usage:
 //
 //	nitrosign-proxy --upstream vsock://16:5005 [--listen 127.0.0.1:8443]
+//	    [--tls-cert FILE --tls-key FILE [--client-ca FILE]] [--metrics-listen 127.0.0.1:9464]
 //
 // Run nitrosign-proxy -h for every flag and more examples.
 package main
@@ -20,6 +21,7 @@ import (
 	"go.uber.org/fx"
 
 	"github.com/nitrosign/nitrosign/host/proxy"
+	"github.com/nitrosign/nitrosign/internal/pprofserver"
 )
 
 func main() {
@@ -32,7 +34,7 @@ func main() {
 	}
 	// Run blocks until SIGINT or SIGTERM, then stops gracefully (drain up
 	// to --graceful-timeout); it exits 1 itself if start-up fails.
-	fx.New(proxy.Options(cfg)).Run()
+	fx.New(proxy.Options(cfg), pprofserver.Option(pprofserver.Config{Listen: cfg.PprofListen})).Run()
 }
 
 const usage = `Usage: nitrosign-proxy [flags]
@@ -49,7 +51,18 @@ The enclave's CID is the --enclave-cid given to 'nitro-cli run-enclave' (see
 'nitro-cli describe-enclaves'); it is always >= 4. CID 1 is local loopback,
 for development. The signer's vsock port defaults to 5005.
 
-The TCP port has no TLS or authentication yet: keep it on loopback.
+The TCP port serves plaintext only on loopback. On any other address give a
+certificate (--tls-cert, --tls-key) and, to admit only clients with a
+certificate from your CA, --client-ca (mutual TLS); or --insecure to serve
+plaintext anyway. SIGHUP re-reads the certificate, key and client CA without
+dropping connections ('systemctl reload nitrosign-proxy').
+
+--metrics-listen serves Prometheus metrics (plain HTTP, GET /metrics): the
+proxy's calls, latencies, pool connections and redials, Go and process
+metrics, and the enclave's own counters, fetched over vsock at each scrape.
+
+Under systemd (Type=notify) the proxy sends READY=1 once a connection to the
+enclave is ready, and pings the watchdog when WatchdogSec= is set.
 
 Examples:
   # Enclave started with: nitro-cli run-enclave --enclave-cid 16 ...
@@ -57,6 +70,11 @@ Examples:
 
   # Development against a signer on vsock loopback, readable debug logs
   nitrosign-proxy --upstream vsock://1:5005 --log-level debug --log-format console
+
+  # VPC clients with mutual TLS, metrics for a local Prometheus
+  nitrosign-proxy --upstream vsock://16:5005 --listen 0.0.0.0:8443 \
+    --tls-cert /etc/nitrosign/tls/server.pem --tls-key /etc/nitrosign/tls/server-key.pem \
+    --client-ca /etc/nitrosign/tls/clients-ca.pem --metrics-listen 127.0.0.1:9464
 
   # Through the proxy
   grpc-health-probe -addr 127.0.0.1:8443
@@ -83,6 +101,12 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	fs.DurationVar(&cfg.GracefulStopTimeout, "graceful-timeout", cfg.GracefulStopTimeout, "on SIGTERM/SIGINT, how long calls in flight may finish before they are cut")
 	fs.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "log `level`: debug (logs every call), info, warn or error")
 	fs.StringVar(&cfg.Log.Format, "log-format", cfg.Log.Format, "log `format`: json or console")
+	fs.StringVar(&cfg.TLS.CertFile, "tls-cert", cfg.TLS.CertFile, "TLS certificate chain PEM `file` for the gRPC port (re-read on SIGHUP)")
+	fs.StringVar(&cfg.TLS.KeyFile, "tls-key", cfg.TLS.KeyFile, "TLS private key PEM `file` (with --tls-cert)")
+	fs.StringVar(&cfg.TLS.ClientCAFile, "client-ca", cfg.TLS.ClientCAFile, "PEM `file` of the CA(s) client certificates must chain to: mutual TLS (with --tls-cert)")
+	fs.BoolVar(&cfg.Insecure, "insecure", cfg.Insecure, "allow plaintext on a non-loopback --listen address (anyone who reaches it can sign)")
+	fs.StringVar(&cfg.PprofListen, "pprof-listen", cfg.PprofListen, "serve Go profiles (/debug/pprof/) on this loopback `HOST:PORT`, for profiling; off when empty")
+	fs.StringVar(&cfg.Metrics.Listen, "metrics-listen", cfg.Metrics.Listen, "serve Prometheus metrics on `HOST:PORT` (plain HTTP, /metrics); off when empty")
 	if err := fs.Parse(args); err != nil {
 		return proxy.Config{}, err // flag already printed it, with the usage
 	}

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/nitrosign/nitrosign/enclave/listener"
+)
+
+func TestParseFlags(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		wantErr string // "" = valid
+	}{
+		{"defaults", nil, ""},
+		{"loopback development", []string{"--cid", "1", "--port", "5005", "--dev-simulated-nsm", "--log-format", "console"}, ""},
+		{"heartbeat port", []string{"--port", "9000"}, "9000"},
+		{"bad cid", []string{"--cid", "host"}, `want "any" or a number`},
+		{"bad rsa", []string{"--rsa-bits", "1024"}, "RSA key size 1024"},
+		{"bad log format", []string{"--log-format", "xml"}, `log format "xml"`},
+		{"stray argument", []string{"serve"}, `unexpected argument "serve"`},
+		{"port too big", []string{"--port", "4294967296"}, "does not fit 32 bits"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			_, err := parseFlags(tt.args, &stderr)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("parseFlags: %v (%s)", err, stderr.String())
+				}
+				return
+			}
+			if err == nil || !strings.Contains(stderr.String()+err.Error(), tt.wantErr) {
+				t.Fatalf("err %v, stderr %q; want %q", err, stderr.String(), tt.wantErr)
+			}
+		})
+	}
+	if _, err := parseFlags([]string{"-h"}, &bytes.Buffer{}); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("-h: %v", err)
+	}
+}
+
+// dockerfile reads Dockerfile.enclave from the repository root.
+func dockerfile(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("../../../Dockerfile.enclave")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// The enclave's flags live in the image's ENTRYPOINT (nitro-cli passes
+// none) and are measured: they must parse, serve on every CID at the
+// default port, and never enable the simulated NSM.
+func TestDockerfileEntrypoint(t *testing.T) {
+	m := regexp.MustCompile(`(?m)^ENTRYPOINT (\[.*\])\s*$`).FindStringSubmatch(dockerfile(t))
+	if m == nil {
+		t.Fatal("Dockerfile.enclave has no exec-form ENTRYPOINT [...]")
+	}
+	var argv []string
+	if err := json.Unmarshal([]byte(m[1]), &argv); err != nil {
+		t.Fatalf("ENTRYPOINT is not a JSON array: %v", err)
+	}
+	if len(argv) == 0 || argv[0] != "/nitrosign-enclave" {
+		t.Fatalf("ENTRYPOINT runs %q, want /nitrosign-enclave", argv)
+	}
+	var stderr bytes.Buffer
+	c, err := parseFlags(argv[1:], &stderr)
+	if err != nil {
+		t.Fatalf("ENTRYPOINT flags do not parse: %v (%s)", err, stderr.String())
+	}
+	if c.Attest.DevSimulatedNSM {
+		t.Fatal("ENTRYPOINT enables the simulated NSM: documents would not be genuine")
+	}
+	if c.Listener.CID != listener.CIDAny || c.Listener.Port != listener.DefaultPort {
+		t.Fatalf("ENTRYPOINT listens on %d:%d, want any:%d", c.Listener.CID, c.Listener.Port, listener.DefaultPort)
+	}
+}
+
+// Every base image is pinned by digest, the builder's Go release is the
+// one scripts/build-enclave-binary.sh expects, and the binary is built by
+// that script (the same build the reproducibility check runs).
+func TestDockerfilePinned(t *testing.T) {
+	df := dockerfile(t)
+	goImage := regexp.MustCompile(`(?m)^ARG GO_IMAGE=golang:(\d+\.\d+\.\d+)-bookworm@sha256:([0-9a-f]{64})$`).FindStringSubmatch(df)
+	if goImage == nil {
+		t.Fatal("ARG GO_IMAGE is not golang:X.Y.Z-bookworm@sha256:<64 hex>")
+	}
+	for _, line := range regexp.MustCompile(`(?m)^FROM .*$`).FindAllString(df, -1) {
+		if !strings.Contains(line, "${GO_IMAGE}") && line != "FROM scratch" {
+			t.Errorf("%q: base image not pinned by digest", line)
+		}
+	}
+	if !strings.Contains(df, "RUN scripts/build-enclave-binary.sh /out/nitrosign-enclave") {
+		t.Error("the image does not build with scripts/build-enclave-binary.sh")
+	}
+	script, err := os.ReadFile("../../../scripts/build-enclave-binary.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(script), "readonly EXPECTED_GO=go"+goImage[1]+"\n") {
+		t.Errorf("scripts/build-enclave-binary.sh does not expect go%s, the Dockerfile's Go", goImage[1])
+	}
+	for _, flag := range []string{"-trimpath", "-buildvcs=false", "-buildid=", "CGO_ENABLED=0"} {
+		if !strings.Contains(string(script), flag) {
+			t.Errorf("scripts/build-enclave-binary.sh lacks %s", flag)
+		}
+	}
+}

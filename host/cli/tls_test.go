@@ -1,0 +1,105 @@
+package cli
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/host/proxy"
+	"github.com/nitrosign/nitrosign/internal/enclavetest"
+	"github.com/nitrosign/nitrosign/internal/target"
+	"github.com/nitrosign/nitrosign/internal/tlsconfig"
+	"github.com/nitrosign/nitrosign/internal/tlsconfig/tlstest"
+)
+
+// startTLSProxy runs a proxy with mutual TLS in front of a real enclave and
+// returns its tcp:// target.
+func startTLSProxy(t *testing.T, tc tlsconfig.ServerConfig) string {
+	t.Helper()
+	e := enclavetest.Start(t, enclavetest.DefaultConfig(), 0)
+	up, err := target.Parse(e.Target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := proxy.DefaultConfig()
+	cfg.Upstream = e.Target
+	cfg.Listen = "127.0.0.1:0"
+	cfg.Pool.Size = 1
+	cfg.TLS = tc
+	log := zaptest.NewLogger(t)
+	pl, err := pool.New(up, cfg.Pool, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px, err := proxy.New(cfg, pl, log)
+	if err != nil {
+		_ = pl.Close()
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- px.Serve(l) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = px.Stop(ctx)
+		<-served
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := pl.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return "tcp://" + l.Addr().String()
+}
+
+func TestCLIMutualTLS(t *testing.T) {
+	ca := tlstest.NewCA(t, "proxy-ca")
+	srv := ca.Server(t, "proxy")
+	clients := tlstest.NewCA(t, "clients-ca")
+	good := clients.Client(t, "cli")
+	rogue := tlstest.NewCA(t, "rogue").Client(t, "rogue")
+	tg := "--target=" + startTLSProxy(t, tlsconfig.ServerConfig{CertFile: srv.CertFile, KeyFile: srv.KeyFile, ClientCAFile: clients.File})
+
+	r := mustOK(t, run(t, "", "echo", tg, "--payload", "hi", "--tls-ca", ca.File, "--tls-cert", good.CertFile, "--tls-key", good.KeyFile))
+	if !strings.Contains(r.stdout, "echo 2 bytes") {
+		t.Fatalf("echo output %q", r.stdout)
+	}
+	tests := []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantErr  string
+	}{
+		{"no client certificate", []string{"--tls-ca", ca.File}, ExitFailure, "cannot reach"},
+		{"client certificate from another CA", []string{"--tls-ca", ca.File, "--tls-cert", rogue.CertFile, "--tls-key", rogue.KeyFile}, ExitFailure, "cannot reach"},
+		{"plaintext", nil, ExitFailure, "cannot reach"},
+		{"server not trusted (system roots)", []string{"--tls", "--tls-cert", good.CertFile, "--tls-key", good.KeyFile}, ExitFailure, "cannot reach"},
+		{"cert without key", []string{"--tls-cert", good.CertFile}, ExitUsage, "give both or neither"},
+		{"missing CA file", []string{"--tls-ca", "/nonexistent/ca.pem"}, ExitFailure, "/nonexistent/ca.pem"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"echo", tg, "--timeout", "1s"}, tt.args...)
+			r := run(t, "", args...)
+			if r.code != tt.wantCode || !strings.Contains(r.stderr, tt.wantErr) {
+				t.Fatalf("exit %d, stderr %q; want exit %d and %q", r.code, r.stderr, tt.wantCode, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestCLITLSToVsockRefused(t *testing.T) {
+	r := run(t, "", "echo", "--target", "vsock://16:5005", "--tls")
+	if r.code != ExitUsage || !strings.Contains(r.stderr, "vsock port is plaintext") {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
+	}
+}

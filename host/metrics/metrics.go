@@ -1,0 +1,173 @@
+// Package metrics is the host proxy's Prometheus instrumentation: calls by
+// method and code, latency histograms, calls in flight and upstream errors
+// (fed by the proxy through the Observer methods), the pool's connections
+// by state, redials and reconnects (read from the pool at scrape time), the
+// enclave's own counters (fetched over vsock from nitrosign.v1.StatsService
+// at scrape time: the enclave has no network), and the Go and process
+// collectors. Server serves them on their own HTTP address.
+//
+// Every label value comes from a bounded set: a method the proxy does not
+// know (it forwards any method name a client sends) is counted as "other",
+// so a client cannot grow the series without bound.
+package metrics
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	reflectionv1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
+
+	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
+)
+
+// Namespace prefixes every nitrosign metric.
+const Namespace = "nitrosign"
+
+// OtherMethod is the method label of calls to methods the proxy does not
+// know.
+const OtherMethod = "other"
+
+// Upstream error reasons (label "reason" of
+// nitrosign_proxy_upstream_errors_total).
+const (
+	// ReasonNoReadyConnection: the call was refused at once because no
+	// pooled connection was READY (enclave down, restarting or draining).
+	ReasonNoReadyConnection = "no_ready_connection"
+	// ReasonUnavailable: the upstream call ended Unavailable after it
+	// started (connection lost mid-call, enclave shutting down).
+	ReasonUnavailable = "unavailable"
+	// ReasonServerFault: the enclave (or the hop) ended the call with
+	// Internal, Unknown or DataLoss.
+	ReasonServerFault = "server_fault"
+)
+
+// LatencyBuckets are the call duration histogram's upper bounds, in
+// seconds: from 100 µs (a vsock round trip is about 124 µs p50, an ECDSA
+// P-256 signature about 36 µs) to 10 s (far beyond any healthy call; RSA-4096
+// signing is tens of milliseconds).
+var LatencyBuckets = []float64{
+	0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+}
+
+// Metrics holds the proxy's registry and instruments. Its methods are safe
+// for concurrent use.
+type Metrics struct {
+	reg            *prometheus.Registry
+	calls          *prometheus.CounterVec
+	latency        *prometheus.HistogramVec
+	inFlight       prometheus.Gauge
+	upstreamErrors *prometheus.CounterVec
+}
+
+// New makes a registry with the proxy's instruments and the Go and process
+// collectors. Pool and enclave collectors are added with RegisterPool and
+// RegisterEnclave.
+func New() *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Subsystem: "proxy", Name: "calls_total",
+			Help: "Calls served by the proxy, by full gRPC method (\"other\" for methods it does not know) and status code.",
+		}, []string{"method", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: Namespace, Subsystem: "proxy", Name: "call_duration_seconds",
+			Help:    "Duration of calls served by the proxy, from the first byte received to the status sent, by method.",
+			Buckets: LatencyBuckets,
+		}, []string{"method"}),
+		inFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: Namespace, Subsystem: "proxy", Name: "calls_in_flight",
+			Help: "Calls the proxy is serving now.",
+		}),
+		upstreamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Subsystem: "proxy", Name: "upstream_errors_total",
+			Help: "Forwarded calls that failed because of the upstream hop or the enclave: no_ready_connection, unavailable, server_fault.",
+		}, []string{"reason"}),
+	}
+	// Pre-create the reasons so that rate() works from the first scrape.
+	for _, r := range []string{ReasonNoReadyConnection, ReasonUnavailable, ReasonServerFault} {
+		m.upstreamErrors.WithLabelValues(r)
+	}
+	m.reg.MustRegister(m.calls, m.latency, m.inFlight, m.upstreamErrors,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// Registry is the registry to serve or gather.
+func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
+
+// CallStarted counts a call in flight.
+func (m *Metrics) CallStarted(string) { m.inFlight.Inc() }
+
+// CallFinished records a finished call.
+func (m *Metrics) CallFinished(method string, code codes.Code, elapsed time.Duration) {
+	m.inFlight.Dec()
+	method = MethodLabel(method)
+	m.calls.WithLabelValues(method, code.String()).Inc()
+	m.latency.WithLabelValues(method).Observe(elapsed.Seconds())
+}
+
+// UpstreamError counts a forwarded call that failed upstream; reason is one
+// of the Reason constants.
+func (m *Metrics) UpstreamError(reason string) {
+	switch reason {
+	case ReasonNoReadyConnection, ReasonUnavailable, ReasonServerFault:
+	default:
+		reason = ReasonServerFault
+	}
+	m.upstreamErrors.WithLabelValues(reason).Inc()
+}
+
+// knownMethods are the full method names used as labels as they are.
+var knownMethods = func() map[string]bool {
+	m := map[string]bool{}
+	for _, sd := range []grpc.ServiceDesc{
+		pb.EchoService_ServiceDesc,
+		pb.SignerService_ServiceDesc,
+		pb.AttestationService_ServiceDesc,
+		pb.StatsService_ServiceDesc,
+		healthpb.Health_ServiceDesc,
+		reflectionv1.ServerReflection_ServiceDesc,
+		reflectionv1alpha.ServerReflection_ServiceDesc,
+	} {
+		for _, md := range sd.Methods {
+			m["/"+sd.ServiceName+"/"+md.MethodName] = true
+		}
+		for _, st := range sd.Streams {
+			m["/"+sd.ServiceName+"/"+st.StreamName] = true
+		}
+	}
+	return m
+}()
+
+// MethodLabel is method when it is a nitrosign, health or reflection
+// method, else OtherMethod.
+func MethodLabel(method string) string {
+	if knownMethods[method] {
+		return method
+	}
+	return OtherMethod
+}
+
+// codeLabel is a code name as the enclave sent it when it is a gRPC code
+// name, else "Unknown".
+func codeLabel(s string) string {
+	if knownCodes[s] {
+		return s
+	}
+	return codes.Unknown.String()
+}
+
+var knownCodes = func() map[string]bool {
+	m := map[string]bool{}
+	for c := codes.OK; c <= codes.Unauthenticated; c++ {
+		m[c.String()] = true
+	}
+	return m
+}()
