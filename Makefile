@@ -27,14 +27,14 @@ TARGET    ?= tcp://$(LISTEN)
 
 BINARIES := nitrosign-enclave nitrosign-proxy nitrosign
 
-.PHONY: build test test-unit fuzz lint buf-lint proto proto-check e2e demo benchmark \
+.PHONY: build test test-unit fuzz lint buf-lint proto proto-check check-deploy reproducible eif e2e demo benchmark \
         run-server run-proxy run-client clean tools
 
 build: ## Build every binary into bin/
 	@mkdir -p $(BIN)
 	$(GO) build $(GOFLAGS_BUILD) -ldflags='$(LDFLAGS)' -o $(BIN)/ ./enclave/cmd/... ./host/cmd/...
 
-test: lint proto-check test-unit fuzz ## Lint, check generated code, unit and integration tests with -race, bounded fuzzing
+test: lint proto-check check-deploy test-unit fuzz reproducible ## Lint, generated code, deploy files, unit and integration tests with -race, bounded fuzzing, reproducible build
 
 test-unit:
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
@@ -68,6 +68,15 @@ proto-check: proto ## Fail when the committed generated code is stale
 	@if ! git diff --quiet -- proto || [ -n "$$(git ls-files --others --exclude-standard proto)" ]; then \
 	  echo "proto: generated code is stale; run 'make proto' and commit:"; \
 	  git status --short -- proto; exit 1; fi
+
+check-deploy: ## shellcheck every script, systemd-analyze verify the units, scripts fail cleanly without nitro-cli
+	./scripts/check-deploy.sh
+
+reproducible: ## Build the enclave binary twice from two trees in different paths; the SHA-256 must match
+	./scripts/reproducible-build.sh
+
+eif: ## Enclave image, EIF and PCR JSON (needs a Docker engine and nitro-cli; see docs/DEPLOY.md)
+	./scripts/build-eif.sh
 
 e2e: ## Real AF_VSOCK end to end (natively, or in a qemu micro-VM when the kernel lacks vsock_loopback)
 	./scripts/e2e.sh

@@ -37,8 +37,8 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/nitrosign-check-deploy.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
 # ------------------------------------------------------------ shellcheck --
-scripts=(scripts/enclave-lib.sh scripts/build-eif.sh scripts/run-enclave.sh scripts/terminate-enclave.sh
-	scripts/build-enclave-binary.sh scripts/reproducible-build.sh scripts/check-deploy.sh)
+# Every shell script of the project, .ci/run included.
+mapfile -t scripts < <(git ls-files '*.sh' .ci/run 2>/dev/null || ls scripts/*.sh scripts/vm/*.sh .ci/run)
 log "shellcheck ${scripts[*]}"
 shellcheck -x "${scripts[@]}" || fail "shellcheck"
 
