@@ -5,7 +5,6 @@ package enclave
 
 import (
 	"errors"
-	"time"
 
 	"go.uber.org/fx"
 	"go.uber.org/zap"
@@ -55,9 +54,8 @@ func statsModule() fx.Option {
 		fx.Decorate(
 			func(n attest.NSM, s *stats.Stats) attest.NSM { return s.WrapNSM(n) },
 			func(sd attest.Seeder, s *stats.Stats) attest.Seeder { return s.WrapSeeder(sd) },
-			// Runs right after signer.New returned: its keys were made by then.
 			func(sg *signer.Signer, s *stats.Stats) *signer.Signer {
-				s.ObserveKeys(sg.Keys(), time.Now())
+				s.ObserveKeys(sg.Keys(), sg.GenerationTimes())
 				return sg
 			},
 		),

@@ -101,21 +101,12 @@ func (s *Stats) ObserveSignature(alg pb.SigningAlgorithm) { s.sigs.inc(alg) }
 // ObserveNSM counts one NSM call.
 func (s *Stats) ObserveNSM(op string, err error) { s.nsm.inc(nsmKey{op, err != nil}) }
 
-// ObserveKeys records the generation time of the start-up keys. The signer
-// generates and self-tests them one after the other and stamps each with
-// its start time (KeyInfo.create_time), so each key took until the next
-// one's start, and the last until done (when the signer was returned).
-func (s *Stats) ObserveKeys(keys []*pb.KeyInfo, done time.Time) {
-	ks := append([]*pb.KeyInfo(nil), keys...)
-	sort.SliceStable(ks, func(i, j int) bool { return ks[i].GetCreateTime().AsTime().Before(ks[j].GetCreateTime().AsTime()) })
-	out := make([]*pb.KeyGeneration, 0, len(ks))
-	for i, k := range ks {
-		end := done
-		if i+1 < len(ks) {
-			end = ks[i+1].GetCreateTime().AsTime()
-		}
-		d := max(end.Sub(k.GetCreateTime().AsTime()), 0) // a wall-clock step must not make it negative
-		out = append(out, &pb.KeyGeneration{KeyId: k.GetKeyId(), KeyType: k.GetKeyType(), KeySpec: k.GetKeySpec(), Duration: durationpb.New(d)})
+// ObserveKeys records how long each start-up key took to generate and
+// self-test (took, by key id, from signer.GenerationTimes).
+func (s *Stats) ObserveKeys(keys []*pb.KeyInfo, took map[string]time.Duration) {
+	out := make([]*pb.KeyGeneration, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, &pb.KeyGeneration{KeyId: k.GetKeyId(), KeyType: k.GetKeyType(), KeySpec: k.GetKeySpec(), Duration: durationpb.New(took[k.GetKeyId()])})
 	}
 	s.mu.Lock()
 	s.keyGen = out
