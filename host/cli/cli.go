@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/nitrosign/nitrosign/host/client"
+	"github.com/nitrosign/nitrosign/internal/target"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
 
@@ -138,6 +140,8 @@ type common struct {
 	// tls: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, for
 	// a proxy serving TLS or mutual TLS (its --tls-cert, --client-ca).
 	tls tlsconfig.ClientConfig
+	// insecure allows plaintext to a tcp:// target beyond loopback.
+	insecure bool
 }
 
 func (c *common) register(fs *flag.FlagSet) {
@@ -145,6 +149,7 @@ func (c *common) register(fs *flag.FlagSet) {
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Second, "deadline for the whole command, connection included")
 	fs.StringVar(&c.output, "output", "text", "output format: text or json")
 	c.tls.RegisterFlags(fs)
+	fs.BoolVar(&c.insecure, "insecure", false, "allow plaintext to a tcp:// target that is not on loopback (messages and signatures cross the network in the clear)")
 }
 
 func (c *common) validate() error {
@@ -160,7 +165,24 @@ func (c *common) validate() error {
 	if c.tls.On() && strings.HasPrefix(c.target, "vsock://") {
 		return usagef("TLS flags are for the proxy (tcp://HOST:PORT); the enclave's vsock port is plaintext")
 	}
+	if t, err := target.Parse(c.target); err == nil && t.Scheme == target.TCP && !c.tls.On() && !c.insecure && !loopbackHost(t.HostPort) {
+		return usagef("--target %s is not on loopback: use --tls (with --tls-ca/--tls-cert as the proxy requires), or --insecure to send in the clear", c.target)
+	}
 	return nil
+}
+
+// loopbackHost reports whether hostPort names this machine: localhost or a
+// loopback IP. Other names are not resolved: they count as remote.
+func loopbackHost(hostPort string) bool {
+	host, _, err := net.SplitHostPort(hostPort)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // dial connects within the command's deadline.

@@ -136,6 +136,8 @@ func TestCLIUsageErrors(t *testing.T) {
 		{[]string{"verify", "--key-type", "rsa", "--signature", "!!", "--message", "x"}, "not base64"},
 		{[]string{"echo", "--target", "127.0.0.1:8443"}, "want vsock://CID:PORT or tcp://HOST:PORT"},
 		{[]string{"echo", "--count", "0"}, "at least 1"},
+		{[]string{"keys", "--target", "tcp://192.0.2.1:8443"}, "not on loopback"},
+		{[]string{"keys", "--target", "tcp://signer.example:8443"}, "not on loopback"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
