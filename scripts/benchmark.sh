@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# Benchmark nitrosign on this machine over TCP loopback: the real enclave
+# graph (nitrosign-benchserver enclave, never shipped) and the real proxy
+# binary, measured by `nitrosign compare` in interleaved rounds.
+#
+# Usage: scripts/benchmark.sh [quick|full]
+#
+#   quick (default, what `make benchmark` runs, about a minute): Echo at 64
+#         in flight against the enclave directly, through the proxy, and
+#         through socat when it is installed (installed with apt-get when
+#         running as root), then a summary, a JSON file and an SVG chart.
+#   full  every figure of docs/PERFORMANCE.md, each with its command
+#         (about 10 minutes); installs ghz into .tools/ with `go install`.
+#
+# Only loopback addresses are used; every run is bounded in time. The
+# processes this script starts are stopped on exit.
+#
+# Environment:
+#   BENCH_OUT       output directory (default: a new /tmp/nitrosign-bench.*)
+#   BENCH_PORT      first of three consecutive loopback ports (default 17001)
+#   BENCH_DURATION  measured length of each run (default 3s quick, 5s full)
+#   BENCH_ROUNDS    interleaved rounds per target (default 2 quick, 3 full)
+#   BENCH_PPROF     set to 1 to serve pprof on ports BENCH_PORT+10 (enclave)
+#                   and BENCH_PORT+11 (proxy)
+#   GHZ_VERSION     ghz version for the full suite (default v0.93.0)
+set -euo pipefail
+
+log() { printf 'benchmark: %s\n' "$*" >&2; }
+die() {
+	printf 'benchmark: error: %s\n' "$*" >&2
+	exit 1
+}
+
+suite=${1:-quick}
+case $suite in
+quick | full) ;;
+-h | --help)
+	sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+	exit 0
+	;;
+*)
+	printf 'benchmark: unknown suite %s: want quick or full (see --help)\n' "'$suite'" >&2
+	exit 2
+	;;
+esac
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+port=${BENCH_PORT:-17001}
+if ! [[ $port =~ ^[0-9]+$ ]] || ((port <= 1024 || port >= 65000)); then
+	die "BENCH_PORT must be a port number between 1025 and 64999"
+fi
+if [[ $suite == quick ]]; then
+	duration=${BENCH_DURATION:-3s}
+	rounds=${BENCH_ROUNDS:-2}
+else
+	duration=${BENCH_DURATION:-5s}
+	rounds=${BENCH_ROUNDS:-3}
+fi
+out=${BENCH_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/nitrosign-bench.XXXXXX")}
+mkdir -p "$out"
+bin=$out/bin
+mkdir -p "$bin"
+
+enc_addr=127.0.0.1:$port
+px_addr=127.0.0.1:$((port + 1))
+socat_addr=127.0.0.1:$((port + 2))
+
+# ------------------------------------------------------------- processes --
+
+pids=()
+declare -A pid_of=()
+# shellcheck disable=SC2317 # invoked by trap
+cleanup() {
+	local p
+	for p in "${pids[@]}"; do
+		kill "$p" 2>/dev/null || true
+	done
+	for p in "${pids[@]}"; do
+		wait "$p" 2>/dev/null || true
+	done
+}
+trap cleanup EXIT
+trap 'log interrupted; exit 130' INT TERM
+
+port_free() {
+	! (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null
+}
+
+# start NAME CMD...: run CMD in the background with its output in $out/NAME.log.
+start() {
+	local name=$1
+	shift
+	"$@" >"$out/$name.log" 2>&1 &
+	pids+=($!)
+	pid_of[$name]=$!
+}
+
+# wait_ready NAME TARGET: until an Echo through TARGET succeeds.
+wait_ready() {
+	local name=$1 target=$2 i
+	for i in $(seq 1 100); do
+		if "$bin/nitrosign" echo --target "$target" --timeout 1s >/dev/null 2>&1; then
+			return 0
+		fi
+		kill -0 "${pid_of[$name]}" 2>/dev/null || die "$name exited; its log:
+$(tail -n 20 "$out/$name.log")"
+		sleep 0.2
+	done
+	die "$name is not answering on $target after 20s; its log:
+$(tail -n 20 "$out/$name.log")"
+}
+
+# ----------------------------------------------------------------- build --
+
+log "building nitrosign, nitrosign-proxy and nitrosign-benchserver (CGO_ENABLED=0) into $bin"
+CGO_ENABLED=0 go build -trimpath -o "$bin/" ./host/cmd/nitrosign ./host/cmd/nitrosign-proxy ./internal/cmd/nitrosign-benchserver
+
+for a in "$enc_addr" "$px_addr" "$socat_addr"; do
+	port_free "$a" || die "$a is in use: set BENCH_PORT to a free range"
+done
+
+# ----------------------------------------------------------------- socat --
+
+have_socat=false
+if command -v socat >/dev/null; then
+	have_socat=true
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+	log "socat is not installed: installing it with apt-get (Debian package socat)"
+	if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat >/dev/null 2>&1 ||
+		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat >/dev/null 2>&1; }; then
+		have_socat=true
+	else
+		log "apt-get install socat failed: the socat target is skipped"
+	fi
+else
+	log "socat is not installed and this is not root: the socat target is skipped (install it: sudo apt-get install socat)"
+fi
+
+# --------------------------------------------------------------- servers --
+
+pprof_enc=() pprof_px=()
+if [[ ${BENCH_PPROF:-} == 1 ]]; then
+	pprof_enc=(--pprof-listen "127.0.0.1:$((port + 10))")
+	pprof_px=(--pprof-listen "127.0.0.1:$((port + 11))")
+	log "pprof: enclave on http://127.0.0.1:$((port + 10))/debug/pprof/, proxy on http://127.0.0.1:$((port + 11))/debug/pprof/"
+fi
+log "starting the enclave graph on $enc_addr (TCP loopback, simulated NSM)"
+start enclave "$bin/nitrosign-benchserver" enclave --listen "$enc_addr" "${pprof_enc[@]}"
+wait_ready enclave "tcp://$enc_addr"
+log "starting nitrosign-proxy on $px_addr -> tcp://$enc_addr"
+start proxy "$bin/nitrosign-proxy" --listen "$px_addr" --upstream "tcp://$enc_addr" --log-level warn "${pprof_px[@]}"
+wait_ready proxy "tcp://$px_addr"
+targets=(--target "direct=tcp://$enc_addr" --target "proxy=tcp://$px_addr")
+if $have_socat; then
+	log "starting socat on $socat_addr -> $enc_addr (a process per client connection)"
+	start socat socat "TCP-LISTEN:${socat_addr#*:},bind=127.0.0.1,fork,reuseaddr" "TCP:$enc_addr"
+	wait_ready socat "tcp://$socat_addr"
+	targets+=(--target "socat=tcp://$socat_addr")
+fi
+
+nitrosign() { "$bin/nitrosign" "$@"; }
+
+# run NAME CMD...: print and run a measurement, keeping its output.
+run() {
+	local name=$1
+	shift
+	printf '\n$ %s\n' "$*" | sed "s|$bin/||g" | tee -a "$out/commands.txt"
+	"$@" 2>&1 | tee "$out/$name.txt"
+}
+
+machine="$(nproc) cores, $(uname -srm), Go $(go env GOVERSION)"
+log "machine: $machine; output in $out"
+printf '# %s, %s\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$machine" >"$out/commands.txt"
+
+if [[ $suite == quick ]]; then
+	run compare nitrosign compare "${targets[@]}" --concurrency 64 --connections 2 \
+		--duration "$duration" --warmup 1s --rounds "$rounds" \
+		--json "$out/compare.json" --chart "$out/compare.svg"
+	log "done: summary above; JSON $out/compare.json, chart $out/compare.svg"
+	exit 0
+fi
+
+# ----------------------------------------------------------- full suite --
+# Each step is one figure of docs/PERFORMANCE.md.
+
+direct=tcp://$enc_addr
+proxy=tcp://$px_addr
+
+# 1. Echo, bench and server on the same 2 cores, 64 in flight; then the
+#    open loop at 14,000 calls/s (70% of the 20,000 target).
+run 1-echo-closed nitrosign bench --name direct --target "$direct" --concurrency 64 --connections 1 \
+	--duration 10s --warmup 2s --json "$out/1-echo-closed.json"
+run 1-echo-open nitrosign bench --name direct --target "$direct" --rate 14000 --concurrency 64 --connections 1 \
+	--duration 10s --warmup 2s --json "$out/1-echo-open.json" --chart "$out/1-echo-open.svg"
+
+# 2. Signing through the whole stack against the in-process rate, both in
+#    one invocation, interleaved.
+for kt in ecc rsa; do
+	run "2-sign-$kt" "$bin/nitrosign-benchserver" sign-baseline --key-type "$kt" \
+		--target "direct=$direct" --target "stack=$proxy" --concurrency 64 --connections 2 \
+		--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/2-sign-$kt.json"
+done
+
+# 3. The proxy: latency added at 1 in flight; throughput kept at saturation.
+run 3-proxy-1 nitrosign compare --target "direct=$direct" --target "proxy=$proxy" --concurrency 1 \
+	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-1.json" --chart "$out/3-proxy-1.svg"
+run 3-proxy-64 nitrosign compare --target "direct=$direct" --target "proxy=$proxy" --concurrency 64 --connections 2 \
+	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-64.json" --chart "$out/3-proxy-64.svg"
+
+# 4. Against socat in front of the same server.
+if $have_socat; then
+	run 4-churn nitrosign compare --target "proxy=$proxy" --target "socat=tcp://$socat_addr" --concurrency 64 \
+		--connect-every 10 --duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/4-churn.json" --chart "$out/4-churn.svg"
+	run 4-long nitrosign compare --target "proxy=$proxy" --target "socat=tcp://$socat_addr" --concurrency 64 --connections 2 \
+		--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/4-long.json" --chart "$out/4-long.svg"
+else
+	log "step 4 skipped: no socat"
+fi
+
+# 5. The bench itself against ghz, same server, concurrency and connections.
+ghz_version=${GHZ_VERSION:-v0.93.0}
+ghz=$repo/.tools/ghz-$ghz_version
+if [[ ! -x $ghz ]]; then
+	log "installing ghz $ghz_version into .tools/ (go install github.com/bojand/ghz/cmd/ghz)"
+	mkdir -p "$repo/.tools"
+	tmpbin=$(mktemp -d)
+	GOBIN=$tmpbin CGO_ENABLED=0 go install "github.com/bojand/ghz/cmd/ghz@$ghz_version"
+	mv "$tmpbin/ghz" "$ghz"
+	rmdir "$tmpbin"
+fi
+payload=$(printf '%032d' 0 | base64 -w0) # 32 bytes, as the bench's default payload
+for i in 1 2; do
+	run "5-ghz-closed-$i" "$ghz" --insecure --call nitrosign.v1.EchoService/Echo -d "{\"payload\":\"$payload\"}" \
+		-c 64 --connections 1 -z 10s "$enc_addr"
+	run "5-bench-closed-$i" nitrosign bench --name direct --target "$direct" --concurrency 64 --connections 1 \
+		--duration 10s --warmup 0s --json "$out/5-bench-closed-$i.json"
+done
+run 5-ghz-rate "$ghz" --insecure --call nitrosign.v1.EchoService/Echo -d "{\"payload\":\"$payload\"}" \
+	-c 64 --connections 1 --rps 5000 -z 10s "$enc_addr"
+run 5-bench-rate nitrosign bench --name direct --target "$direct" --rate 5000 --concurrency 64 --connections 1 \
+	--duration 10s --warmup 0s --json "$out/5-bench-rate.json"
+
+# 6. Memory: the enclave under 256 calls in flight; the proxy holding 1,000
+#    client connections that are almost all idle (10 calls/s in all).
+run 6-enclave-256 nitrosign bench --name direct --target "$direct" --rpc sign --key-type ecc --concurrency 256 --connections 4 \
+	--duration 10s --warmup 1s --watch-pid "${pid_of[enclave]}" --json "$out/6-enclave-256.json"
+run 6-proxy-1000 nitrosign bench --name proxy --target "$proxy" --connections 1000 --concurrency 1000 --rate 10 \
+	--duration 10s --warmup 0s --watch-pid "${pid_of[proxy]}" --json "$out/6-proxy-1000.json"
+
+log "done: every output is in $out (commands in $out/commands.txt)"
