@@ -27,7 +27,7 @@ TARGET    ?= tcp://$(LISTEN)
 
 BINARIES := nitrosign-enclave nitrosign-proxy nitrosign
 
-.PHONY: build test test-unit fuzz lint buf-lint proto proto-check check-deploy reproducible eif e2e demo benchmark \
+.PHONY: build test test-unit fuzz lint buf-lint proto proto-check check-deploy reproducible eif soak faults-long e2e demo benchmark \
         run-server run-proxy run-client clean tools
 
 build: ## Build every binary into bin/
@@ -41,7 +41,8 @@ test-unit:
 
 # Each fuzz target runs for FUZZTIME; its seed corpus runs in test-unit too.
 FUZZTIME ?= 10s
-FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest
+FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest \
+                ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	@for t in $(FUZZ_TARGETS); do \
@@ -77,6 +78,13 @@ reproducible: ## Build the enclave binary twice from two trees in different path
 
 eif: ## Enclave image, EIF and PCR JSON (needs a Docker engine and nitro-cli; see docs/DEPLOY.md)
 	./scripts/build-eif.sh
+
+soak: ## One million mixed Echo and Sign calls through the proxy graph to the enclave graph; figures in docs/RELIABILITY.md
+	NITROSIGN_SOAK_CALLS=$${NITROSIGN_SOAK_CALLS:-1000000} $(GO) test -count=1 -run '^TestSoak$$' -timeout 3h -v ./internal/reliability/
+
+faults-long: ## Longer fault injection: 50 kill/restart cycles in process, then 20 over real vsock
+	NITROSIGN_FAULT_CYCLES=50 $(GO) test -count=1 -run 'TestEnclaveKilledUnderLoad|TestProxyRestartUnderLoad' -v ./internal/reliability/
+	NITROSIGN_E2E_LONG=1 ./scripts/e2e.sh -test.run 'TestEnclaveKilledRepeatedly|TestProxyKilledUnderLoad'
 
 e2e: ## Real AF_VSOCK end to end (natively, or in a qemu micro-VM when the kernel lacks vsock_loopback)
 	./scripts/e2e.sh

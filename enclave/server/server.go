@@ -36,13 +36,79 @@ type Config struct {
 	// the HTTP/2 preface and settings; a peer that connects and stalls is
 	// dropped after it. Default 5s (grpc-go's own default is 120s).
 	HandshakeTimeout time.Duration
+
+	// The limits below protect the enclave from load and from hostile or
+	// broken peers; docs/RELIABILITY.md lists what each one answers.
+
+	// MaxInFlight bounds the calls served at once (health calls are
+	// exempt). A call beyond it gets ResourceExhausted at once ("enclave
+	// busy: N calls in flight, limit M; retry with backoff"); nothing
+	// queues. Default 1024: far above what two to four cores can sign at
+	// once, low enough to bound memory.
+	MaxInFlight int
+	// DefaultCallTimeout is the deadline of a unary call that arrived
+	// without one; streams (health Watch) are left alone. Default 30s.
+	DefaultCallTimeout time.Duration
+	// MaxConnections bounds the connections open at once; one beyond it is
+	// accepted and closed at once (logged, at most once a second). The
+	// proxy's pool holds a few (4 by default, at most 256). Default 512.
+	MaxConnections int
+	// MaxConcurrentStreams bounds the calls open at once on one
+	// connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a grpc-go client
+	// waits for a free stream, a raw one gets RST_STREAM(REFUSED_STREAM).
+	// Default 1024 (= MaxInFlight, so one connection can use the whole
+	// enclave and MaxInFlight, not this, is what sheds).
+	MaxConcurrentStreams uint32
+	// MaxHeaderListSize is the largest request header block the transport
+	// accepts (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE), in bytes: beyond it a
+	// stream is reset (RST_STREAM FRAME_SIZE_ERROR), and grpc-go clients
+	// refuse to send it. Default 64 KiB (grpc-go's default is 16 MiB).
+	MaxHeaderListSize uint32
+	// MaxMetadataSize is the largest request metadata a call may carry, in
+	// bytes (names + values + 32 per entry, as HTTP/2 counts); beyond it
+	// the call gets ResourceExhausted. At most MaxHeaderListSize. Default
+	// 32 KiB (the proxy forwards at most 16 KiB by default).
+	MaxMetadataSize int
+	// KeepaliveMinTime is the shortest interval between client pings the
+	// enclave tolerates; a client pinging more often is sent GOAWAY
+	// (too_many_pings). Pings are allowed on a connection without calls.
+	// Default 10s: the shortest interval a grpc-go client can ping at, so
+	// any --pool keepalive setting of the proxy is accepted (its default
+	// is 5m).
+	KeepaliveMinTime time.Duration
+	// KeepaliveTime is how long a connection may be silent before the
+	// enclave pings it, and KeepaliveTimeout how long it then waits for
+	// the answer before closing the connection: this reaps half-open
+	// connections whose peer vanished. Defaults 5m and 20s.
+	KeepaliveTime    time.Duration
+	KeepaliveTimeout time.Duration
+	// MaxConnectionIdle closes a connection that has had no call for this
+	// long, MaxConnectionAge one that is this old (+-10%), letting its
+	// calls finish for up to MaxConnectionAgeGrace. Default 0: never. The
+	// proxy's pool keeps long-lived connections on purpose (a reconnect is
+	// a cost the next callers pay, and with health checking a reconnected
+	// connection takes no calls until its health Watch answers), and its
+	// only peers are on the parent instance, behind the proxy's own
+	// connection limits: aging them out would buy nothing.
+	MaxConnectionIdle     time.Duration
+	MaxConnectionAge      time.Duration
+	MaxConnectionAgeGrace time.Duration
 }
 
 // Defaults for Config's zero fields.
 const (
-	DefaultGracefulStopTimeout = 10 * time.Second
-	DefaultMaxRecvMsgSize      = 1 << 20
-	DefaultHandshakeTimeout    = 5 * time.Second
+	DefaultGracefulStopTimeout  = 10 * time.Second
+	DefaultMaxRecvMsgSize       = 1 << 20
+	DefaultHandshakeTimeout     = 5 * time.Second
+	DefaultMaxInFlight          = 1024
+	DefaultCallTimeout          = 30 * time.Second
+	DefaultMaxConnections       = 512
+	DefaultMaxConcurrentStreams = 1024
+	DefaultMaxHeaderListSize    = 64 << 10
+	DefaultMaxMetadataSize      = 32 << 10
+	DefaultKeepaliveMinTime     = 10 * time.Second
+	DefaultKeepaliveTime        = 5 * time.Minute
+	DefaultKeepaliveTimeout     = 20 * time.Second
 )
 
 // Validate reports a precise error for an unusable value.
@@ -56,7 +122,7 @@ func (c Config) Validate() error {
 	if c.MaxRecvMsgSize < 0 || c.MaxRecvMsgSize > 64<<20 {
 		return fmt.Errorf("max receive message size %d: want 0 (default 1 MiB) to 64 MiB", c.MaxRecvMsgSize)
 	}
-	return nil
+	return c.validateLimits()
 }
 
 func (c Config) withDefaults() Config {
@@ -69,8 +135,13 @@ func (c Config) withDefaults() Config {
 	if c.HandshakeTimeout == 0 {
 		c.HandshakeTimeout = DefaultHandshakeTimeout
 	}
-	return c
+	return c.limitsWithDefaults()
 }
+
+// streamWorkers is how many goroutines are kept to run calls: about the
+// calls in flight of a busy enclave (the host proxy's pool spreads its
+// callers' calls over a few connections).
+const streamWorkers = 64
 
 // Services are the names the health service reports on, besides "" (the
 // whole server).
@@ -110,7 +181,9 @@ type Server struct {
 var Module = fx.Module("server", fx.Provide(New), fx.Invoke(func(*Server) {}))
 
 // New builds the server; it serves only from Start (the fx OnStart hook).
-// Health is NOT_SERVING until then.
+// Health is NOT_SERVING until then. The server keeps its stream workers
+// (idle goroutines) from New until Stop, so a server that is built must be
+// stopped, served or not.
 func New(p Params) (*Server, error) {
 	if err := p.Config.Validate(); err != nil {
 		return nil, err
@@ -120,7 +193,7 @@ func New(p Params) (*Server, error) {
 	s := &Server{
 		cfg:    cfg,
 		log:    log,
-		lis:    p.Listener,
+		lis:    limitListener(p.Listener, cfg, log),
 		health: health.NewServer(),
 		served: make(chan struct{}),
 	}
@@ -132,15 +205,30 @@ func New(p Params) (*Server, error) {
 		unary = append(unary, p.Stats.UnaryInterceptor())
 		stream = append(stream, p.Stats.StreamInterceptor())
 	}
-	unary = append(unary, unaryRecovery(log), unaryMalformed)
+	// A unary request is decoded before any interceptor runs: the
+	// malformed check comes before the limits, which may refuse the call,
+	// so that every call takes its entry out of the codec's table.
+	unary = append(unary, unaryMalformed)
+	// Limits inside stats, so a shed call is logged and counted as the
+	// ResourceExhausted it was answered with.
+	lu, ls := limitInterceptors(cfg, log)
+	unary = append(unary, lu...)
+	stream = append(stream, ls...)
+	unary = append(unary, unaryRecovery(log))
 	stream = append(stream, streamRecovery(log), streamMalformed)
-	s.grpc = grpc.NewServer(
+	s.grpc = grpc.NewServer(append(limitOptions(cfg),
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
 		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.ForceServerCodecV2(newRequestCodec()),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
-	)
+		// Calls run on long-lived worker goroutines, not a new goroutine
+		// each: a Sign call's stack (crypto included) outgrows a fresh
+		// goroutine's, and growing it by copying was ~15% of the enclave's
+		// CPU under signing load (docs/PERFORMANCE.md). Calls beyond the
+		// workers still get a goroutine of their own. Stop ends them.
+		grpc.NumStreamWorkers(streamWorkers),
+	)...)
 	pb.RegisterEchoServiceServer(s.grpc, &echoService{})
 	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log})
 	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: p.Attester, log: log})

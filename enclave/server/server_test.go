@@ -301,6 +301,8 @@ func TestNotServingBeforeStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A built server holds its stream workers until Stop, served or not.
+	t.Cleanup(func() { _ = srv.Stop(context.Background()) })
 	resp, err := srv.health.Check(context.Background(), &healthpb.HealthCheckRequest{})
 	if err != nil || resp.Status != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("before start: %v %v", resp, err)

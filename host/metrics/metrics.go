@@ -46,6 +46,16 @@ const (
 	ReasonServerFault = "server_fault"
 )
 
+// Shed reasons (label "reason" of nitrosign_proxy_shed_total).
+const (
+	// ShedMaxConnections: a client connection beyond --max-connections was
+	// closed at once.
+	ShedMaxConnections = "max_connections"
+	// ShedMaxInFlight: a call beyond --max-in-flight was answered
+	// ResourceExhausted at once.
+	ShedMaxInFlight = "max_in_flight"
+)
+
 // LatencyBuckets are the call duration histogram's upper bounds, in
 // seconds: from 100 µs (a vsock round trip is about 124 µs p50, an ECDSA
 // P-256 signature about 36 µs) to 10 s (far beyond any healthy call; RSA-4096
@@ -62,6 +72,7 @@ type Metrics struct {
 	latency        *prometheus.HistogramVec
 	inFlight       prometheus.Gauge
 	upstreamErrors *prometheus.CounterVec
+	shed           *prometheus.CounterVec
 }
 
 // New makes a registry with the proxy's instruments and the Go and process
@@ -87,12 +98,19 @@ func New() *Metrics {
 			Namespace: Namespace, Subsystem: "proxy", Name: "upstream_errors_total",
 			Help: "Forwarded calls that failed because of the upstream hop or the enclave: no_ready_connection, unavailable, server_fault.",
 		}, []string{"reason"}),
+		shed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Subsystem: "proxy", Name: "shed_total",
+			Help: "Load the proxy shed at once: client connections closed beyond --max-connections (max_connections), calls answered ResourceExhausted beyond --max-in-flight (max_in_flight).",
+		}, []string{"reason"}),
 	}
 	// Pre-create the reasons so that rate() works from the first scrape.
 	for _, r := range []string{ReasonNoReadyConnection, ReasonUnavailable, ReasonServerFault} {
 		m.upstreamErrors.WithLabelValues(r)
 	}
-	m.reg.MustRegister(m.calls, m.latency, m.inFlight, m.upstreamErrors,
+	for _, r := range []string{ShedMaxConnections, ShedMaxInFlight} {
+		m.shed.WithLabelValues(r)
+	}
+	m.reg.MustRegister(m.calls, m.latency, m.inFlight, m.upstreamErrors, m.shed,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -111,6 +129,14 @@ func (m *Metrics) CallFinished(method string, code codes.Code, elapsed time.Dura
 	method = MethodLabel(method)
 	m.calls.WithLabelValues(method, code.String()).Inc()
 	m.latency.WithLabelValues(method).Observe(elapsed.Seconds())
+}
+
+// Shed counts load the proxy shed; reason is one of the Shed constants.
+func (m *Metrics) Shed(reason string) {
+	if reason != ShedMaxConnections {
+		reason = ShedMaxInFlight
+	}
+	m.shed.WithLabelValues(reason).Inc()
 }
 
 // UpstreamError counts a forwarded call that failed upstream; reason is one

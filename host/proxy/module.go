@@ -62,6 +62,9 @@ func provide(p Params) (*Proxy, error) {
 				var lc net.ListenConfig
 				var err error
 				if l, err = lc.Listen(ctx, "tcp", p.Config.Listen); err != nil {
+					// This hook did not start, so fx will not call its
+					// OnStop: stop here (stream workers, pool).
+					_ = px.Stop(ctx)
 					return fmt.Errorf("proxy: listen on %s: %w", p.Config.Listen, err)
 				}
 			}

@@ -108,6 +108,8 @@ type Proxy struct {
 // New builds a proxy forwarding to up; it does not listen or serve. The
 // proxy owns up from then on and closes it in Stop (if New fails, the
 // caller still owns it). With cfg.TLS set it loads the certificate now.
+// Its stream workers (idle goroutines) live from New until Stop, so a
+// proxy that is built must be stopped, served or not.
 func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
@@ -149,6 +151,7 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 		}
 	}
 	p.health = newHealthServer(up, log.Named("health"))
+	g := newGuard(cfg, log, p.obs)
 
 	srvOpts := []grpc.ServerOption{
 		grpc.ForceServerCodecV2(c),
@@ -156,11 +159,20 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 		// The request id first, so every later step can log it; then the
 		// observer and logging, outside recovery, so they record the code
 		// recovery produced.
-		grpc.ChainUnaryInterceptor(requestIDUnary, observeUnary(p.obs), logUnary(log), recoverUnary(log)),
-		grpc.ChainStreamInterceptor(requestIDStream, observeStream(p.obs), logStream(log), recoverStream(log)),
+		// The limits (guard) inside them: a shed call is observed and
+		// logged as the ResourceExhausted it was answered with.
+		grpc.ChainUnaryInterceptor(requestIDUnary, observeUnary(p.obs), logUnary(log), g.unaryInterceptor, recoverUnary(log)),
+		grpc.ChainStreamInterceptor(requestIDStream, observeStream(p.obs), logStream(log), g.streamInterceptor, recoverStream(log)),
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
 		grpc.MaxSendMsgSize(cfg.MaxSendMsgSize),
+		// Calls run on long-lived worker goroutines, not a new goroutine
+		// each: a forwarded call's stack outgrows a fresh goroutine's, and
+		// growing it by copying was ~8% of the proxy's CPU under load
+		// (docs/PERFORMANCE.md). Calls beyond the workers still get a
+		// goroutine of their own. Stop ends them.
+		grpc.NumStreamWorkers(streamWorkers),
 	}
+	srvOpts = append(srvOpts, limitOptions(cfg)...)
 	if p.tls != nil {
 		srvOpts = append(srvOpts, grpc.Creds(p.tls.Credentials()))
 	}
@@ -216,7 +228,7 @@ func (p *Proxy) Serve(l net.Listener) error {
 
 	p.log.Info("proxy serving", zap.Stringer("listen", l.Addr()), zap.Stringer("upstream", p.pool.Target()),
 		zap.Int("pool_size", p.pool.Size()))
-	err := p.srv.Serve(l)
+	err := p.srv.Serve(p.limitListener(l))
 	if err == nil || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
 		return nil
 	}
@@ -271,6 +283,10 @@ func (p *Proxy) Stop(ctx context.Context) error {
 	})
 	return p.stopErr
 }
+
+// streamWorkers is how many goroutines are kept to run calls: about the
+// calls in flight of a busy proxy.
+const streamWorkers = 64
 
 // bidi is the descriptor for every forwarded call: the proxy cannot know a
 // method's shape and does not need to; unary is a stream of one each way.

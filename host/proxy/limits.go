@@ -1,0 +1,192 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+
+	"github.com/nitrosign/nitrosign/host/metrics"
+	"github.com/nitrosign/nitrosign/internal/limits"
+	// The nitrosign services' descriptors tell unary methods from streams
+	// (unaryMethods); the health and reflection ones come with grpc.
+	_ "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
+)
+
+// ShedObserver is told about load the proxy sheds: a client connection
+// beyond MaxConnections (metrics.ShedMaxConnections) or a call beyond
+// MaxInFlight (metrics.ShedMaxInFlight). An Observer that also implements
+// it (*metrics.Metrics) is told.
+type ShedObserver interface {
+	Shed(reason string)
+}
+
+var _ ShedObserver = (*metrics.Metrics)(nil)
+
+// validateLimits reports every invalid limit field.
+func (c Config) validateLimits() []error {
+	var errs []error
+	positive := func(name string, v int64) {
+		if v < 1 {
+			errs = append(errs, fmt.Errorf("%s %d: must be >= 1", name, v))
+		}
+	}
+	positive("max connections", int64(c.MaxConnections))
+	positive("max in-flight calls", int64(c.MaxInFlight))
+	positive("max concurrent streams per connection", int64(c.MaxConcurrentStreams))
+	positive("max metadata size", int64(c.MaxMetadataSize))
+	if uint64(c.MaxHeaderListSize) < uint64(max(c.MaxMetadataSize, 1)) {
+		errs = append(errs, fmt.Errorf("max header list size %d: must be >= the max metadata size %d (the transport would refuse such calls first)",
+			c.MaxHeaderListSize, c.MaxMetadataSize))
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+		zero bool // 0 allowed (never / infinite)
+	}{
+		{"default call timeout", c.DefaultCallTimeout, false},
+		{"handshake timeout", c.HandshakeTimeout, false},
+		{"keepalive min time", c.KeepaliveMinTime, true},
+		{"keepalive time", c.KeepaliveTime, false},
+		{"keepalive timeout", c.KeepaliveTimeout, false},
+		{"max connection idle", c.MaxConnectionIdle, true},
+		{"max connection age", c.MaxConnectionAge, true},
+		{"max connection age grace", c.MaxConnectionAgeGrace, true},
+	} {
+		switch {
+		case d.v < 0:
+			errs = append(errs, fmt.Errorf("%s %v: must not be negative", d.name, d.v))
+		case d.v == 0 && !d.zero:
+			errs = append(errs, fmt.Errorf("%s 0s: must be > 0", d.name))
+		}
+	}
+	return errs
+}
+
+// limitOptions are the transport limits of the proxy's client side.
+func limitOptions(c Config) []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.ConnectionTimeout(c.HandshakeTimeout),
+		grpc.MaxConcurrentStreams(c.MaxConcurrentStreams),
+		grpc.MaxHeaderListSize(c.MaxHeaderListSize),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime:             c.KeepaliveMinTime,
+			PermitWithoutStream: true,
+		}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			Time:                  c.KeepaliveTime,
+			Timeout:               c.KeepaliveTimeout,
+			MaxConnectionIdle:     c.MaxConnectionIdle,
+			MaxConnectionAge:      c.MaxConnectionAge,
+			MaxConnectionAgeGrace: c.MaxConnectionAgeGrace,
+		}),
+	}
+}
+
+// guard applies the per-call limits: the in-flight bound, the metadata
+// checks and, for unary methods, the default deadline.
+type guard struct {
+	cfg      Config
+	inFlight *limits.InFlight
+	unary    map[string]bool // full method names of known unary methods
+}
+
+func newGuard(c Config, log *zap.Logger, obs Observer) *guard {
+	shed, _ := obs.(ShedObserver)
+	th := limits.NewThrottle(time.Second)
+	g := &guard{cfg: c, unary: unaryMethods()}
+	g.inFlight = limits.NewInFlight("proxy", c.MaxInFlight, func() {
+		if shed != nil {
+			shed.Shed(metrics.ShedMaxInFlight)
+		}
+		if ok, more := th.Allow(); ok {
+			log.Warn("shedding load: calls refused with ResourceExhausted (--max-in-flight)",
+				zap.Int64("limit", g.inFlight.Limit()), zap.Uint64("refused_since_last_line", more+1),
+				zap.Uint64("refused_total", g.inFlight.Shed()))
+		}
+	})
+	return g
+}
+
+// unaryInterceptor guards the proxy's own unary calls (health Check).
+func (g *guard) unaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if err := limits.CheckMetadata(ctx, g.cfg.MaxMetadataSize); err != nil {
+		return nil, err
+	}
+	if !limits.Exempt(info.FullMethod) {
+		if err := g.inFlight.Acquire(); err != nil {
+			return nil, err
+		}
+		defer g.inFlight.Release()
+	}
+	ctx, cancel := limits.WithDefaultDeadline(ctx, g.cfg.DefaultCallTimeout)
+	defer cancel()
+	return h(ctx, req)
+}
+
+// streamInterceptor guards streams, which is every forwarded call: the
+// proxy forwards every method as a stream, so it tells unary methods by
+// their descriptors.
+func (g *guard) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	ctx := ss.Context()
+	if err := limits.CheckMetadata(ctx, g.cfg.MaxMetadataSize); err != nil {
+		return err
+	}
+	if !limits.Exempt(info.FullMethod) {
+		if err := g.inFlight.Acquire(); err != nil {
+			return err
+		}
+		defer g.inFlight.Release()
+	}
+	if g.unary[info.FullMethod] {
+		if _, ok := ctx.Deadline(); !ok {
+			ctx, cancel := context.WithTimeout(ctx, g.cfg.DefaultCallTimeout)
+			defer cancel()
+			ss = &ctxStream{ServerStream: ss, ctx: ctx}
+		}
+	}
+	return h(srv, ss)
+}
+
+// unaryMethods lists, as "/package.Service/Method", every unary method of
+// every service linked into the binary (nitrosign's, health, reflection).
+func unaryMethods() map[string]bool {
+	out := map[string]bool{}
+	protoregistry.GlobalFiles.RangeFiles(func(fd protoreflect.FileDescriptor) bool {
+		svcs := fd.Services()
+		for i := range svcs.Len() {
+			sd := svcs.Get(i)
+			ms := sd.Methods()
+			for j := range ms.Len() {
+				md := ms.Get(j)
+				if !md.IsStreamingClient() && !md.IsStreamingServer() {
+					out["/"+string(sd.FullName())+"/"+string(md.Name())] = true
+				}
+			}
+		}
+		return true
+	})
+	return out
+}
+
+// limitListener bounds the client connections open at once on l.
+func (p *Proxy) limitListener(l net.Listener) net.Listener {
+	shed, _ := p.obs.(ShedObserver)
+	th := limits.NewThrottle(time.Second)
+	return limits.NewListener(l, p.cfg.MaxConnections, func(open int64) {
+		if shed != nil {
+			shed.Shed(metrics.ShedMaxConnections)
+		}
+		if ok, more := th.Allow(); ok {
+			p.log.Warn("client connection refused: too many open connections (--max-connections)",
+				zap.Int64("open", open), zap.Int("limit", p.cfg.MaxConnections),
+				zap.Uint64("refused_since_last_line", more+1))
+		}
+	})
+}
