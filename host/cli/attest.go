@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -149,15 +148,11 @@ func parseTime(s string) (time.Time, error) {
 }
 
 func readCertPEM(path string) (*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
+	der, err := readPEM(path, "CERTIFICATE")
 	if err != nil {
 		return nil, err
 	}
-	blk, _ := pem.Decode(b)
-	if blk == nil || blk.Type != "CERTIFICATE" {
-		return nil, fmt.Errorf("%s: no PEM CERTIFICATE block", path)
-	}
-	return x509.ParseCertificate(blk.Bytes)
+	return x509.ParseCertificate(der)
 }
 
 func (a *attestFlags) nonce() ([]byte, error) {
@@ -226,6 +221,16 @@ func (a *attestFlags) fetchAndVerify(ctx context.Context, cl *client.Client) (*a
 		}
 	}
 	return &attested{doc: doc, keys: resp.GetKeys(), simulated: resp.GetSimulated()}, nil
+}
+
+// attestedKey fetches and verifies a document under the flags' policy and
+// returns the attested key that sel selects.
+func (a *attestFlags) attestedKey(ctx context.Context, cl *client.Client, sel *pb.KeySelector) (*pb.KeyInfo, error) {
+	at, err := a.fetchAndVerify(ctx, cl)
+	if err != nil {
+		return nil, err
+	}
+	return at.key(sel)
 }
 
 // key returns the attested key matching sel, or an error when the server's

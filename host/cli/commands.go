@@ -344,11 +344,7 @@ Examples:
 	defer cl.Close()
 	var attestedKey *pb.KeyInfo
 	if *attestedOnly {
-		at, err := a.fetchAndVerify(ctx, cl)
-		if err != nil {
-			return err
-		}
-		if attestedKey, err = at.key(sel); err != nil {
+		if attestedKey, err = a.attestedKey(ctx, cl, sel); err != nil {
 			return err
 		}
 	}
@@ -463,11 +459,7 @@ Examples:
 		defer cl.Close()
 		var key *pb.KeyInfo
 		if *attestedOnly {
-			at, err := a.fetchAndVerify(ctx, cl)
-			if err != nil {
-				return err
-			}
-			if key, err = at.key(sel); err != nil {
+			if key, err = a.attestedKey(ctx, cl, sel); err != nil {
 				return err
 			}
 		} else {
@@ -511,15 +503,11 @@ func keySuffix(id string) string {
 }
 
 func readPublicPEM(path string) (crypto.PublicKey, error) {
-	b, err := os.ReadFile(path)
+	der, err := readPEM(path, "PUBLIC KEY")
 	if err != nil {
 		return nil, err
 	}
-	blk, _ := pem.Decode(b)
-	if blk == nil || blk.Type != "PUBLIC KEY" {
-		return nil, fmt.Errorf("%s: no PEM \"PUBLIC KEY\" block", path)
-	}
-	pub, err := x509.ParsePKIXPublicKey(blk.Bytes)
+	pub, err := x509.ParsePKIXPublicKey(der)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -540,4 +528,18 @@ func checkAttested(key *pb.KeyInfo, resp *pb.SignResponse, msg []byte, mt pb.Mes
 		return fmt.Errorf("the signature does not verify against the attested key: %w", err)
 	}
 	return nil
+}
+
+// readPEM returns the DER of the first PEM block in path, which must be of
+// type typ.
+func readPEM(path, typ string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != typ {
+		return nil, fmt.Errorf("%s: no PEM %q block", path, typ)
+	}
+	return blk.Bytes, nil
 }
