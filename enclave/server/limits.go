@@ -7,7 +7,6 @@ import (
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/keepalive"
 
 	"github.com/nitrosign/nitrosign/internal/limits"
 )
@@ -69,24 +68,19 @@ func (c Config) limitsWithDefaults() Config {
 	return c
 }
 
-// limitOptions are the transport limits of a server with cfg (defaults
-// applied).
+// limitOptions are the transport limits of the server (defaults applied).
 func limitOptions(cfg Config) []grpc.ServerOption {
-	return []grpc.ServerOption{
-		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
-		grpc.MaxHeaderListSize(cfg.MaxHeaderListSize),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
-			MinTime:             cfg.KeepaliveMinTime,
-			PermitWithoutStream: true,
-		}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{
-			Time:                  cfg.KeepaliveTime,
-			Timeout:               cfg.KeepaliveTimeout,
-			MaxConnectionIdle:     cfg.MaxConnectionIdle,
-			MaxConnectionAge:      cfg.MaxConnectionAge,
-			MaxConnectionAgeGrace: cfg.MaxConnectionAgeGrace,
-		}),
-	}
+	return limits.Transport{
+		HandshakeTimeout:      cfg.HandshakeTimeout,
+		MaxConcurrentStreams:  cfg.MaxConcurrentStreams,
+		MaxHeaderListSize:     cfg.MaxHeaderListSize,
+		KeepaliveMinTime:      cfg.KeepaliveMinTime,
+		KeepaliveTime:         cfg.KeepaliveTime,
+		KeepaliveTimeout:      cfg.KeepaliveTimeout,
+		MaxConnectionIdle:     cfg.MaxConnectionIdle,
+		MaxConnectionAge:      cfg.MaxConnectionAge,
+		MaxConnectionAgeGrace: cfg.MaxConnectionAgeGrace,
+	}.ServerOptions()
 }
 
 // limitInterceptors bound calls in flight, request metadata, and give

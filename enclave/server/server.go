@@ -218,7 +218,6 @@ func New(p Params) (*Server, error) {
 	stream = append(stream, streamRecovery(log), streamMalformed)
 	s.grpc = grpc.NewServer(append(limitOptions(cfg),
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
-		grpc.ConnectionTimeout(cfg.HandshakeTimeout),
 		grpc.ForceServerCodecV2(newRequestCodec()),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),

@@ -8,7 +8,6 @@ import (
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
@@ -69,24 +68,19 @@ func (c Config) validateLimits() []error {
 	return errs
 }
 
-// limitOptions are the transport limits of the proxy's client side.
+// limitOptions are the transport limits of the server (defaults applied).
 func limitOptions(c Config) []grpc.ServerOption {
-	return []grpc.ServerOption{
-		grpc.ConnectionTimeout(c.HandshakeTimeout),
-		grpc.MaxConcurrentStreams(c.MaxConcurrentStreams),
-		grpc.MaxHeaderListSize(c.MaxHeaderListSize),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
-			MinTime:             c.KeepaliveMinTime,
-			PermitWithoutStream: true,
-		}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{
-			Time:                  c.KeepaliveTime,
-			Timeout:               c.KeepaliveTimeout,
-			MaxConnectionIdle:     c.MaxConnectionIdle,
-			MaxConnectionAge:      c.MaxConnectionAge,
-			MaxConnectionAgeGrace: c.MaxConnectionAgeGrace,
-		}),
-	}
+	return limits.Transport{
+		HandshakeTimeout:      c.HandshakeTimeout,
+		MaxConcurrentStreams:  c.MaxConcurrentStreams,
+		MaxHeaderListSize:     c.MaxHeaderListSize,
+		KeepaliveMinTime:      c.KeepaliveMinTime,
+		KeepaliveTime:         c.KeepaliveTime,
+		KeepaliveTimeout:      c.KeepaliveTimeout,
+		MaxConnectionIdle:     c.MaxConnectionIdle,
+		MaxConnectionAge:      c.MaxConnectionAge,
+		MaxConnectionAgeGrace: c.MaxConnectionAgeGrace,
+	}.ServerOptions()
 }
 
 // guard applies the per-call limits: the in-flight bound, the metadata
