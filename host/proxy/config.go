@@ -18,8 +18,9 @@ import (
 
 // Defaults. The enclave's CID is chosen by `nitro-cli run-enclave
 // --enclave-cid`; it is always >= 4 (0-3 are reserved: hypervisor, local
-// loopback, host, parent), so 16 is only a placeholder: pass the CID you
-// gave nitro-cli. 5005 is the enclave signer's default vsock port.
+// loopback, host, parent). 16 is the CID deploy/enclave.env and
+// scripts/run-enclave.sh give the enclave; pass another if you chose one.
+// 5005 is the enclave signer's default vsock port.
 const (
 	DefaultListen   = "127.0.0.1:8443"
 	DefaultUpstream = "vsock://16:5005"
