@@ -17,7 +17,8 @@
 #
 # Environment:
 #   BENCH_OUT       output directory (default: a new /tmp/nitrosign-bench.*)
-#   BENCH_PORT      first of three consecutive loopback ports (default 17001)
+#   BENCH_PORT      first of three consecutive loopback ports (default 17001);
+#                   the full run also uses BENCH_PORT+9 for a raw TCP echo
 #   BENCH_DURATION  measured length of each run (default 3s quick, 5s full)
 #   BENCH_ROUNDS    interleaved rounds per target (default 2 quick, 3 full)
 #   BENCH_PPROF     set to 1 to serve pprof on ports BENCH_PORT+10 (enclave)
@@ -204,6 +205,11 @@ for kt in ecc rsa; do
 done
 
 # 3. The proxy: latency added at 1 in flight; throughput kept at saturation.
+# The floor of one extra process on the path: a raw TCP echo, no gRPC.
+floor_addr=127.0.0.1:$((port + 9))
+start tcp-echo "$bin/nitrosign-benchserver" tcp-echo --listen "$floor_addr"
+sleep 0.5
+run 3-hop-floor "$bin/nitrosign-benchserver" tcp-pingpong --target "$floor_addr"
 run 3-proxy-1 nitrosign compare --target "direct=$direct" --target "proxy=$proxy" --concurrency 1 \
 	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-1.json" --chart "$out/3-proxy-1.svg"
 run 3-proxy-64 nitrosign compare --target "direct=$direct" --target "proxy=$proxy" --concurrency 64 --connections 2 \

@@ -44,6 +44,8 @@ Usage:
   nitrosign-benchserver enclave [flags]        the real enclave graph on TCP loopback
   nitrosign-benchserver proxy [flags]          the real host proxy (same as nitrosign-proxy)
   nitrosign-benchserver sign-baseline [flags]  in-process signing rate, compared with targets
+  nitrosign-benchserver tcp-echo [flags]       raw TCP echo: the floor of one process hop
+  nitrosign-benchserver tcp-pingpong [flags]   round trips to tcp-echo, one at a time
 
 "nitrosign-benchserver <command> -h" shows its flags and examples.
 `
@@ -74,6 +76,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runProxy(args[1:], stderr)
 	case "sign-baseline":
 		err = runBaseline(ctx, args[1:], stdout, stderr)
+	case "tcp-echo":
+		err = runTCPEcho(ctx, args[1:], stderr)
+	case "tcp-pingpong":
+		err = runTCPPingPong(args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "nitrosign-benchserver: unknown command %q\n\n%s", args[0], usage)
 		return 2

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,5 +89,36 @@ func TestSignBaselineInProcess(t *testing.T) {
 	}
 	if b, err := os.ReadFile(svg); err != nil || !bytes.HasPrefix(b, []byte("<svg")) {
 		t.Fatalf("chart: %v", err)
+	}
+}
+
+func TestTCPPingPong(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int)
+	go func() { done <- run(ctx, []string{"tcp-echo", "--listen", addr}, io.Discard, io.Discard) }()
+	var out bytes.Buffer
+	var code int
+	for range 50 { // until the echo listens
+		out.Reset()
+		if code = run(context.Background(), []string{"tcp-pingpong", "--target", addr, "--count", "200"}, &out, io.Discard); code == 0 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	if echoCode := <-done; echoCode != 0 {
+		t.Fatalf("tcp-echo exited %d", echoCode)
+	}
+	if code != 0 || !strings.Contains(out.String(), "200 round trips") || !strings.Contains(out.String(), "p50") {
+		t.Fatalf("tcp-pingpong exit %d: %q", code, out.String())
+	}
+	if code := run(context.Background(), []string{"tcp-echo", "--listen", "0.0.0.0:1"}, io.Discard, io.Discard); code != 2 {
+		t.Fatalf("tcp-echo beyond loopback: exit %d, want 2", code)
 	}
 }
