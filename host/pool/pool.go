@@ -297,6 +297,12 @@ func (p *Pool) Ready() int {
 	return n
 }
 
+// ConnReady reports whether connection i (0..Size-1) is READY, which with
+// health checking means the enclave behind it says SERVING.
+func (p *Pool) ConnReady(i int) bool {
+	return i >= 0 && i < len(p.conns) && connectivity.State(p.conns[i].state.Load()) == connectivity.Ready
+}
+
 // Size returns the number of connections.
 func (p *Pool) Size() int { return len(p.conns) }
 

@@ -29,7 +29,6 @@ type harnessOpts struct {
 	poolSize int
 	upOpts   []grpc.ServerOption // upstream server
 	dialOpts []grpc.DialOption   // pool connections
-	srvOpts  []grpc.ServerOption // proxy server
 	mutate   func(*proxy.Config)
 	log      *zap.Logger
 	// proxyOpts are more options for proxy.New (an observer).
@@ -71,7 +70,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	if err != nil {
 		t.Fatalf("pool.New: %v", err)
 	}
-	h.proxy, err = proxy.New(cfg, h.pool, o.log, append([]proxy.Option{proxy.WithServerOptions(o.srvOpts...)}, o.proxyOpts...)...)
+	h.proxy, err = proxy.New(cfg, h.pool, o.log, o.proxyOpts...)
 	if err != nil {
 		_ = h.pool.Close()
 		t.Fatalf("proxy.New: %v", err)
@@ -104,6 +103,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 	if err := h.pool.WaitReady(ctx); err != nil {
 		t.Fatalf("pool never ready: %v", err)
 	}
+	eventually(t, 10*time.Second, "an upstream slot ready", func() bool { return h.proxy.Ready() > 0 })
 	return h
 }
 
@@ -125,7 +125,7 @@ func dialProxy(t *testing.T, addr string, opts ...grpc.DialOption) *grpc.ClientC
 // waitAllReady waits until every pool connection is READY.
 func (h *harness) waitAllReady(t *testing.T) {
 	t.Helper()
-	eventually(t, 10*time.Second, "all pool connections READY", func() bool { return h.pool.Ready() == h.pool.Size() })
+	eventually(t, 10*time.Second, "all upstream slots ready", func() bool { return h.proxy.Ready() == h.pool.Size() })
 }
 
 // callCtx is the context of one test RPC: every call has a deadline.
@@ -164,47 +164,3 @@ func (rawCodec) Unmarshal(d mem.BufferSlice, v any) error {
 }
 
 var _ encoding.CodecV2 = rawCodec{}
-
-// trackingPool is a mem.BufferPool that detects buffers returned twice or
-// never handed out, and counts buffers still out. A refcount bug in the
-// proxy's codec shows up here (or as grpc's own "freed buffer" panics).
-type trackingPool struct {
-	inner mem.BufferPool
-
-	mu      sync.Mutex
-	live    map[*[]byte]bool
-	gets    int
-	badPuts int
-}
-
-func newTrackingPool() *trackingPool {
-	return &trackingPool{inner: mem.NewTieredBufferPool(256, 4<<10, 16<<10, 32<<10, 1<<20), live: map[*[]byte]bool{}}
-}
-
-func (p *trackingPool) Get(n int) *[]byte {
-	b := p.inner.Get(n)
-	p.mu.Lock()
-	p.live[b] = true
-	p.gets++
-	p.mu.Unlock()
-	return b
-}
-
-func (p *trackingPool) Put(b *[]byte) {
-	p.mu.Lock()
-	ok := p.live[b]
-	delete(p.live, b)
-	if !ok {
-		p.badPuts++
-	}
-	p.mu.Unlock()
-	if ok {
-		p.inner.Put(b)
-	}
-}
-
-func (p *trackingPool) counts() (gets, live, badPuts int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.gets, len(p.live), p.badPuts
-}

@@ -46,11 +46,10 @@ func newHealthServer(up *pool.Pool, log *zap.Logger) *healthServer {
 		drainCtx:    ctx,
 		drainCancel: cancel,
 	}
-	up.OnStateChange(h.setReady)
 	return h
 }
 
-// setReady follows the pool's count of READY connections.
+// setReady follows the proxy's count of ready upstream slots.
 func (h *healthServer) setReady(n int) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

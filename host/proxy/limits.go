@@ -1,13 +1,11 @@
 package proxy
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"time"
 
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
@@ -68,84 +66,24 @@ func (c Config) validateLimits() []error {
 	return errs
 }
 
-// limitOptions are the transport limits of the server (defaults applied).
-func limitOptions(c Config) []grpc.ServerOption {
-	return limits.Transport{
-		HandshakeTimeout:      c.HandshakeTimeout,
-		MaxConcurrentStreams:  c.MaxConcurrentStreams,
-		MaxHeaderListSize:     c.MaxHeaderListSize,
-		KeepaliveMinTime:      c.KeepaliveMinTime,
-		KeepaliveTime:         c.KeepaliveTime,
-		KeepaliveTimeout:      c.KeepaliveTimeout,
-		MaxConnectionIdle:     c.MaxConnectionIdle,
-		MaxConnectionAge:      c.MaxConnectionAge,
-		MaxConnectionAgeGrace: c.MaxConnectionAgeGrace,
-	}.ServerOptions()
-}
-
-// guard applies the per-call limits: the in-flight bound, the metadata
-// checks and, for unary methods, the default deadline.
-type guard struct {
-	cfg      Config
-	inFlight *limits.InFlight
-	unary    map[string]bool // full method names of known unary methods
-}
-
-func newGuard(c Config, log *zap.Logger, obs Observer) *guard {
+// newInFlight is the bound on calls served at once (health calls exempt):
+// one beyond it is answered ResourceExhausted at once, logged at most once
+// a second and counted in nitrosign_proxy_shed_total.
+func newInFlight(c Config, log *zap.Logger, obs Observer) *limits.InFlight {
 	shed, _ := obs.(ShedObserver)
 	th := limits.NewThrottle(time.Second)
-	g := &guard{cfg: c, unary: unaryMethods()}
-	g.inFlight = limits.NewInFlight("proxy", c.MaxInFlight, func() {
+	var l *limits.InFlight
+	l = limits.NewInFlight("proxy", c.MaxInFlight, func() {
 		if shed != nil {
 			shed.Shed(metrics.ShedMaxInFlight)
 		}
 		if ok, more := th.Allow(); ok {
 			log.Warn("shedding load: calls refused with ResourceExhausted (--max-in-flight)",
-				zap.Int64("limit", g.inFlight.Limit()), zap.Uint64("refused_since_last_line", more+1),
-				zap.Uint64("refused_total", g.inFlight.Shed()))
+				zap.Int64("limit", l.Limit()), zap.Uint64("refused_since_last_line", more+1),
+				zap.Uint64("refused_total", l.Shed()))
 		}
 	})
-	return g
-}
-
-// unaryInterceptor guards the proxy's own unary calls (health Check).
-func (g *guard) unaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	if err := limits.CheckMetadata(ctx, g.cfg.MaxMetadataSize); err != nil {
-		return nil, err
-	}
-	if !limits.Exempt(info.FullMethod) {
-		if err := g.inFlight.Acquire(); err != nil {
-			return nil, err
-		}
-		defer g.inFlight.Release()
-	}
-	ctx, cancel := limits.WithDefaultDeadline(ctx, g.cfg.DefaultCallTimeout)
-	defer cancel()
-	return h(ctx, req)
-}
-
-// streamInterceptor guards streams, which is every forwarded call: the
-// proxy forwards every method as a stream, so it tells unary methods by
-// their descriptors.
-func (g *guard) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	ctx := ss.Context()
-	if err := limits.CheckMetadata(ctx, g.cfg.MaxMetadataSize); err != nil {
-		return err
-	}
-	if !limits.Exempt(info.FullMethod) {
-		if err := g.inFlight.Acquire(); err != nil {
-			return err
-		}
-		defer g.inFlight.Release()
-	}
-	if g.unary[info.FullMethod] {
-		if _, ok := ctx.Deadline(); !ok {
-			ctx, cancel := context.WithTimeout(ctx, g.cfg.DefaultCallTimeout)
-			defer cancel()
-			ss = &ctxStream{ServerStream: ss, ctx: ctx}
-		}
-	}
-	return h(srv, ss)
+	return l
 }
 
 // unaryMethods lists, as "/package.Service/Method", every unary method of

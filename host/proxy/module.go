@@ -118,8 +118,8 @@ func reloadOnSIGHUP(px *Proxy) fx.Hook {
 // provideNotifier follows the pool for systemd once the proxy serves: it
 // depends on *Proxy, so its start hook runs after the proxy listens, and
 // its stop hook (STOPPING=1) before the proxy drains.
-func provideNotifier(px *Proxy, pl *pool.Pool, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Notifier {
-	n := sdnotify.New(pl, px.Alive, log)
+func provideNotifier(px *Proxy, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Notifier {
+	n := sdnotify.New(px, px.Alive, log)
 	lc.Append(fx.Hook{
 		OnStart: func(context.Context) error { return n.Start() },
 		OnStop:  func(context.Context) error { return n.Stop() },

@@ -1,22 +1,26 @@
 // Package proxy serves gRPC on TCP and forwards every call, transparently,
 // to the enclave signer over a pool of long-lived vsock connections.
 //
-// Any method is forwarded (grpc.UnknownServiceHandler), unary or streaming,
-// with its metadata, deadline and cancellation; the enclave's headers,
-// trailers and status (code, message, details) come back unchanged. Message
-// bytes are not decoded and re-encoded: a pass-through codec hands the
-// received buffers to the other side. The proxy's only own service is
-// grpc.health.v1.Health for service "" (see healthServer); reflection is
-// not registered, so reflection calls reach the enclave and grpcurl through
-// the proxy lists the enclave's services.
+// The proxy does not terminate gRPC: it relays HTTP/2 streams (relay.go).
+// Each client stream becomes a stream on one of the pooled upstream
+// connections (lanes, lane.go): headers are re-encoded, message bytes are
+// copied as they are, and flow control is kept on both sides. Any method
+// is forwarded, unary or streaming, with its metadata, deadline and
+// cancellation; the enclave's headers, trailers and status (code, message,
+// details) come back unchanged. The proxy's only own service is
+// grpc.health.v1.Health for service "" (see healthServer), served by an
+// in-process gRPC server that the relay reaches like an upstream; other
+// health services and reflection reach the enclave, so grpcurl through the
+// proxy lists the enclave's services.
 package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,17 +28,12 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/encoding"
-	// A client may compress its requests with gzip (the one compressor
-	// every gRPC implementation ships); the proxy must be able to take them.
-	// It forwards them uncompressed: the vsock hop is local.
-	_ "google.golang.org/grpc/encoding/gzip"
 	healthgrpc "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/limits"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
 
@@ -63,14 +62,7 @@ func (nopObserver) UpstreamError(string)                           {}
 type Option func(*options)
 
 type options struct {
-	server   []grpc.ServerOption
 	observer Observer
-}
-
-// WithServerOptions appends grpc server options to the proxy's own (tests
-// inject a buffer pool with them).
-func WithServerOptions(o ...grpc.ServerOption) Option {
-	return func(opts *options) { opts.server = append(opts.server, o...) }
 }
 
 // WithObserver reports every call to o (metrics). Default: nothing.
@@ -82,24 +74,39 @@ func WithObserver(o Observer) Option {
 	}
 }
 
-// Proxy is a gRPC server that forwards to a pool. Create it with New, run
-// it with Serve, end it with Stop.
+// Proxy relays gRPC calls to a pool. Create it with New, run it with
+// Serve, end it with Stop.
 type Proxy struct {
 	cfg      Config
 	log      *zap.Logger
+	debug    bool // calls are logged
 	pool     *pool.Pool
-	srv      *grpc.Server
 	health   *healthServer
-	codec    encoding.CodecV2
-	callOpts []grpc.CallOption
 	obs      Observer
 	tls      *tlsconfig.Server // nil: plaintext
+	tlsConf  *tls.Config
+	inFlight *limits.InFlight
+	unary    map[string]bool // known unary methods (default deadline)
 
-	mu      sync.Mutex
-	stopped bool
-	addr    net.Addr
-	serving sync.WaitGroup
-	active  atomic.Int32 // Serve calls running
+	enclave  *laneSet     // data connections to the enclave
+	local    *laneSet     // in-memory connection to the proxy's health server
+	localSrv *grpc.Server // serves healthServer
+	localL   *pipeListener
+
+	stopping chan struct{} // closed when Stop begins
+
+	readyMu   sync.Mutex
+	lastReady int
+	readySubs []func(int)
+
+	mu        sync.Mutex
+	stopped   bool
+	addr      net.Addr
+	listeners map[net.Listener]struct{}
+	conns     map[*srvConn]struct{}
+	connWG    sync.WaitGroup
+	serving   sync.WaitGroup
+	active    atomic.Int32 // Serve calls running
 
 	stopOnce sync.Once
 	stopErr  error
@@ -107,9 +114,11 @@ type Proxy struct {
 
 // New builds a proxy forwarding to up; it does not listen or serve. The
 // proxy owns up from then on and closes it in Stop (if New fails, the
-// caller still owns it). With cfg.TLS set it loads the certificate now.
-// Its stream workers (idle goroutines) live from New until Stop, so a
-// proxy that is built must be stopped, served or not.
+// caller still owns it). up's connections health-check the enclave; the
+// relay's data connections (one per pool slot, dialled to the same target)
+// take calls only while their slot's connection is READY. With cfg.TLS set
+// it loads the certificate now. A proxy that is built must be stopped,
+// served or not.
 func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
@@ -125,59 +134,37 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 	for _, opt := range opts {
 		opt(&o)
 	}
-	c, err := NewCodec()
-	if err != nil {
-		return nil, err
-	}
 	p := &Proxy{
-		cfg:   cfg,
-		log:   log,
-		pool:  up,
-		codec: c,
-		obs:   o.observer,
-		callOpts: []grpc.CallOption{
-			grpc.ForceCodecV2(c),
-			// A response the proxy could not send on is refused upstream,
-			// and a request it could not have received is never sent.
-			grpc.MaxCallRecvMsgSize(cfg.MaxSendMsgSize),
-			grpc.MaxCallSendMsgSize(cfg.MaxRecvMsgSize),
-		},
+		cfg:       cfg,
+		log:       log,
+		debug:     debugEnabled(log),
+		pool:      up,
+		obs:       o.observer,
+		unary:     unaryMethods(),
+		stopping:  make(chan struct{}),
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[*srvConn]struct{}{},
 	}
 	if cfg.TLS.Enabled() {
 		// Before anything subscribes to the pool: a bad file fails New
 		// with nothing to undo.
+		var err error
 		if p.tls, err = tlsconfig.NewServer(cfg.TLS, log); err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
 		}
+		p.tlsConf = h2TLSConfig(p.tls.TLSConfig())
 	}
+	p.inFlight = newInFlight(cfg, log, p.obs)
 	p.health = newHealthServer(up, log.Named("health"))
-	g := newGuard(cfg, log, p.obs)
 
-	srvOpts := []grpc.ServerOption{
-		grpc.ForceServerCodecV2(c),
-		grpc.UnknownServiceHandler(p.forward),
-		// The request id first, so every later step can log it; then the
-		// observer and logging, outside recovery, so they record the code
-		// recovery produced.
-		// The limits (guard) inside them: a shed call is observed and
-		// logged as the ResourceExhausted it was answered with.
-		grpc.ChainUnaryInterceptor(requestIDUnary, observeUnary(p.obs), logUnary(log), g.unaryInterceptor, recoverUnary(log)),
-		grpc.ChainStreamInterceptor(requestIDStream, observeStream(p.obs), logStream(log), g.streamInterceptor, recoverStream(log)),
-		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
-		grpc.MaxSendMsgSize(cfg.MaxSendMsgSize),
-		// Calls run on long-lived worker goroutines, not a new goroutine
-		// each: a forwarded call's stack outgrows a fresh goroutine's, and
-		// growing it by copying was ~8% of the proxy's CPU under load
-		// (docs/PERFORMANCE.md). Calls beyond the workers still get a
-		// goroutine of their own. Stop ends them.
-		grpc.NumStreamWorkers(streamWorkers),
-	}
-	srvOpts = append(srvOpts, limitOptions(cfg)...)
-	if p.tls != nil {
-		srvOpts = append(srvOpts, grpc.Creds(p.tls.Credentials()))
-	}
-	p.srv = grpc.NewServer(append(srvOpts, o.server...)...)
-	healthgrpc.RegisterHealthServer(p.srv, p.health)
+	p.localL = newPipeListener()
+	p.localSrv = grpc.NewServer()
+	healthgrpc.RegisterHealthServer(p.localSrv, p.health)
+	go func() { _ = p.localSrv.Serve(p.localL) }()
+	p.local = newLaneSet("proxy health service", 1, p.localL.dial, nil, nil, cfg.Pool, log)
+	p.enclave = newLaneSet(up.Target().String(), up.Size(), up.Target().Dial, up.ConnReady, p.readyChanged, cfg.Pool, log)
+	up.OnStateChange(func(int) { p.readyChanged() })
+	p.OnStateChange(p.health.setReady)
 
 	switch {
 	case isLoopback(cfg.Listen):
@@ -192,6 +179,24 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 			zap.String("listen", cfg.Listen))
 	}
 	return p, nil
+}
+
+// h2TLSConfig makes every handshake of base offer HTTP/2 (ALPN "h2"),
+// which gRPC clients require.
+func h2TLSConfig(base *tls.Config) *tls.Config {
+	c := base.Clone()
+	c.NextProtos = []string{"h2"}
+	if get := base.GetConfigForClient; get != nil {
+		c.GetConfigForClient = func(hi *tls.ClientHelloInfo) (*tls.Config, error) {
+			cc, err := get(hi)
+			if err != nil || cc == nil {
+				return cc, err
+			}
+			cc.NextProtos = []string{"h2"}
+			return cc, nil
+		}
+	}
+	return c
 }
 
 // ReloadTLS re-reads the TLS certificate, key and client CA bundle (on
@@ -221,18 +226,127 @@ func (p *Proxy) Serve(l net.Listener) error {
 	if p.addr == nil {
 		p.addr = l.Addr()
 	}
+	p.listeners[l] = struct{}{}
 	p.active.Add(1)
 	p.mu.Unlock()
 	defer p.serving.Done()
 	defer p.active.Add(-1)
+	defer func() {
+		p.mu.Lock()
+		delete(p.listeners, l)
+		p.mu.Unlock()
+		_ = l.Close()
+	}()
 
 	p.log.Info("proxy serving", zap.Stringer("listen", l.Addr()), zap.Stringer("upstream", p.pool.Target()),
 		zap.Int("pool_size", p.pool.Size()))
-	err := p.srv.Serve(p.limitListener(l))
-	if err == nil || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
-		return nil
+	ll := p.limitListener(l)
+	var delay time.Duration
+	for {
+		nc, err := ll.Accept()
+		if err != nil {
+			p.mu.Lock()
+			stopped := p.stopped
+			p.mu.Unlock()
+			if stopped {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("proxy: serve on %s: %w", l.Addr(), err)
+			}
+			// A transient accept error (out of file descriptors): back
+			// off and go on, as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			p.log.Warn("accept failed; retrying", zap.Error(err), zap.Duration("in", delay))
+			select {
+			case <-time.After(delay):
+			case <-p.stopping:
+				return nil
+			}
+			continue
+		}
+		delay = 0
+		p.connWG.Add(1)
+		go func() {
+			defer p.connWG.Done()
+			p.serveConn(nc)
+		}()
 	}
-	return fmt.Errorf("proxy: serve on %s: %w", l.Addr(), err)
+}
+
+// track adds (or removes) a client connection; it refuses once stopping.
+func (p *Proxy) track(sc *srvConn, add bool) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !add {
+		delete(p.conns, sc)
+		return true
+	}
+	if p.stopped {
+		return false
+	}
+	p.conns[sc] = struct{}{}
+	return true
+}
+
+// route picks the lane for a method.
+func (p *Proxy) route(method string) (*lane, error) {
+	if strings.HasPrefix(method, limits.HealthPrefix) {
+		return p.local.pick()
+	}
+	return p.enclave.pick()
+}
+
+// Ready is the number of upstream slots that can take calls: the pool's
+// connection is READY (the enclave says SERVING) and the relay's data
+// connection beside it is up.
+func (p *Proxy) Ready() int {
+	if p.enclave == nil {
+		return 0
+	}
+	n := 0
+	for i := range p.enclave.slots {
+		if l := p.enclave.slots[i].Load(); l != nil && l.ready() && p.pool.ConnReady(i) {
+			n++
+		}
+	}
+	return n
+}
+
+// Size is the number of upstream slots (the pool's size).
+func (p *Proxy) Size() int { return p.pool.Size() }
+
+// OnStateChange calls fn with Ready now and at every change of it (health
+// "" and systemd readiness follow it).
+func (p *Proxy) OnStateChange(fn func(ready int)) {
+	p.readyMu.Lock()
+	defer p.readyMu.Unlock()
+	p.readySubs = append(p.readySubs, fn)
+	fn(p.lastReady)
+}
+
+// readyChanged recomputes Ready and tells the subscribers when it changed.
+func (p *Proxy) readyChanged() {
+	p.readyMu.Lock()
+	defer p.readyMu.Unlock()
+	n := p.Ready()
+	if n == p.lastReady {
+		return
+	}
+	p.lastReady = n
+	for _, fn := range p.readySubs {
+		fn(n)
+	}
+}
+
+// UpstreamCalls returns how many calls each upstream connection slot
+// (0..pool size-1) has carried since New.
+func (p *Proxy) UpstreamCalls() []uint64 {
+	out := make([]uint64, len(p.enclave.calls))
+	for i := range p.enclave.calls {
+		out[i] = p.enclave.calls[i].Load()
+	}
+	return out
 }
 
 // Alive reports an error when the proxy is not serving any listener (the
@@ -252,158 +366,49 @@ func (p *Proxy) Addr() net.Addr {
 	return p.addr
 }
 
-// Stop drains and stops: health "" turns NOT_SERVING and health watches end,
-// GracefulStop lets calls in flight finish for up to GracefulStopTimeout
-// (or until ctx ends), then Stop cuts what is left, then the pool closes.
-// It is idempotent and returns the pool's Close error.
+// Stop drains and stops: health "" turns NOT_SERVING and health watches
+// end, listeners close, every client connection gets GOAWAY and its calls
+// in flight may finish for up to GracefulStopTimeout (or until ctx ends);
+// then what is left is cut, and the upstream connections and the pool
+// close. It is idempotent and returns the pool's Close error.
 func (p *Proxy) Stop(ctx context.Context) error {
 	p.stopOnce.Do(func() {
 		p.mu.Lock()
 		p.stopped = true
+		for l := range p.listeners {
+			_ = l.Close()
+		}
 		p.mu.Unlock()
 
 		p.health.drain()
+		close(p.stopping) // every connection's keeper sends GOAWAY
 		ctx, cancel := context.WithTimeout(ctx, p.cfg.GracefulStopTimeout)
 		defer cancel()
 		done := make(chan struct{})
 		go func() {
-			p.srv.GracefulStop()
+			p.connWG.Wait()
 			close(done)
 		}()
 		select {
 		case <-done:
 		case <-ctx.Done():
 			p.log.Warn("graceful stop timed out: cutting calls still in flight", zap.Error(ctx.Err()))
-			p.srv.Stop()
+			p.mu.Lock()
+			for sc := range p.conns {
+				sc.ep.fail(errors.New("proxy stopped"))
+			}
+			p.mu.Unlock()
 			<-done
 		}
 		p.serving.Wait()
+		p.enclave.close()
+		p.local.close()
+		p.localSrv.Stop()
+		_ = p.localL.Close()
 		p.stopErr = p.pool.Close()
 		p.log.Info("proxy stopped")
 	})
 	return p.stopErr
-}
-
-// streamWorkers is how many goroutines are kept to run calls: about the
-// calls in flight of a busy proxy.
-const streamWorkers = 64
-
-// bidi is the descriptor for every forwarded call: the proxy cannot know a
-// method's shape and does not need to; unary is a stream of one each way.
-var bidi = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
-
-// clientError marks a failure on the client side of a forwarded call; it
-// is the cancel cause of the upstream call, and the status the client gets.
-type clientError struct{ err error }
-
-func (e *clientError) Error() string { return e.err.Error() }
-func (e *clientError) Unwrap() error { return e.err }
-
-// forward is the unknown-service handler: it relays one call of any method
-// to the enclave through the pool.
-func (p *Proxy) forward(_ any, ss grpc.ServerStream) error {
-	method, ok := grpc.MethodFromServerStream(ss)
-	if !ok {
-		return status.Error(codes.Internal, "proxy: stream without a method")
-	}
-	// The upstream call lives in the client's context: its deadline goes
-	// upstream as grpc-timeout and its cancellation cancels the upstream
-	// call. The cause tells a client-side failure from an upstream one.
-	ctx, cancel := context.WithCancelCause(outgoingContext(ss.Context()))
-	defer cancel(nil)
-
-	cs, err := p.pool.NewStream(ctx, bidi, method, p.callOpts...)
-	if err != nil {
-		if errors.Is(err, pool.ErrNoReadyConn) || errors.Is(err, pool.ErrClosed) {
-			p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
-		} else {
-			p.observeUpstream(err)
-		}
-		return err // already a status: Unavailable when no connection is ready
-	}
-	go p.clientToUpstream(method, ss, cs, cancel)
-	err = p.upstreamToClient(method, cs, ss)
-	var ce *clientError
-	if errors.As(context.Cause(ctx), &ce) {
-		return ce.err // the client's failure, not the upstream's
-	}
-	if err != errPanic {
-		p.observeUpstream(err)
-	}
-	return err
-}
-
-// observeUpstream reports a forwarded call's upstream status when it is a
-// failure of the hop or of the enclave, not of the caller.
-func (p *Proxy) observeUpstream(err error) {
-	switch status.Code(err) {
-	case codes.Unavailable:
-		p.obs.UpstreamError(metrics.ReasonUnavailable)
-	case codes.Internal, codes.Unknown, codes.DataLoss:
-		p.obs.UpstreamError(metrics.ReasonServerFault)
-	}
-}
-
-// clientToUpstream copies request messages until the client half-closes
-// (then half-closes upstream) or fails (then cancels the upstream call).
-func (p *Proxy) clientToUpstream(method string, ss grpc.ServerStream, cs grpc.ClientStream, cancel context.CancelCauseFunc) {
-	defer func() {
-		if v := recover(); v != nil {
-			cancel(&clientError{recovered(p.log, method, v)})
-		}
-	}()
-	var f Frame
-	defer f.Free()
-	for {
-		if err := ss.RecvMsg(&f); err != nil {
-			if errors.Is(err, io.EOF) {
-				_ = cs.CloseSend() // grpc-go's CloseSend always returns nil
-				return
-			}
-			cancel(&clientError{err})
-			return
-		}
-		err := cs.SendMsg(&f)
-		f.Free() // no-op unless SendMsg failed before taking the buffers
-		if err != nil {
-			// The upstream call is over (io.EOF: the enclave answered
-			// early) or broken; upstreamToClient returns its status.
-			return
-		}
-	}
-}
-
-// upstreamToClient relays headers, response messages, then trailers, and
-// returns the upstream's status (nil for OK).
-func (p *Proxy) upstreamToClient(method string, cs grpc.ClientStream, ss grpc.ServerStream) (err error) {
-	defer func() {
-		if v := recover(); v != nil {
-			err = recovered(p.log, method, v)
-		}
-	}()
-	// Header blocks until the enclave sends headers or ends the call; nil
-	// means it answered trailers-only, which the proxy then does too.
-	if md, herr := cs.Header(); herr == nil && md != nil {
-		if err := ss.SendHeader(filterMetadata(md)); err != nil {
-			return err // client gone; the deferred cancel ends upstream
-		}
-	}
-	var f Frame
-	defer f.Free()
-	for {
-		if err := cs.RecvMsg(&f); err != nil {
-			ss.SetTrailer(filterMetadata(cs.Trailer()))
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			return err // the enclave's status, details included
-		}
-		err := ss.SendMsg(&f)
-		f.Free()
-		if err != nil {
-			return err
-		}
-	}
 }
 
 // outgoingContext carries the incoming metadata of a server call to an

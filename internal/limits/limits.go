@@ -177,29 +177,43 @@ func CheckMetadata(ctx context.Context, limit int) error {
 // quoted, never the value. Pseudo-headers (":authority") are skipped.
 func ValidateMetadata(md metadata.MD) error {
 	for k, vs := range md {
-		if k == "" {
-			return status.Error(codes.InvalidArgument, "request metadata has an empty key")
-		}
-		if k[0] == ':' {
-			continue
-		}
-		for i := 0; i < len(k); i++ {
-			c := k[i]
-			if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' && c != '.' {
-				return status.Errorf(codes.InvalidArgument,
-					"request metadata key %q: only 0-9 a-z - _ . are allowed in keys", k)
+		if len(vs) == 0 {
+			if err := ValidateEntry(k, ""); err != nil {
+				return err
 			}
-		}
-		if strings.HasSuffix(k, "-bin") {
-			continue
 		}
 		for _, v := range vs {
-			for i := 0; i < len(v); i++ {
-				if v[i] < 0x20 || v[i] > 0x7e {
-					return status.Errorf(codes.InvalidArgument,
-						"request metadata key %q: value is not printable ASCII (0x20-0x7E); send binary values under a key ending in -bin", k)
-				}
+			if err := ValidateEntry(k, v); err != nil {
+				return err
 			}
+		}
+	}
+	return nil
+}
+
+// ValidateEntry is ValidateMetadata for one entry: key k (lower case, as
+// HTTP/2 carries it) with value v.
+func ValidateEntry(k, v string) error {
+	if k == "" {
+		return status.Error(codes.InvalidArgument, "request metadata has an empty key")
+	}
+	if k[0] == ':' {
+		return nil
+	}
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' && c != '.' {
+			return status.Errorf(codes.InvalidArgument,
+				"request metadata key %q: only 0-9 a-z - _ . are allowed in keys", k)
+		}
+	}
+	if strings.HasSuffix(k, "-bin") {
+		return nil
+	}
+	for i := 0; i < len(v); i++ {
+		if v[i] < 0x20 || v[i] > 0x7e {
+			return status.Errorf(codes.InvalidArgument,
+				"request metadata key %q: value is not printable ASCII (0x20-0x7E); send binary values under a key ending in -bin", k)
 		}
 	}
 	return nil

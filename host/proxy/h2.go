@@ -1,0 +1,594 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+)
+
+// HTTP/2 parameters of the relay (RFC 9113). The proxy advertises the same
+// windows to clients and to the enclave.
+const (
+	// streamWindow is the receive window of each stream, both ways: what a
+	// peer may send on a stream before the proxy has passed it on. It
+	// bounds what the proxy buffers for one stream whose other end is slow.
+	streamWindow = 256 << 10
+	// connWindow is the receive window of each connection. The proxy
+	// returns connection credit as soon as it has read the data (it is then
+	// buffered against the stream's window), so one stalled stream never
+	// holds up the others on its connection.
+	connWindow = 4 << 20
+	// maxFrameSize is the largest frame the proxy reads (the HTTP/2 default,
+	// which grpc-go also uses).
+	maxFrameSize = 16 << 10
+	// maxWriteBuffer bounds the bytes queued for one connection that its
+	// peer does not read; beyond it the connection is closed. Flow control
+	// keeps DATA far below it; only a peer that stops reading while it
+	// keeps sending calls can reach it.
+	maxWriteBuffer = 16 << 20
+	// minBatch: a flusher with less than this to write yields once first.
+	minBatch = 4 << 10
+	// maxStreamID is the largest stream id (2^31-1).
+	maxStreamID = 1<<31 - 1
+)
+
+// errWriteBufferFull closes a connection whose peer stopped reading.
+var errWriteBufferFull = errors.New("peer is not reading: write buffer full")
+
+// endpoint is the sending half of one HTTP/2 connection, client or
+// upstream. Frames are encoded, under mu, into an in-memory buffer; one
+// flusher goroutine writes that buffer to the socket. So a goroutine that
+// relays a frame never blocks on a slow peer's socket, and frames written
+// while the flusher is busy go out together in one write.
+//
+// mu also guards the connection's send-side flow control: its window, the
+// peer's settings and the streams waiting for window.
+type endpoint struct {
+	nc net.Conn
+
+	mu       sync.Mutex
+	buf      *bytes.Buffer // frames not yet taken by the flusher
+	spare    *bytes.Buffer
+	fr       *http2.Framer // writes into buf
+	henc     *hpack.Encoder
+	hbuf     bytes.Buffer
+	err      error // set once: the connection is closed
+	window   int64 // connection-level send window
+	initWin  int64 // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	maxFrame uint32
+	blocked  []*half // streams with queued data waiting for window
+	wrote    bool    // HEADERS or DATA written since the last look (ping policy)
+
+	kick chan struct{} // wakes the flusher
+	done chan struct{} // closed when the flusher has exited
+}
+
+// bufWriter lets the framer write into whatever buffer is current.
+type bufWriter struct{ e *endpoint }
+
+func (w bufWriter) Write(p []byte) (int, error) { return w.e.buf.Write(p) }
+
+func newEndpoint(nc net.Conn) *endpoint {
+	e := &endpoint{
+		nc:       nc,
+		buf:      new(bytes.Buffer),
+		spare:    new(bytes.Buffer),
+		window:   65535,
+		initWin:  65535,
+		maxFrame: 16384,
+		kick:     make(chan struct{}, 1),
+		done:     make(chan struct{}),
+	}
+	e.fr = http2.NewFramer(bufWriter{e}, nil)
+	e.henc = hpack.NewEncoder(&e.hbuf)
+	return e
+}
+
+// run is the flusher: it writes what the buffer holds whenever kicked,
+// until the endpoint fails. onErr is told why the connection failed.
+func (e *endpoint) run(onErr func(error)) {
+	defer close(e.done)
+	for range e.kick {
+		e.mu.Lock()
+		if e.err != nil {
+			e.mu.Unlock()
+			return
+		}
+		if e.buf.Len() < minBatch {
+			// Let the goroutines relaying other streams add their frames
+			// first: one write for many calls costs the peer, too, one
+			// wake-up instead of many (grpc-go's writer does the same).
+			e.mu.Unlock()
+			runtime.Gosched()
+			e.mu.Lock()
+			if e.err != nil {
+				e.mu.Unlock()
+				return
+			}
+		}
+		b := e.buf
+		e.buf, e.spare = e.spare, b
+		e.mu.Unlock()
+		if b.Len() == 0 {
+			continue
+		}
+		_, err := e.nc.Write(b.Bytes())
+		if b.Cap() > 1<<20 {
+			b = new(bytes.Buffer) // do not keep a burst's buffer
+		}
+		b.Reset()
+		e.mu.Lock()
+		e.spare = b
+		e.mu.Unlock()
+		if err != nil {
+			onErr(err)
+			e.fail(err)
+			return
+		}
+	}
+}
+
+// flushLocked wakes the flusher; it fails the endpoint when the peer has
+// let too much pile up.
+func (e *endpoint) flushLocked() {
+	if e.buf.Len() > maxWriteBuffer && e.err == nil {
+		e.err = errWriteBufferFull
+		_ = e.nc.Close()
+		close(e.kick)
+		return
+	}
+	if e.err != nil {
+		return
+	}
+	select {
+	case e.kick <- struct{}{}:
+	default:
+	}
+}
+
+// fail closes the connection (idempotent) and stops the flusher.
+func (e *endpoint) fail(err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.err != nil {
+		return
+	}
+	e.err = err
+	_ = e.nc.Close()
+	close(e.kick)
+}
+
+// drainAndClose lets the flusher write what is buffered (a GOAWAY), then
+// closes, waiting at most d.
+func (e *endpoint) drainAndClose(err error, d time.Duration) {
+	e.mu.Lock()
+	if e.err == nil {
+		e.flushLocked()
+	}
+	e.mu.Unlock()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		e.mu.Lock()
+		empty := e.buf.Len() == 0 || e.err != nil
+		e.mu.Unlock()
+		if empty {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	_ = e.nc.SetWriteDeadline(time.Now().Add(d))
+	e.fail(err)
+}
+
+// writeHeadersLocked encodes fields with the connection's HPACK state and
+// writes them as HEADERS (+ CONTINUATION) on stream id.
+func (e *endpoint) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end bool) {
+	if e.err != nil {
+		return
+	}
+	e.hbuf.Reset()
+	for _, f := range fields {
+		_ = e.henc.WriteField(f) // writes into hbuf, cannot fail
+	}
+	e.wrote = true
+	block := e.hbuf.Bytes()
+	max := int(e.maxFrame)
+	first := block
+	if len(first) > max {
+		first = first[:max]
+	}
+	block = block[len(first):]
+	_ = e.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first, EndStream: end, EndHeaders: len(block) == 0})
+	for len(block) > 0 {
+		n := min(len(block), max)
+		_ = e.fr.WriteContinuation(id, n == len(block), block[:n])
+		block = block[n:]
+	}
+	e.flushLocked()
+}
+
+// writeRSTLocked resets stream id.
+func (e *endpoint) writeRSTLocked(id uint32, code http2.ErrCode) {
+	if e.err != nil {
+		return
+	}
+	_ = e.fr.WriteRSTStream(id, code)
+	e.flushLocked()
+}
+
+// windowUpdate returns n bytes of receive credit on stream id (0: the
+// connection).
+func (e *endpoint) windowUpdate(id uint32, n uint32) {
+	if n == 0 {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.err != nil {
+		return
+	}
+	_ = e.fr.WriteWindowUpdate(id, n)
+	e.flushLocked()
+}
+
+// half is one direction of a relayed call, as the endpoint it is sent to
+// sees it: a stream id there, its send window, and what waits for window.
+// Every field is guarded by dst.mu.
+type half struct {
+	dst    *endpoint
+	id     uint32
+	window int64
+	// queued DATA, in order, then the end: END_STREAM alone or trailers.
+	q        [][]byte
+	qEnd     bool
+	trailers []hpack.HeaderField
+	blocked  bool // in dst.blocked
+	closed   bool // END_STREAM or RST_STREAM written: no more DATA goes out
+	over     bool // the stream is over on dst (reset, or ended both ways): no frame at all
+	// onSent is told, outside dst.mu, how many DATA bytes went out, which
+	// is the credit the proxy then returns to the sender on the other
+	// side; and whether the end went out too.
+	onSent func(n int, ended bool)
+}
+
+// sendLocked sends data (then END_STREAM when end) on h as far as the
+// windows allow and queues the rest. It returns the bytes sent and
+// whether the end went out. data is copied when queued.
+func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (int, bool) {
+	e := h.dst
+	if h.closed || e.err != nil {
+		return len(data), false // dropped; the call is over on this side
+	}
+	if len(h.q) > 0 || h.qEnd {
+		if len(data) > 0 {
+			h.q = append(h.q, bytes.Clone(data))
+		}
+		h.qEnd = h.qEnd || end
+		if trailers != nil {
+			h.trailers = trailers
+		}
+		return 0, false
+	}
+	sent := 0
+	e.wrote = true
+	for len(data) > 0 {
+		n := int(min(int64(len(data)), h.window, e.window, int64(e.maxFrame)))
+		if n <= 0 {
+			break
+		}
+		last := n == len(data) && end && trailers == nil
+		_ = e.fr.WriteData(h.id, last, data[:n])
+		h.window -= int64(n)
+		e.window -= int64(n)
+		sent += n
+		data = data[n:]
+	}
+	if len(data) > 0 {
+		h.q = append(h.q, bytes.Clone(data))
+		h.qEnd = end
+		h.trailers = trailers
+		h.block()
+		e.flushLocked()
+		return sent, false
+	}
+	ended := false
+	switch {
+	case trailers != nil:
+		e.writeHeadersLocked(h.id, trailers, true)
+		h.closed, ended = true, true
+	case end:
+		if sent == 0 {
+			_ = e.fr.WriteData(h.id, true, nil)
+		}
+		h.closed, ended = true, true
+	}
+	e.flushLocked()
+	return sent, ended
+}
+
+// block puts h on its endpoint's list of streams waiting for window.
+func (h *half) block() {
+	if !h.blocked {
+		h.blocked = true
+		h.dst.blocked = append(h.dst.blocked, h)
+	}
+}
+
+// resumeLocked sends what h has queued as far as the windows now allow.
+func (h *half) resumeLocked() (int, bool) {
+	if h.closed {
+		h.q, h.qEnd, h.trailers = nil, false, nil
+		return 0, false
+	}
+	e := h.dst
+	sent := 0
+	for len(h.q) > 0 {
+		d := h.q[0]
+		n := int(min(int64(len(d)), h.window, e.window, int64(e.maxFrame)))
+		if n <= 0 {
+			h.block()
+			e.flushLocked()
+			return sent, false
+		}
+		last := n == len(d) && len(h.q) == 1 && h.qEnd && h.trailers == nil
+		_ = e.fr.WriteData(h.id, last, d[:n])
+		e.wrote = true
+		h.window -= int64(n)
+		e.window -= int64(n)
+		sent += n
+		if n == len(d) {
+			h.q[0] = nil
+			h.q = h.q[1:]
+		} else {
+			h.q[0] = d[n:]
+		}
+		if last {
+			h.closed = true
+			h.qEnd = false
+			e.flushLocked()
+			return sent, true
+		}
+	}
+	ended := false
+	if h.trailers != nil {
+		e.writeHeadersLocked(h.id, h.trailers, true)
+		h.trailers, h.closed, ended = nil, true, true
+	} else if h.qEnd {
+		_ = e.fr.WriteData(h.id, true, nil)
+		h.qEnd, h.closed, ended = false, true, true
+	}
+	e.flushLocked()
+	return sent, ended
+}
+
+// resetLocked ends h with RST_STREAM(code) unless the stream is over.
+func (h *half) resetLocked(code http2.ErrCode) {
+	if h.over {
+		return
+	}
+	h.closed, h.over = true, true
+	h.q, h.qEnd, h.trailers = nil, false, nil
+	h.dst.writeRSTLocked(h.id, code)
+}
+
+// sent is what resuming one half produced, reported outside the lock.
+type sent struct {
+	h     *half
+	n     int
+	ended bool
+}
+
+// addWindowLocked applies a WINDOW_UPDATE (h nil: the connection) and
+// resumes the streams it unblocks.
+func (e *endpoint) addWindowLocked(h *half, incr uint32) ([]sent, error) {
+	if h != nil {
+		h.window += int64(incr)
+		if h.window > maxStreamID {
+			return nil, http2.StreamError{StreamID: h.id, Code: http2.ErrCodeFlowControl}
+		}
+		if !h.blocked {
+			return nil, nil
+		}
+	} else {
+		e.window += int64(incr)
+		if e.window > maxStreamID {
+			return nil, http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	}
+	return e.resumeBlockedLocked(), nil
+}
+
+// resumeBlockedLocked retries every blocked stream.
+func (e *endpoint) resumeBlockedLocked() []sent {
+	if len(e.blocked) == 0 {
+		return nil
+	}
+	var out []sent
+	list := e.blocked
+	e.blocked = nil
+	for _, h := range list {
+		h.blocked = false
+	}
+	for _, h := range list {
+		if n, ended := h.resumeLocked(); n > 0 || ended {
+			out = append(out, sent{h, n, ended})
+		}
+	}
+	return out
+}
+
+// applySettingsLocked applies the peer's SETTINGS; streams holds every
+// open half sending to this peer (for a change of the initial window).
+func (e *endpoint) applySettingsLocked(f *http2.SettingsFrame, streams func(func(*half))) error {
+	return f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta := int64(s.Val) - e.initWin
+			e.initWin = int64(s.Val)
+			if delta != 0 && streams != nil {
+				streams(func(h *half) { h.window += delta })
+			}
+		case http2.SettingMaxFrameSize:
+			e.maxFrame = s.Val
+		case http2.SettingHeaderTableSize:
+			e.henc.SetMaxDynamicTableSizeLimit(s.Val)
+		}
+		return nil
+	})
+}
+
+// report tells each half's sender what went out.
+func report(list []sent) {
+	for _, s := range list {
+		if s.h.onSent != nil {
+			s.h.onSent(s.n, s.ended)
+		}
+	}
+}
+
+// --- gRPC on HTTP/2 -----------------------------------------------------
+
+// statusFields are the fields that end a call with code and msg: the whole
+// response (trailers-only, with :status and content-type) when no headers
+// were sent, else trailers.
+func statusFields(code codes.Code, msg string, headersSent bool) []hpack.HeaderField {
+	f := make([]hpack.HeaderField, 0, 4)
+	if !headersSent {
+		f = append(f, hpack.HeaderField{Name: ":status", Value: "200"},
+			hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
+	}
+	f = append(f, hpack.HeaderField{Name: "grpc-status", Value: strconv.Itoa(int(code))})
+	if msg != "" {
+		f = append(f, hpack.HeaderField{Name: "grpc-message", Value: encodeGrpcMessage(msg)})
+	}
+	return f
+}
+
+// encodeGrpcMessage percent-encodes msg as the gRPC spec asks for
+// grpc-message: bytes outside printable ASCII, and '%'.
+func encodeGrpcMessage(msg string) string {
+	ok := true
+	for i := 0; i < len(msg); i++ {
+		if c := msg[i]; c < ' ' || c > '~' || c == '%' {
+			ok = false
+			break
+		}
+	}
+	if ok {
+		return msg
+	}
+	var b []byte
+	for i := 0; i < len(msg); i++ {
+		c := msg[i]
+		if c < ' ' || c > '~' || c == '%' {
+			b = fmt.Appendf(b, "%%%02X", c)
+		} else {
+			b = append(b, c)
+		}
+	}
+	return string(b)
+}
+
+// decodeGrpcMessage undoes encodeGrpcMessage (for logs and metrics only).
+func decodeGrpcMessage(s string) string {
+	if !bytesContain(s, '%') {
+		return s
+	}
+	var b []byte
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
+				b = append(b, byte(v))
+				i += 2
+				continue
+			}
+		}
+		b = append(b, s[i])
+	}
+	return string(b)
+}
+
+func bytesContain(s string, c byte) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] == c {
+			return true
+		}
+	}
+	return false
+}
+
+// parseTimeout parses a grpc-timeout value ("100m", "30S").
+func parseTimeout(s string) (time.Duration, bool) {
+	if len(s) < 2 || len(s) > 9 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s[:len(s)-1], 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	var unit time.Duration
+	switch s[len(s)-1] {
+	case 'H':
+		unit = time.Hour
+	case 'M':
+		unit = time.Minute
+	case 'S':
+		unit = time.Second
+	case 'm':
+		unit = time.Millisecond
+	case 'u':
+		unit = time.Microsecond
+	case 'n':
+		unit = time.Nanosecond
+	default:
+		return 0, false
+	}
+	if n > int64(1<<63-1)/int64(unit) {
+		return 1<<63 - 1, true
+	}
+	return time.Duration(n) * unit, true
+}
+
+// formatTimeout writes d as a grpc-timeout value (at most 8 digits).
+func formatTimeout(d time.Duration) string {
+	if d <= 0 {
+		return "0n"
+	}
+	for _, u := range []struct {
+		d time.Duration
+		s string
+	}{{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"}, {time.Second, "S"}, {time.Minute, "M"}} {
+		if v := (d + u.d - 1) / u.d; v < 1e8 {
+			return strconv.FormatInt(int64(v), 10) + u.s
+		}
+	}
+	return strconv.FormatInt(int64((d+time.Hour-1)/time.Hour), 10) + "H"
+}
+
+// codeFromRST is the status of a call its peer reset, as grpc-go maps it.
+func codeFromRST(c http2.ErrCode) codes.Code {
+	switch c {
+	case http2.ErrCodeRefusedStream:
+		return codes.Unavailable
+	case http2.ErrCodeCancel:
+		return codes.Canceled
+	case http2.ErrCodeEnhanceYourCalm:
+		return codes.ResourceExhausted
+	case http2.ErrCodeInadequateSecurity:
+		return codes.PermissionDenied
+	default:
+		return codes.Internal
+	}
+}
