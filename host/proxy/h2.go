@@ -501,34 +501,6 @@ func encodeGrpcMessage(msg string) string {
 	return string(b)
 }
 
-// decodeGrpcMessage undoes encodeGrpcMessage (for logs and metrics only).
-func decodeGrpcMessage(s string) string {
-	if !bytesContain(s, '%') {
-		return s
-	}
-	var b []byte
-	for i := 0; i < len(s); i++ {
-		if s[i] == '%' && i+2 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
-				b = append(b, byte(v))
-				i += 2
-				continue
-			}
-		}
-		b = append(b, s[i])
-	}
-	return string(b)
-}
-
-func bytesContain(s string, c byte) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] == c {
-			return true
-		}
-	}
-	return false
-}
-
 // parseTimeout parses a grpc-timeout value ("100m", "30S").
 func parseTimeout(s string) (time.Duration, bool) {
 	if len(s) < 2 || len(s) > 9 {
@@ -561,7 +533,8 @@ func parseTimeout(s string) (time.Duration, bool) {
 	return time.Duration(n) * unit, true
 }
 
-// formatTimeout writes d as a grpc-timeout value (at most 8 digits).
+// formatTimeout writes d as a grpc-timeout value (at most 8 digits),
+// rounded up so that it is never shorter than d.
 func formatTimeout(d time.Duration) string {
 	if d <= 0 {
 		return "0n"
@@ -569,12 +542,16 @@ func formatTimeout(d time.Duration) string {
 	for _, u := range []struct {
 		d time.Duration
 		s string
-	}{{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"}, {time.Second, "S"}, {time.Minute, "M"}} {
-		if v := (d + u.d - 1) / u.d; v < 1e8 {
+	}{{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"}, {time.Second, "S"}, {time.Minute, "M"}, {time.Hour, "H"}} {
+		v := d / u.d
+		if d%u.d != 0 {
+			v++
+		}
+		if v < 1e8 {
 			return strconv.FormatInt(int64(v), 10) + u.s
 		}
 	}
-	return strconv.FormatInt(int64((d+time.Hour-1)/time.Hour), 10) + "H"
+	return "99999999H"
 }
 
 // codeFromRST is the status of a call its peer reset, as grpc-go maps it.

@@ -1,8 +1,14 @@
 package proxy
 
 import (
+	"bytes"
+	"encoding/base64"
+	"net"
+	"strings"
 	"testing"
+	"time"
 
+	"golang.org/x/net/http2"
 	"google.golang.org/grpc/metadata"
 )
 
@@ -36,5 +42,174 @@ func TestFilterMetadata(t *testing.T) {
 	got["x-request-id"][0] = "changed"
 	if in["x-request-id"][0] != "1" {
 		t.Fatal("filterMetadata shares value slices with its input")
+	}
+}
+
+func TestGRPCTimeout(t *testing.T) {
+	for _, tt := range []struct {
+		in   string
+		want time.Duration
+		ok   bool
+	}{
+		{"1n", time.Nanosecond, true},
+		{"100m", 100 * time.Millisecond, true},
+		{"30S", 30 * time.Second, true},
+		{"2M", 2 * time.Minute, true},
+		{"1H", time.Hour, true},
+		{"99999999u", 99999999 * time.Microsecond, true},
+		{"", 0, false},
+		{"S", 0, false},
+		{"soon", 0, false},
+		{"-1S", 0, false},
+		{"1x", 0, false},
+		{"123456789S", 0, false}, // more than 8 digits
+	} {
+		got, ok := parseTimeout(tt.in)
+		if ok != tt.ok || (ok && got != tt.want) {
+			t.Errorf("parseTimeout(%q) = %v, %v; want %v, %v", tt.in, got, ok, tt.want, tt.ok)
+		}
+	}
+	// What formatTimeout writes parses back to at least the duration
+	// (rounded up, never shortened) and fits the 8-digit limit.
+	for _, d := range []time.Duration{1, 999, time.Microsecond + 1, 100 * time.Millisecond, 30 * time.Second,
+		99999999 * time.Nanosecond, 100000000 * time.Nanosecond, 36 * time.Hour, 1<<63 - 1} {
+		s := formatTimeout(d)
+		got, ok := parseTimeout(s)
+		if !ok || got < d {
+			t.Errorf("formatTimeout(%v) = %q, parses to %v, %v", d, s, got, ok)
+		}
+		if len(s) > 9 {
+			t.Errorf("formatTimeout(%v) = %q: more than 8 digits", d, s)
+		}
+	}
+}
+
+func TestEncodeGrpcMessage(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain message":      "plain message",
+		"100% sure":          "100%25 sure",
+		"caf\u00e9":          "caf%C3%A9",
+		"line\nbreak":        "line%0Abreak",
+		"":                   "",
+		"tilde ~ and space ": "tilde ~ and space ",
+	} {
+		if got := encodeGrpcMessage(in); got != want {
+			t.Errorf("encodeGrpcMessage(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestValidBinHeader(t *testing.T) {
+	long := base64.StdEncoding.EncodeToString(make([]byte, 3000))
+	for in, want := range map[string]bool{
+		"":                              true,
+		"AQID":                          true, // padded, length 4
+		"AQI=":                          true,
+		"AQI":                           true, // unpadded
+		"!!!":                           false,
+		"AQ=D":                          false,
+		long:                            true,
+		long[:len(long)-1]:              true, // unpadded of a longer value
+		long[:1000] + "*" + long[1001:]: false,
+	} {
+		if got := validBinHeader(in); got != want {
+			t.Errorf("validBinHeader(%.20q...) = %v, want %v", in, got, want)
+		}
+	}
+}
+
+func TestIsGRPCContentType(t *testing.T) {
+	for in, want := range map[string]bool{
+		"application/grpc":             true,
+		"application/grpc+proto":       true,
+		"application/grpc;charset=utf": true,
+		"application/grpcx":            false,
+		"application/json":             false,
+		"":                             false,
+	} {
+		if got := isGRPCContentType(in); got != want {
+			t.Errorf("isGRPCContentType(%q) = %v, want %v", in, got, want)
+		}
+	}
+}
+
+// msgLimit follows message boundaries across frames of any split and
+// refuses exactly the messages over the limit.
+func TestMsgLimit(t *testing.T) {
+	msg := func(n int) []byte {
+		return append([]byte{0, byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}, make([]byte, n)...)
+	}
+	stream := append(append(append([]byte{}, msg(10)...), msg(100)...), msg(0)...)
+	for split := 1; split <= len(stream); split++ {
+		var m msgLimit
+		for i := 0; i < len(stream); i += split {
+			if err := m.check(stream[i:min(i+split, len(stream))], 100); err != nil {
+				t.Fatalf("split %d: %v", split, err)
+			}
+		}
+		var over msgLimit
+		var err error
+		big := append(append([]byte{}, msg(10)...), msg(101)...)
+		for i := 0; i < len(big) && err == nil; i += split {
+			err = over.check(big[i:min(i+split, len(big))], 100)
+		}
+		if err == nil || !strings.Contains(err.Error(), "(101 vs. 100)") {
+			t.Fatalf("split %d: 101-byte message against a 100-byte limit: %v", split, err)
+		}
+	}
+}
+
+// Data beyond the windows is queued and sent, in order and with the end
+// of stream last, as window arrives.
+func TestHalfFlowControl(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	e := newEndpoint(a)
+	var sentBytes int
+	var ended bool
+	h := &half{dst: e, id: 1, window: 10, onSent: func(n int, end bool) { sentBytes += n; ended = ended || end }}
+	e.mu.Lock()
+	e.window = 15
+	n, end := h.sendLocked([]byte("0123456789abcdef"), false, nil) // 16 bytes, stream window 10
+	if n != 10 || end {
+		t.Fatalf("first send: %d bytes, end %v; want 10, false", n, end)
+	}
+	n, end = h.sendLocked([]byte("XYZ"), true, nil) // queued behind
+	if n != 0 || end || len(h.q) != 2 || !h.qEnd {
+		t.Fatalf("second send: %d bytes, end %v, queue %d, qEnd %v", n, end, len(h.q), h.qEnd)
+	}
+	list, err := e.addWindowLocked(h, 100) // connection window (5 left) now limits
+	if err != nil || len(list) != 1 || list[0].n != 5 || list[0].ended {
+		t.Fatalf("after stream window: %+v, %v", list, err)
+	}
+	list, err = e.addWindowLocked(nil, 100)
+	if err != nil || len(list) != 1 || list[0].n != 4 || !list[0].ended {
+		t.Fatalf("after connection window: %+v, %v", list, err)
+	}
+	if !h.closed || len(h.q) != 0 {
+		t.Fatal("stream not closed after its end went out")
+	}
+	if _, err := e.addWindowLocked(nil, 1<<31); err == nil {
+		t.Fatal("a window over 2^31-1 is a flow-control error")
+	}
+	e.mu.Unlock()
+	// What went to the wire: DATA frames carrying the 19 bytes in order,
+	// the last with END_STREAM.
+	var got []byte
+	fr := http2.NewFramer(nil, bytes.NewReader(e.buf.Bytes()))
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			break
+		}
+		df := f.(*http2.DataFrame)
+		got = append(got, df.Data()...)
+		if df.StreamEnded() != (len(got) == 19) {
+			t.Fatalf("END_STREAM on the frame ending at byte %d", len(got))
+		}
+	}
+	if string(got) != "0123456789abcdefXYZ" {
+		t.Fatalf("relayed %q", got)
 	}
 }

@@ -56,11 +56,11 @@ type laneSet struct {
 	log     *zap.Logger
 	slots   []atomic.Pointer[lane]
 	calls   []atomic.Uint64 // streams opened per slot
+	wake    []chan struct{} // cuts a slot's redial backoff short
 	next    atomic.Uint64
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
-	maxRecv int // largest response message accepted (not enforced here; see call)
 }
 
 func newLaneSet(name string, n int, dial func(context.Context) (net.Conn, error), usable func(int) bool, changed func(), cfg pool.Config, log *zap.Logger) *laneSet {
@@ -68,12 +68,25 @@ func newLaneSet(name string, n int, dial func(context.Context) (net.Conn, error)
 		changed = func() {}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &laneSet{name: name, dial: dial, usable: usable, changed: changed, cfg: cfg, log: log, slots: make([]atomic.Pointer[lane], n), calls: make([]atomic.Uint64, n), ctx: ctx, cancel: cancel}
+	s := &laneSet{name: name, dial: dial, usable: usable, changed: changed, cfg: cfg, log: log, slots: make([]atomic.Pointer[lane], n), calls: make([]atomic.Uint64, n), wake: make([]chan struct{}, n), ctx: ctx, cancel: cancel}
 	for i := range n {
+		s.wake[i] = make(chan struct{}, 1)
 		s.wg.Add(1)
 		go s.keep(i)
 	}
 	return s
+}
+
+// redialNow cuts the backoff of every slot that is not connected.
+func (s *laneSet) redialNow() {
+	for i := range s.slots {
+		if s.slots[i].Load() == nil {
+			select {
+			case s.wake[i] <- struct{}{}:
+			default:
+			}
+		}
+	}
 }
 
 // close stops redialling and ends every lane; calls on them fail
@@ -100,9 +113,15 @@ func (s *laneSet) keep(i int) {
 			}
 			s.log.Debug("upstream lane: connect failed", zap.String("upstream", s.name), zap.Int("lane", i), zap.Error(err))
 			d := time.Duration(float64(backoff) * (1 + s.cfg.BackoffJitter*(2*rand.Float64()-1)))
+			t := time.NewTimer(d)
 			select {
-			case <-time.After(d):
+			case <-t.C:
+			case <-s.wake[i]:
+				// The upstream answers again (the pool's health check
+				// of this slot is READY): dial now.
+				t.Stop()
 			case <-s.ctx.Done():
+				t.Stop()
 				return
 			}
 			backoff = min(time.Duration(float64(backoff)*s.cfg.BackoffMultiplier), s.cfg.BackoffMax)

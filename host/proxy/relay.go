@@ -49,12 +49,10 @@ type srvConn struct {
 	pingStrikes int
 	lastPing    time.Time
 
-	mu        sync.Mutex
-	calls     map[uint32]*call
-	goAway    bool // GOAWAY sent: no new streams
-	goAwayID  uint32
-	lastCall  time.Time // when the last call ended (idle timeout)
-	idleSince bool
+	mu       sync.Mutex
+	calls    map[uint32]*call
+	goAway   bool      // GOAWAY sent: no new streams
+	lastCall time.Time // when the last call ended (idle timeout)
 
 	lastRead  atomic.Int64 // unix nanos of the last frame read (keepalive)
 	pingAcked atomic.Bool

@@ -1,0 +1,183 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	testpb "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/protobuf/proto"
+
+	nitrosignv1 "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
+)
+
+// rawClient is a bare HTTP/2 client of the proxy that does only what a
+// test tells it to: it never reads unless asked and never returns window.
+type rawClient struct {
+	t    *testing.T
+	conn net.Conn
+	fr   *http2.Framer
+	enc  *hpack.Encoder
+	hbuf bytes.Buffer
+	next uint32
+}
+
+// newRawClient connects and sends the preface with initialWindow as its
+// streams' receive window.
+func newRawClient(t *testing.T, addr string, initialWindow uint32) *rawClient {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	rc := &rawClient{t: t, conn: c, fr: http2.NewFramer(c, c), next: 1}
+	rc.enc = hpack.NewEncoder(&rc.hbuf)
+	if _, err := c.Write([]byte(http2.ClientPreface)); err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: initialWindow}); err != nil {
+		t.Fatal(err)
+	}
+	return rc
+}
+
+// call opens a stream for method with msg as its only request message.
+func (rc *rawClient) call(method string, msg proto.Message) uint32 {
+	rc.t.Helper()
+	rc.hbuf.Reset()
+	for _, f := range []hpack.HeaderField{
+		{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
+		{Name: ":path", Value: method}, {Name: ":authority", Value: "proxy"},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"},
+	} {
+		_ = rc.enc.WriteField(f)
+	}
+	id := rc.next
+	rc.next += 2
+	if err := rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.hbuf.Bytes(), EndHeaders: true}); err != nil {
+		rc.t.Fatal(err)
+	}
+	b, err := proto.Marshal(msg)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	body := append([]byte{0, byte(len(b) >> 24), byte(len(b) >> 16), byte(len(b) >> 8), byte(len(b))}, b...)
+	if err := rc.fr.WriteData(id, true, body); err != nil {
+		rc.t.Fatal(err)
+	}
+	return id
+}
+
+// countActive makes the upstream's StreamingOutputCall send its responses
+// and counts the handlers running.
+func countActive(h *harness) *atomic.Int32 {
+	var n atomic.Int32
+	h.up.Test.StreamingOutputCallF.Set(func(req *testpb.StreamingOutputCallRequest, stream testpb.TestService_StreamingOutputCallServer) error {
+		n.Add(1)
+		defer n.Add(-1)
+		for _, p := range req.GetResponseParameters() {
+			if err := stream.Send(&testpb.StreamingOutputCallResponse{Payload: &testpb.Payload{Body: make([]byte, p.GetSize())}}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return &n
+}
+
+// A client that stops reading its responses (it gives no flow-control
+// window) holds up only its own stream: calls of other clients on the
+// same upstream connection go on, and the proxy buffers no more than the
+// stream's window for it.
+func TestStalledClientDoesNotStallTheLane(t *testing.T) {
+	h := newHarness(t, harnessOpts{poolSize: 1})
+	h.waitAllReady(t)
+	active := countActive(h)
+	const respSize = 64 << 10
+	raw := newRawClient(t, h.addr, 0) // no window: not a byte of DATA may reach it
+	params := make([]*testpb.ResponseParameters, 64)
+	for i := range params {
+		params[i] = &testpb.ResponseParameters{Size: respSize}
+	}
+	// 4 MiB of responses for a client that takes none.
+	raw.call("/grpc.testing.TestService/StreamingOutputCall", &testpb.StreamingOutputCallRequest{ResponseParameters: params})
+
+	echo := nitrosignv1.NewEchoServiceClient(h.cc)
+	for i := range 50 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := echo.Echo(ctx, &nitrosignv1.EchoRequest{Payload: bytes.Repeat([]byte("x"), 100_000)})
+		cancel()
+		if err != nil {
+			t.Fatalf("Echo %d beside a stalled stream on the same lane: %v", i, err)
+		}
+	}
+	// The stalled stream is still open: the upstream handler is blocked
+	// by flow control, not finished.
+	if n := active.Load(); n != 1 {
+		t.Errorf("%d streaming handlers active upstream, want 1 (blocked by flow control)", n)
+	}
+	_ = raw.conn.Close()
+	eventually(t, 10*time.Second, "stalled stream cancelled upstream after its client left", func() bool {
+		return active.Load() == 0
+	})
+}
+
+// A client that opens a window but never reads its socket has its
+// connection closed once the proxy's write buffer for it is full; the
+// proxy and its other clients carry on.
+func TestClientThatNeverReadsIsClosed(t *testing.T) {
+	h := newHarness(t, harnessOpts{poolSize: 1})
+	h.waitAllReady(t)
+	active := countActive(h)
+	raw := newRawClient(t, h.addr, 1<<31-1)
+	if err := raw.fr.WriteWindowUpdate(0, 1<<31-1-65535); err != nil {
+		t.Fatal(err)
+	}
+	params := make([]*testpb.ResponseParameters, 200)
+	for i := range params {
+		params[i] = &testpb.ResponseParameters{Size: 1 << 20}
+	}
+	for range 4 {
+		raw.call("/grpc.testing.TestService/StreamingOutputCall", &testpb.StreamingOutputCallRequest{ResponseParameters: params})
+	}
+	echo := nitrosignv1.NewEchoServiceClient(h.cc)
+	// The client never reads; the proxy must give up on it (its handlers
+	// upstream are cancelled) while serving the others.
+	eventually(t, 10*time.Second, "the 4 streams running upstream", func() bool { return active.Load() == 4 })
+	deadline := time.Now().Add(30 * time.Second)
+	for active.Load() > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := echo.Echo(ctx, &nitrosignv1.EchoRequest{Payload: []byte("x")})
+		cancel()
+		if err != nil {
+			t.Fatalf("Echo beside a client that never reads: %v", err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the proxy kept a connection whose client never reads (%d handlers active)", active.Load())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !closedByPeer(raw.conn) {
+		t.Fatal("handlers ended but the connection is still open")
+	}
+}
+
+// closedByPeer reports whether the proxy closed c: only called once the
+// test no longer needs c, as it reads (and drops) what c holds.
+func closedByPeer(c net.Conn) bool {
+	_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, err := io.Copy(io.Discard, c)
+	return err == nil || !isTimeout(err)
+}
+
+func isTimeout(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
