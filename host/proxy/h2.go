@@ -66,6 +66,7 @@ type endpoint struct {
 	initWin  int64 // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	maxFrame uint32
 	blocked  []*half // streams with queued data waiting for window
+	writing  bool    // the flusher is writing (outside mu)
 	wrote    bool    // HEADERS or DATA written since the last look (ping policy)
 
 	kick chan struct{} // wakes the flusher
@@ -116,11 +117,13 @@ func (e *endpoint) run(onErr func(error)) {
 			}
 		}
 		b := e.buf
-		e.buf, e.spare = e.spare, b
-		e.mu.Unlock()
 		if b.Len() == 0 {
+			e.mu.Unlock()
 			continue
 		}
+		e.buf, e.spare = e.spare, b
+		e.writing = true
+		e.mu.Unlock()
 		_, err := e.nc.Write(b.Bytes())
 		if b.Cap() > 1<<20 {
 			b = new(bytes.Buffer) // do not keep a burst's buffer
@@ -128,6 +131,7 @@ func (e *endpoint) run(onErr func(error)) {
 		b.Reset()
 		e.mu.Lock()
 		e.spare = b
+		e.writing = false
 		e.mu.Unlock()
 		if err != nil {
 			onErr(err)
@@ -178,7 +182,7 @@ func (e *endpoint) drainAndClose(err error, d time.Duration) {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
 		e.mu.Lock()
-		empty := e.buf.Len() == 0 || e.err != nil
+		empty := (e.buf.Len() == 0 && !e.writing) || e.err != nil
 		e.mu.Unlock()
 		if empty {
 			break

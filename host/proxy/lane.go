@@ -71,10 +71,16 @@ func newLaneSet(name string, n int, dial func(context.Context) (net.Conn, error)
 	s := &laneSet{name: name, dial: dial, usable: usable, changed: changed, cfg: cfg, log: log, slots: make([]atomic.Pointer[lane], n), calls: make([]atomic.Uint64, n), wake: make([]chan struct{}, n), ctx: ctx, cancel: cancel}
 	for i := range n {
 		s.wake[i] = make(chan struct{}, 1)
+	}
+	return s
+}
+
+// start begins connecting every slot (and redialling until close).
+func (s *laneSet) start() {
+	for i := range s.slots {
 		s.wg.Add(1)
 		go s.keep(i)
 	}
-	return s
 }
 
 // redialNow cuts the backoff of every slot that is not connected.

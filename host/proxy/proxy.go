@@ -163,6 +163,8 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 	go func() { _ = p.localSrv.Serve(p.localL) }()
 	p.local = newLaneSet("proxy health service", 1, p.localL.dial, nil, nil, cfg.Pool, log)
 	p.enclave = newLaneSet(up.Target().String(), up.Size(), up.Target().Dial, up.ConnReady, p.readyChanged, cfg.Pool, log)
+	p.local.start()
+	p.enclave.start()
 	up.OnStateChange(func(n int) {
 		if n > 0 {
 			p.enclave.redialNow()

@@ -108,6 +108,18 @@ func (p *Proxy) serveConn(nc net.Conn) {
 // handshake reads the client preface and first SETTINGS and sends the
 // proxy's settings.
 func (sc *srvConn) handshake(br *bufio.Reader) error {
+	// The server's SETTINGS go first, without waiting for the client's
+	// (RFC 9113 section 3.4), as grpc-go servers do.
+	ep := sc.ep
+	ep.mu.Lock()
+	_ = ep.fr.WriteSettings(
+		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: sc.px.cfg.MaxConcurrentStreams},
+		http2.Setting{ID: http2.SettingInitialWindowSize, Val: streamWindow},
+		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: sc.px.cfg.MaxHeaderListSize},
+	)
+	_ = ep.fr.WriteWindowUpdate(0, connWindow-65535)
+	ep.flushLocked()
+	ep.mu.Unlock()
 	var pre [len(http2.ClientPreface)]byte
 	if _, err := io.ReadFull(br, pre[:]); err != nil {
 		return fmt.Errorf("reading the HTTP/2 preface: %w", err)
@@ -123,15 +135,8 @@ func (sc *srvConn) handshake(br *bufio.Reader) error {
 	if !ok || sf.IsAck() {
 		return fmt.Errorf("first frame is %s, not SETTINGS", f.Header().Type)
 	}
-	ep := sc.ep
 	ep.mu.Lock()
 	defer ep.mu.Unlock()
-	_ = ep.fr.WriteSettings(
-		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: sc.px.cfg.MaxConcurrentStreams},
-		http2.Setting{ID: http2.SettingInitialWindowSize, Val: streamWindow},
-		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: sc.px.cfg.MaxHeaderListSize},
-	)
-	_ = ep.fr.WriteWindowUpdate(0, connWindow-65535)
 	if err := ep.applySettingsLocked(sf, nil); err != nil {
 		return err
 	}
@@ -192,7 +197,10 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 	close(keeperDone)
 
 	var ce http2.ConnectionError
+	var ge *goAwayError
 	switch {
+	case errors.As(err, &ge):
+		sc.goAwayAndClose(ge.code, ge.debug)
 	case readErr && errors.As(err, &ce):
 		// A frame that cannot be read (bad framing, a header block over
 		// the limit by more than a frame): GOAWAY PROTOCOL_ERROR, as
@@ -222,6 +230,15 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 }
 
 var errGoAwaySent = errors.New("GOAWAY sent")
+
+// goAwayError ends a client connection with GOAWAY(code) and a debug
+// message saying why.
+type goAwayError struct {
+	code  http2.ErrCode
+	debug string
+}
+
+func (e *goAwayError) Error() string { return fmt.Sprintf("GOAWAY %s: %s", e.code, e.debug) }
 
 // goAwayAndClose ends the connection with GOAWAY(code).
 func (sc *srvConn) goAwayAndClose(code http2.ErrCode, debug string) {
@@ -430,12 +447,12 @@ func (sc *srvConn) onData(f *http2.DataFrame) error {
 func (sc *srvConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	if id%2 == 0 {
-		return http2.ConnectionError(http2.ErrCodeProtocol)
+		return &goAwayError{http2.ErrCodeProtocol, fmt.Sprintf("received an illegal stream id: %d (even: a server's)", id)}
 	}
 	if id <= sc.lastID {
 		c := sc.call(id)
 		if c == nil {
-			return http2.ConnectionError(http2.ErrCodeStreamClosed)
+			return &goAwayError{http2.ErrCodeStreamClosed, fmt.Sprintf("HEADERS on closed stream %d", id)}
 		}
 		// Trailers from the client: gRPC has none to relay; they end the
 		// request stream.
@@ -628,7 +645,7 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 	p.obs.CallStarted(c.method)
 	fields, timeout, err := p.requestHeaders(c, f)
 	if err != nil {
-		c.answer(err.code, err.msg)
+		c.answerHTTP(err.code, err.msg, err.http)
 		return
 	}
 	if !limits.Exempt(c.method) {
@@ -667,6 +684,7 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 type statusError struct {
 	code codes.Code
 	msg  string
+	http int // the HTTP status of the answer; 0: 200
 }
 
 // statusMessage is err's message without "rpc error: code = X desc = ".
@@ -716,7 +734,7 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 		case "grpc-timeout":
 			d, ok := parseTimeout(hf.Value)
 			if !ok && headerErr == nil {
-				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed grpc-timeout: %q", hf.Value)}
+				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed grpc-timeout: %q", hf.Value), 400}
 			}
 			timeout, hasTO = d, true
 			continue
@@ -733,37 +751,37 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 		}
 		if strings.HasSuffix(hf.Name, "-bin") {
 			if !validBinHeader(hf.Value) && headerErr == nil {
-				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed binary metadata %q in header %q", hf.Value, hf.Name)}
+				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed binary metadata %q in header %q", hf.Value, hf.Name), 400}
 			}
 		} else if err := limits.ValidateEntry(hf.Name, hf.Value); err != nil && headerErr == nil {
-			headerErr = &statusError{codes.InvalidArgument, statusMessage(err)}
+			headerErr = &statusError{codes.InvalidArgument, statusMessage(err), 0}
 		}
 		out = append(out, hf)
 	}
 	// The checks and their answers follow grpc-go's server, so a client
 	// sees the same status through the proxy as from the enclave.
 	if !isGRPCContentType(ct) {
-		return nil, 0, &statusError{codes.InvalidArgument, fmt.Sprintf("invalid gRPC request content-type %q", ct)}
+		return nil, 0, &statusError{codes.InvalidArgument, fmt.Sprintf("invalid gRPC request content-type %q", ct), 415}
 	}
 	if m := f.PseudoValue("method"); m != "POST" {
-		return nil, 0, &statusError{codes.Internal, fmt.Sprintf("invalid gRPC request method %q", m)}
+		return nil, 0, &statusError{codes.Internal, fmt.Sprintf("invalid gRPC request method %q", m), 405}
 	}
 	if authority == "" {
 		authority = host
 	}
 	if authority == "" {
-		return nil, 0, &statusError{codes.Internal, "no host or :authority header present"}
+		return nil, 0, &statusError{codes.Internal, "no host or :authority header present", 400}
 	}
 	out[3] = hpack.HeaderField{Name: ":authority", Value: authority}
 	if headerErr != nil {
 		return nil, 0, headerErr
 	}
 	if !strings.HasPrefix(c.method, "/") {
-		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method)}
+		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method), 0}
 	}
 	if size > p.cfg.MaxMetadataSize {
 		return nil, 0, &statusError{codes.ResourceExhausted, fmt.Sprintf(
-			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.MaxMetadataSize)}
+			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.MaxMetadataSize), 0}
 	}
 	if c.reqID == "" {
 		c.reqID = requestid.New()
@@ -871,13 +889,21 @@ func (c *call) respSent(n int, ended bool) {
 
 // answer ends the call with the proxy's own status, before anything came
 // from upstream.
-func (c *call) answer(code codes.Code, msg string) {
+func (c *call) answer(code codes.Code, msg string) { c.answerHTTP(code, msg, 0) }
+
+// answerHTTP is answer with an HTTP status other than 200 (malformed
+// requests, as gRPC's spec asks) when no response headers went out yet.
+func (c *call) answerHTTP(code codes.Code, msg string, httpStatus int) {
 	c.code.Store(int32(code))
 	ep := c.sc.ep
 	ep.mu.Lock()
 	c.resp.q, c.resp.qEnd, c.resp.trailers = nil, false, nil
 	if !c.resp.closed {
-		ep.writeHeadersLocked(c.sid, statusFields(code, msg, c.headersSent), true)
+		fields := statusFields(code, msg, c.headersSent)
+		if httpStatus != 0 && !c.headersSent {
+			fields[0].Value = strconv.Itoa(httpStatus)
+		}
+		ep.writeHeadersLocked(c.sid, fields, true)
 		c.resp.closed = true
 		c.headersSent = true
 	}
