@@ -42,7 +42,8 @@ test-unit:
 # Each fuzz target runs for FUZZTIME; its seed corpus runs in test-unit too.
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest \
-                ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter
+                ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter \
+                ./host/proxy:FuzzRelayFrames
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	@for t in $(FUZZ_TARGETS); do \

@@ -48,7 +48,7 @@ type harness struct {
 	stop   func()           // stops the proxy (idempotent), checks Serve's result
 }
 
-func newHarness(t *testing.T, o harnessOpts) *harness {
+func newHarness(t testing.TB, o harnessOpts) *harness {
 	t.Helper()
 	if o.poolSize == 0 {
 		o.poolSize = 4
@@ -109,7 +109,7 @@ func newHarness(t *testing.T, o harnessOpts) *harness {
 
 // dialProxy is a plain client of the proxy (or one with opts instead of
 // plaintext credentials), closed in t.Cleanup.
-func dialProxy(t *testing.T, addr string, opts ...grpc.DialOption) *grpc.ClientConn {
+func dialProxy(t testing.TB, addr string, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
 	if len(opts) == 0 {
 		opts = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
@@ -137,7 +137,7 @@ func callCtx(t *testing.T) context.Context {
 }
 
 // eventually polls cond until it holds or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
