@@ -37,6 +37,9 @@ const (
 	maxWriteBuffer = 16 << 20
 	// minBatch: a flusher with less than this to write yields once first.
 	minBatch = 4 << 10
+	// queueChunk is the size up to which queued DATA is gathered in one
+	// buffer.
+	queueChunk = 64 << 10
 	// maxStreamID is the largest stream id (2^31-1).
 	maxStreamID = 1<<31 - 1
 )
@@ -54,6 +57,10 @@ var errWriteBufferFull = errors.New("peer is not reading: write buffer full")
 // peer's settings and the streams waiting for window.
 type endpoint struct {
 	nc net.Conn
+	// closer is what fail closes: nc, or the TCP connection under a TLS
+	// nc (a TLS close would first try to send close_notify to a peer that
+	// may not be reading, and this close runs under mu).
+	closer net.Conn
 
 	mu       sync.Mutex
 	buf      *bytes.Buffer // frames not yet taken by the flusher
@@ -81,6 +88,7 @@ func (w bufWriter) Write(p []byte) (int, error) { return w.e.buf.Write(p) }
 func newEndpoint(nc net.Conn) *endpoint {
 	e := &endpoint{
 		nc:       nc,
+		closer:   nc,
 		buf:      new(bytes.Buffer),
 		spare:    new(bytes.Buffer),
 		window:   65535,
@@ -146,7 +154,7 @@ func (e *endpoint) run(onErr func(error)) {
 func (e *endpoint) flushLocked() {
 	if e.buf.Len() > maxWriteBuffer && e.err == nil {
 		e.err = errWriteBufferFull
-		_ = e.nc.Close()
+		_ = e.closer.Close()
 		close(e.kick)
 		return
 	}
@@ -167,7 +175,7 @@ func (e *endpoint) fail(err error) {
 		return
 	}
 	e.err = err
-	_ = e.nc.Close()
+	_ = e.closer.Close()
 	close(e.kick)
 }
 
@@ -274,7 +282,7 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 	}
 	if len(h.q) > 0 || h.qEnd {
 		if len(data) > 0 {
-			h.q = append(h.q, bytes.Clone(data))
+			h.enqueue(data)
 		}
 		h.qEnd = h.qEnd || end
 		if trailers != nil {
@@ -297,7 +305,7 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 		data = data[n:]
 	}
 	if len(data) > 0 {
-		h.q = append(h.q, bytes.Clone(data))
+		h.enqueue(data)
 		h.qEnd = end
 		h.trailers = trailers
 		h.block()
@@ -317,6 +325,19 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 	}
 	e.flushLocked()
 	return sent, ended
+}
+
+// enqueue copies data to the end of h's queue, into the last chunk while
+// it is small, so that many tiny frames do not cost a slice header and an
+// allocation each: what is queued stays close to the stream's window.
+func (h *half) enqueue(data []byte) {
+	if n := len(h.q); n > 0 && len(h.q[n-1])+len(data) <= queueChunk {
+		h.q[n-1] = append(h.q[n-1], data...)
+		return
+	}
+	c := make([]byte, len(data), max(len(data), min(queueChunk, 4*len(data))))
+	copy(c, data)
+	h.q = append(h.q, c)
 }
 
 // block puts h on its endpoint's list of streams waiting for window.

@@ -176,7 +176,7 @@ func TestHalfFlowControl(t *testing.T) {
 		t.Fatalf("first send: %d bytes, end %v; want 10, false", n, end)
 	}
 	n, end = h.sendLocked([]byte("XYZ"), true, nil) // queued behind
-	if n != 0 || end || len(h.q) != 2 || !h.qEnd {
+	if n != 0 || end || len(h.q) != 1 || !h.qEnd {  // gathered into one chunk
 		t.Fatalf("second send: %d bytes, end %v, queue %d, qEnd %v", n, end, len(h.q), h.qEnd)
 	}
 	list, err := e.addWindowLocked(h, 100) // connection window (5 left) now limits
@@ -211,5 +211,27 @@ func TestHalfFlowControl(t *testing.T) {
 	}
 	if string(got) != "0123456789abcdefXYZ" {
 		t.Fatalf("relayed %q", got)
+	}
+}
+
+// Many tiny DATA frames queued for a stream cost about their bytes, not
+// a buffer each.
+func TestQueueOfTinyFrames(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	e := newEndpoint(a)
+	h := &half{dst: e, id: 1, window: 0}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for range 100_000 {
+		h.sendLocked([]byte{'x'}, false, nil)
+	}
+	total := 0
+	for _, c := range h.q {
+		total += len(c)
+	}
+	if total != 100_000 || len(h.q) > 100_000/queueChunk+1 {
+		t.Fatalf("%d bytes in %d chunks", total, len(h.q))
 	}
 }

@@ -253,7 +253,7 @@ func (l *lane) eachReq(fn func(*half)) {
 func (l *lane) ready() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return !l.dead && !l.goAway && l.nextID < maxStreamID-2
+	return !l.dead && !l.goAway
 }
 
 func (l *lane) load() int {
@@ -262,11 +262,32 @@ func (l *lane) load() int {
 	return len(l.calls)
 }
 
+// lastLaneStreamID is the last stream id a lane uses before it is
+// replaced (a variable so tests can reach it quickly).
+var lastLaneStreamID uint32 = maxStreamID - 2
+
 // errLaneFull: the lane has as many streams as the upstream allows.
 var errLaneFull = errors.New("upstream connection has no free stream")
 
 // open starts call c on the lane with the request headers fields.
 func (l *lane) open(c *call, fields []hpack.HeaderField, end bool) error {
+	exhausted, err := l.openLocked(c, fields, end)
+	if exhausted {
+		// Its stream ids are used up: it takes no more calls, closes when
+		// the last one ends, and is redialled.
+		l.set.log.Info("upstream connection used up its stream ids: draining it for a new one",
+			zap.String("upstream", l.set.name), zap.Int("lane", l.idx))
+		l.set.changed()
+		if l.load() == 0 {
+			l.ep.fail(errors.New("stream ids used up"))
+		}
+	}
+	return err
+}
+
+// openLocked is open; exhausted reports that this call took the last
+// stream id the lane may use.
+func (l *lane) openLocked(c *call, fields []hpack.HeaderField, end bool) (exhausted bool, err error) {
 	ep := l.ep
 	ep.mu.Lock()
 	defer ep.mu.Unlock()
@@ -274,16 +295,19 @@ func (l *lane) open(c *call, fields []hpack.HeaderField, end bool) error {
 	switch {
 	case l.dead || ep.err != nil:
 		l.mu.Unlock()
-		return errors.New("upstream connection lost before the call could start")
-	case l.goAway || l.nextID >= maxStreamID-2:
+		return false, errors.New("upstream connection lost before the call could start")
+	case l.goAway:
 		l.mu.Unlock()
-		return errors.New("upstream connection is draining")
+		return false, errors.New("upstream connection is draining")
 	case uint32(len(l.calls)) >= l.maxStreams:
 		l.mu.Unlock()
-		return errLaneFull
+		return false, errLaneFull
 	}
 	id := l.nextID
 	l.nextID += 2
+	if l.nextID > lastLaneStreamID {
+		l.goAway, exhausted = true, true
+	}
 	c.ln, c.uid = l, id
 	c.req = half{dst: ep, id: id, window: ep.initWin, onSent: c.reqSent}
 	l.calls[id] = c
@@ -293,7 +317,7 @@ func (l *lane) open(c *call, fields []hpack.HeaderField, end bool) error {
 	if end {
 		c.req.closed = true
 	}
-	return nil
+	return exhausted, nil
 }
 
 // forget removes c from the lane.
@@ -407,6 +431,16 @@ func (l *lane) handle(f http2.Frame) error {
 		list, err := l.ep.addWindowLocked(h, f.Increment)
 		l.ep.mu.Unlock()
 		report(list)
+		var se http2.StreamError
+		if errors.As(err, &se) {
+			// One stream's window overflowed: that call fails, the
+			// connection and its other calls go on.
+			if c := l.lookup(se.StreamID); c != nil {
+				c.cancelUpstreamCode(http2.ErrCodeFlowControl)
+				c.answer(codes.Internal, "upstream flow-control error on the stream")
+			}
+			return nil
+		}
 		if err != nil {
 			return err
 		}
@@ -454,6 +488,10 @@ func (l *lane) onGoAway(f *http2.GoAwayFrame) {
 	l.mu.Unlock()
 	l.set.changed()
 	for _, c := range refused {
+		l.ep.mu.Lock()
+		c.req.closed, c.req.over = true, true
+		c.req.q, c.req.qEnd = nil, false
+		l.ep.mu.Unlock()
 		c.upstreamLost("upstream is shutting down (GOAWAY): call not started, retry")
 	}
 	if empty {

@@ -273,7 +273,14 @@ func (p *Proxy) Serve(l net.Listener) error {
 			continue
 		}
 		delay = 0
-		p.connWG.Add(1)
+		p.mu.Lock()
+		if p.stopped {
+			p.mu.Unlock()
+			_ = nc.Close()
+			return nil
+		}
+		p.connWG.Add(1) // under mu: Stop waits only after stopped is set
+		p.mu.Unlock()
 		go func() {
 			defer p.connWG.Done()
 			p.serveConn(nc)
@@ -401,10 +408,14 @@ func (p *Proxy) Stop(ctx context.Context) error {
 		case <-ctx.Done():
 			p.log.Warn("graceful stop timed out: cutting calls still in flight", zap.Error(ctx.Err()))
 			p.mu.Lock()
+			conns := make([]*srvConn, 0, len(p.conns))
 			for sc := range p.conns {
-				sc.ep.fail(errors.New("proxy stopped"))
+				conns = append(conns, sc)
 			}
 			p.mu.Unlock()
+			for _, sc := range conns {
+				sc.ep.fail(errors.New("proxy stopped"))
+			}
 			<-done
 		}
 		p.serving.Wait()

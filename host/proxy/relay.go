@@ -44,8 +44,8 @@ type srvConn struct {
 	fr *http2.Framer // reads; owned by serve
 
 	// Read side, owned by serve.
-	lastID      uint32 // highest stream id the client opened
-	recvUnacked uint32 // connection credit not yet returned
+	lastID      atomic.Uint32 // highest stream id the client opened; written by serve under mu
+	recvUnacked uint32        // connection credit not yet returned
 	pingStrikes int
 	lastPing    time.Time
 
@@ -78,6 +78,7 @@ func (p *Proxy) serveConn(nc net.Conn) {
 		case <-handshaking:
 		}
 	}()
+	raw := nc // closing it never blocks, unlike a TLS close_notify
 	if p.tls != nil {
 		tc := tls.Server(nc, p.tlsConf)
 		if err := tc.Handshake(); err != nil {
@@ -88,10 +89,12 @@ func (p *Proxy) serveConn(nc net.Conn) {
 		}
 		nc = tc
 	}
+	ep := newEndpoint(nc)
+	ep.closer = raw
 	sc := &srvConn{
 		px:    p,
 		nc:    nc,
-		ep:    newEndpoint(nc),
+		ep:    ep,
 		peer:  nc.RemoteAddr().String(),
 		calls: map[uint32]*call{},
 		done:  make(chan struct{}),
@@ -179,9 +182,11 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 			if errors.As(err, &se) {
 				// A malformed stream (an invalid header field): reset it,
 				// keep the connection.
-				if se.StreamID > sc.lastID {
-					sc.lastID = se.StreamID
+				sc.mu.Lock()
+				if se.StreamID > sc.lastID.Load() {
+					sc.lastID.Store(se.StreamID)
 				}
+				sc.mu.Unlock()
 				if c := sc.call(se.StreamID); c != nil {
 					c.clientReset(se.Code)
 				}
@@ -244,7 +249,7 @@ func (e *goAwayError) Error() string { return fmt.Sprintf("GOAWAY %s: %s", e.cod
 func (sc *srvConn) goAwayAndClose(code http2.ErrCode, debug string) {
 	sc.ep.mu.Lock()
 	if sc.ep.err == nil {
-		_ = sc.ep.fr.WriteGoAway(sc.lastID, code, []byte(debug))
+		_ = sc.ep.fr.WriteGoAway(sc.lastID.Load(), code, []byte(debug))
 	}
 	sc.ep.mu.Unlock()
 	sc.ep.drainAndClose(fmt.Errorf("GOAWAY %s", code), time.Second)
@@ -277,7 +282,7 @@ func (sc *srvConn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		if c := sc.call(f.StreamID); c != nil {
 			c.clientReset(f.ErrCode)
-		} else if f.StreamID > sc.lastID {
+		} else if f.StreamID > sc.lastID.Load() {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 	case *http2.SettingsFrame:
@@ -376,6 +381,9 @@ func (sc *srvConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 		if h == nil {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
+		if c := sc.call(f.StreamID); c != nil {
+			c.clientReset(http2.ErrCodeProtocol)
+		}
 		sc.resetStream(f.StreamID, http2.ErrCodeProtocol)
 		return nil
 	}
@@ -416,7 +424,7 @@ func (sc *srvConn) onData(f *http2.DataFrame) error {
 	sc.connCredit(f.Length)
 	c := sc.call(id)
 	if c == nil {
-		if id > sc.lastID || id%2 == 0 {
+		if id > sc.lastID.Load() || id%2 == 0 {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		return nil // a stream the proxy already ended: dropped
@@ -449,10 +457,12 @@ func (sc *srvConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if id%2 == 0 {
 		return &goAwayError{http2.ErrCodeProtocol, fmt.Sprintf("received an illegal stream id: %d (even: a server's)", id)}
 	}
-	if id <= sc.lastID {
+	if id <= sc.lastID.Load() {
 		c := sc.call(id)
 		if c == nil {
-			return &goAwayError{http2.ErrCodeStreamClosed, fmt.Sprintf("HEADERS on closed stream %d", id)}
+			// A stream the proxy ended (and reset) while the client was
+			// still sending: ignored (RFC 9113 section 5.1).
+			return nil
 		}
 		// Trailers from the client: gRPC has none to relay; they end the
 		// request stream.
@@ -466,20 +476,11 @@ func (sc *srvConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		return nil
 	}
-	sc.lastID = id
-	sc.mu.Lock()
-	goAway, n := sc.goAway, len(sc.calls)
-	sc.mu.Unlock()
-	if goAway {
-		sc.resetStream(id, http2.ErrCodeRefusedStream)
-		return nil
-	}
-	if n >= int(sc.px.cfg.MaxConcurrentStreams) {
-		sc.resetStream(id, http2.ErrCodeRefusedStream)
-		return nil
-	}
 	if f.Truncated {
 		// Over SETTINGS_MAX_HEADER_LIST_SIZE: reset, as grpc-go does.
+		sc.mu.Lock()
+		sc.lastID.Store(id)
+		sc.mu.Unlock()
 		sc.resetStream(id, http2.ErrCodeFrameSize)
 		return nil
 	}
@@ -558,7 +559,7 @@ func (sc *srvConn) drain(reason string, grace <-chan time.Time) {
 	sc.mu.Unlock()
 	sc.ep.mu.Lock()
 	if sc.ep.err == nil {
-		_ = sc.ep.fr.WriteGoAway(sc.lastID, http2.ErrCodeNo, []byte(reason))
+		_ = sc.ep.fr.WriteGoAway(sc.lastID.Load(), http2.ErrCodeNo, []byte(reason))
 		sc.ep.flushLocked()
 	}
 	sc.ep.mu.Unlock()
@@ -638,7 +639,21 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 	sc.ep.mu.Unlock()
 	c.method = f.PseudoValue("path")
 	c.reqEnded.Store(f.StreamEnded())
+	// The stream id, the GOAWAY check and the call's registration are one
+	// step: a drain (GOAWAY with lastID) sees either the call or a stream
+	// it refused.
 	sc.mu.Lock()
+	sc.lastID.Store(c.sid)
+	switch {
+	case sc.goAway:
+		sc.mu.Unlock()
+		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
+		return
+	case len(sc.calls) >= int(p.cfg.MaxConcurrentStreams):
+		sc.mu.Unlock()
+		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
+		return
+	}
 	sc.calls[c.sid] = c
 	sc.mu.Unlock()
 
@@ -923,13 +938,16 @@ func (c *call) fail(code codes.Code, msg string) {
 }
 
 // cancelUpstream resets the upstream stream and forgets it.
-func (c *call) cancelUpstream() {
+func (c *call) cancelUpstream() { c.cancelUpstreamCode(http2.ErrCodeCancel) }
+
+// cancelUpstreamCode resets the upstream stream with code and forgets it.
+func (c *call) cancelUpstreamCode(code http2.ErrCode) {
 	if c.ln == nil {
 		return
 	}
 	ep := c.ln.ep
 	ep.mu.Lock()
-	c.req.resetLocked(http2.ErrCodeCancel)
+	c.req.resetLocked(code)
 	ep.mu.Unlock()
 	c.ln.forget(c)
 }

@@ -11,9 +11,11 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/nitrosign/nitrosign/host/proxy"
 	nitrosignv1 "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -180,4 +182,49 @@ func closedByPeer(c net.Conn) bool {
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
+}
+
+// An upstream connection that has used up its stream ids drains and is
+// replaced; no call fails on the way and readiness comes back.
+func TestLaneReplacedWhenStreamIDsRunOut(t *testing.T) {
+	defer proxy.SetLastLaneStreamID(9)() // five streams per connection
+	h := newHarness(t, harnessOpts{poolSize: 1})
+	h.waitAllReady(t)
+	echo := nitrosignv1.NewEchoServiceClient(h.cc)
+	for i := range 40 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := echo.Echo(ctx, &nitrosignv1.EchoRequest{Payload: []byte("x")}, grpc.WaitForReady(true))
+		cancel()
+		if err != nil {
+			t.Fatalf("Echo %d across connection replacements: %v", i, err)
+		}
+		// A client that does not wait for readiness would see the moment
+		// between the old connection and the new one; wait for it here.
+		eventually(t, 5*time.Second, "upstream slot ready again", func() bool { return h.proxy.Ready() == 1 })
+	}
+	if n := len(h.up.Peers()); n < 8 {
+		t.Errorf("upstream saw %d connections carry calls, want >= 8 (one per 5 calls)", n)
+	}
+}
+
+// A WINDOW_UPDATE of 0 on a stream is a stream error: the stream is reset
+// and its call ends, upstream too; the connection serves on.
+func TestZeroWindowUpdateEndsTheCall(t *testing.T) {
+	h := newHarness(t, harnessOpts{poolSize: 1})
+	h.waitAllReady(t)
+	active := countActive(h)
+	raw := newRawClient(t, h.addr, 0)
+	params := []*testpb.ResponseParameters{{Size: 1 << 20}, {Size: 1 << 20}}
+	id := raw.call("/grpc.testing.TestService/StreamingOutputCall", &testpb.StreamingOutputCallRequest{ResponseParameters: params})
+	eventually(t, 5*time.Second, "the stream running upstream", func() bool { return active.Load() == 1 })
+	// x/net/http2 refuses to write an increment of 0: by hand.
+	if err := raw.fr.WriteRawFrame(http2.FrameWindowUpdate, 0, id, []byte{0, 0, 0, 0}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the upstream handler cancelled", func() bool { return active.Load() == 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := nitrosignv1.NewEchoServiceClient(h.cc).Echo(ctx, &nitrosignv1.EchoRequest{Payload: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
 }
