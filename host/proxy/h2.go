@@ -252,6 +252,47 @@ func (e *endpoint) windowUpdate(id uint32, n uint32) {
 	e.flushLocked()
 }
 
+// ping writes a PING (ack: the answer to one with data).
+func (e *endpoint) ping(ack bool, data [8]byte) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.err == nil {
+		_ = e.fr.WritePing(ack, data)
+		e.flushLocked()
+	}
+}
+
+// addWindow applies a WINDOW_UPDATE (h nil: the connection), resumes the
+// streams it unblocks and tells their senders. A http2.StreamError is
+// one stream's window overflowing; any other error, the connection's.
+func (e *endpoint) addWindow(h *half, incr uint32) error {
+	e.mu.Lock()
+	list, err := e.addWindowLocked(h, incr)
+	e.mu.Unlock()
+	report(list)
+	return err
+}
+
+// settings applies the peer's SETTINGS (streams visits every half
+// sending to it, for a change of the initial window), acknowledges them
+// and resumes what a larger window unblocks.
+func (e *endpoint) settings(f *http2.SettingsFrame, streams func(func(*half))) error {
+	e.mu.Lock()
+	if err := e.applySettingsLocked(f, streams); err != nil {
+		e.mu.Unlock()
+		return err
+	}
+	var list []sent
+	if e.err == nil {
+		_ = e.fr.WriteSettingsAck()
+		list = e.resumeBlockedLocked()
+		e.flushLocked()
+	}
+	e.mu.Unlock()
+	report(list)
+	return nil
+}
+
 // half is one direction of a relayed call, as the endpoint it is sent to
 // sees it: a stream id there, its send window, and what waits for window.
 // Every field is guarded by dst.mu.

@@ -219,11 +219,7 @@ func (s *laneSet) connect(i int) (*lane, error) {
 
 // applySettings applies the server's SETTINGS and acknowledges them.
 func (l *lane) applySettings(f *http2.SettingsFrame) error {
-	ep := l.ep
-	ep.mu.Lock()
-	defer ep.mu.Unlock()
-	err := ep.applySettingsLocked(f, l.eachReq)
-	if err != nil {
+	if err := l.ep.settings(f, l.eachReq); err != nil {
 		return err
 	}
 	if v, ok := f.Value(http2.SettingMaxConcurrentStreams); ok {
@@ -231,12 +227,6 @@ func (l *lane) applySettings(f *http2.SettingsFrame) error {
 		l.maxStreams = v
 		l.mu.Unlock()
 	}
-	_ = ep.fr.WriteSettingsAck()
-	list := ep.resumeBlockedLocked()
-	ep.flushLocked()
-	ep.mu.Unlock()
-	report(list)
-	ep.mu.Lock() // for the deferred Unlock
 	return nil
 }
 
@@ -427,10 +417,7 @@ func (l *lane) handle(f http2.Frame) error {
 			}
 			h = &c.req
 		}
-		l.ep.mu.Lock()
-		list, err := l.ep.addWindowLocked(h, f.Increment)
-		l.ep.mu.Unlock()
-		report(list)
+		err := l.ep.addWindow(h, f.Increment)
 		var se http2.StreamError
 		if errors.As(err, &se) {
 			// One stream's window overflowed: that call fails, the
@@ -457,12 +444,7 @@ func (l *lane) handle(f http2.Frame) error {
 			l.pingAcked.Store(true)
 			return nil
 		}
-		l.ep.mu.Lock()
-		if l.ep.err == nil {
-			_ = l.ep.fr.WritePing(true, f.Data)
-			l.ep.flushLocked()
-		}
-		l.ep.mu.Unlock()
+		l.ep.ping(true, f.Data)
 	case *http2.GoAwayFrame:
 		l.onGoAway(f)
 	case *http2.PushPromiseFrame:
@@ -525,12 +507,7 @@ func (l *lane) keeper(done <-chan struct{}) {
 			case now.Sub(time.Unix(0, l.lastRead.Load())) > kt:
 				l.pingAcked.Store(false)
 				pingSent = now
-				l.ep.mu.Lock()
-				if l.ep.err == nil {
-					_ = l.ep.fr.WritePing(false, [8]byte{'l', 'a', 'n', 'e'})
-					l.ep.flushLocked()
-				}
-				l.ep.mu.Unlock()
+				l.ep.ping(false, [8]byte{'l', 'a', 'n', 'e'})
 			}
 		}
 	}

@@ -289,17 +289,7 @@ func (sc *srvConn) handle(f http2.Frame) error {
 		if f.IsAck() {
 			return nil
 		}
-		sc.ep.mu.Lock()
-		err := sc.ep.applySettingsLocked(f, sc.eachResp)
-		var list []sent
-		if err == nil {
-			_ = sc.ep.fr.WriteSettingsAck()
-			list = sc.ep.resumeBlockedLocked()
-			sc.ep.flushLocked()
-		}
-		sc.ep.mu.Unlock()
-		report(list)
-		return err
+		return sc.ep.settings(f, sc.eachResp)
 	case *http2.PingFrame:
 		if f.IsAck() {
 			sc.pingAcked.Store(true)
@@ -308,12 +298,7 @@ func (sc *srvConn) handle(f http2.Frame) error {
 		if err := sc.pingPolicy(); err != nil {
 			return err
 		}
-		sc.ep.mu.Lock()
-		if sc.ep.err == nil {
-			_ = sc.ep.fr.WritePing(true, f.Data)
-			sc.ep.flushLocked()
-		}
-		sc.ep.mu.Unlock()
+		sc.ep.ping(true, f.Data)
 	case *http2.GoAwayFrame:
 		// The client will open no more streams; the open ones finish.
 		if f.ErrCode != http2.ErrCodeNo {
@@ -387,10 +372,7 @@ func (sc *srvConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 		sc.resetStream(f.StreamID, http2.ErrCodeProtocol)
 		return nil
 	}
-	sc.ep.mu.Lock()
-	list, err := sc.ep.addWindowLocked(h, f.Increment)
-	sc.ep.mu.Unlock()
-	report(list)
+	err := sc.ep.addWindow(h, f.Increment)
 	var se http2.StreamError
 	if errors.As(err, &se) {
 		if c := sc.call(se.StreamID); c != nil {
@@ -522,12 +504,7 @@ func (sc *srvConn) keeper(done <-chan struct{}) {
 			} else if now.Sub(time.Unix(0, sc.lastRead.Load())) > cfg.KeepaliveTime {
 				sc.pingAcked.Store(false)
 				pingSent = now
-				sc.ep.mu.Lock()
-				if sc.ep.err == nil {
-					_ = sc.ep.fr.WritePing(false, [8]byte{'k', 'e', 'e', 'p'})
-					sc.ep.flushLocked()
-				}
-				sc.ep.mu.Unlock()
+				sc.ep.ping(false, [8]byte{'k', 'e', 'e', 'p'})
 			}
 			if cfg.MaxConnectionIdle > 0 {
 				sc.mu.Lock()
