@@ -601,6 +601,7 @@ type call struct {
 	timerMu  sync.Mutex
 	timer    *time.Timer
 	finished atomic.Bool
+	observed atomic.Bool
 	code     atomic.Int32 // final status
 	upErr    atomic.Bool  // the status is the upstream's failure (metrics)
 }
@@ -887,6 +888,7 @@ func (c *call) answer(code codes.Code, msg string) { c.answerHTTP(code, msg, 0) 
 // requests, as gRPC's spec asks) when no response headers went out yet.
 func (c *call) answerHTTP(code codes.Code, msg string, httpStatus int) {
 	c.code.Store(int32(code))
+	c.observe()
 	ep := c.sc.ep
 	ep.mu.Lock()
 	c.resp.q, c.resp.qEnd, c.resp.trailers = nil, false, nil
@@ -989,6 +991,18 @@ func (c *call) finish() {
 		sc.lastCall = time.Now()
 	}
 	sc.mu.Unlock()
+	c.observe()
+}
+
+// observe records the call's outcome once: it frees the in-flight slot,
+// counts the call in the metrics and logs it. It runs before the end of
+// the response goes to the client (and from finish, for the paths where
+// nothing does), so a client that has its answer sees the call counted
+// and its slot free, as with a gRPC server's interceptors.
+func (c *call) observe() {
+	if !c.observed.CompareAndSwap(false, true) {
+		return
+	}
 	if c.slot {
 		c.px.inFlight.Release()
 	}
@@ -1005,7 +1019,7 @@ func (c *call) finish() {
 	}
 	if c.px.debug {
 		c.px.log.Debug("call", zap.String("method", c.method), zap.Stringer("code", code),
-			zap.Duration("latency", elapsed), zap.String(requestid.LogField, c.reqID), zap.String("peer", sc.peer))
+			zap.Duration("latency", elapsed), zap.String(requestid.LogField, c.reqID), zap.String("peer", c.sc.peer))
 	}
 }
 
@@ -1028,6 +1042,7 @@ func (c *call) upHeaders(f *http2.MetaHeadersFrame) {
 			}
 		}
 		c.code.Store(int32(code))
+		c.observe()
 	}
 	ep := c.sc.ep
 	ep.mu.Lock()
@@ -1079,13 +1094,16 @@ func (c *call) upData(data []byte, end bool) {
 		c.fail(codes.ResourceExhausted, "response from the enclave refused: "+err.Error())
 		return
 	}
+	if end {
+		// END_STREAM on DATA: no trailers, no status (grpc-go says Internal).
+		c.code.Store(int32(codes.Internal))
+		c.observe()
+	}
 	ep := c.sc.ep
 	ep.mu.Lock()
 	n, ended := c.resp.sendLocked(data, end, nil)
 	ep.mu.Unlock()
 	if end {
-		// END_STREAM on DATA: no trailers, no status (grpc-go says Internal).
-		c.code.Store(int32(codes.Internal))
 		c.upDone()
 	}
 	if n > 0 || ended {
