@@ -264,13 +264,11 @@ func (l *lane) open(c *call, fields []hpack.HeaderField, end bool) error {
 	exhausted, err := l.openLocked(c, fields, end)
 	if exhausted {
 		// Its stream ids are used up: it takes no more calls, closes when
-		// the last one ends, and is redialled.
+		// the last one (this one at the latest) ends (forget), and is
+		// redialled.
 		l.set.log.Info("upstream connection used up its stream ids: draining it for a new one",
 			zap.String("upstream", l.set.name), zap.Int("lane", l.idx))
 		l.set.changed()
-		if l.load() == 0 {
-			l.ep.fail(errors.New("stream ids used up"))
-		}
 	}
 	return err
 }
