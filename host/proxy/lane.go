@@ -56,6 +56,7 @@ type laneSet struct {
 	log     *zap.Logger
 	slots   []atomic.Pointer[lane]
 	calls   []atomic.Uint64 // streams opened per slot
+	dials   atomic.Uint64   // connections established, ever (replacements included)
 	wake    []chan struct{} // cuts a slot's redial backoff short
 	next    atomic.Uint64
 	ctx     context.Context
@@ -134,6 +135,7 @@ func (s *laneSet) keep(i int) {
 			continue
 		}
 		backoff = s.cfg.BackoffBase
+		s.dials.Add(1)
 		s.slots[i].Store(l)
 		if s.ctx.Err() != nil {
 			l.ep.fail(errors.New("proxy stopped"))

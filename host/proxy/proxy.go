@@ -363,6 +363,11 @@ func (p *Proxy) UpstreamCalls() []uint64 {
 	return out
 }
 
+// UpstreamConnects returns how many upstream connections the relay has
+// established since New: the pool's size once all are up; more means a
+// connection was lost or replaced.
+func (p *Proxy) UpstreamConnects() uint64 { return p.enclave.dials.Load() }
+
 // Alive reports an error when the proxy is not serving any listener (the
 // systemd watchdog asks). It does not look at the enclave: a proxy whose
 // enclave is down is alive, and says so through its health service.
