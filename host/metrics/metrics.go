@@ -12,6 +12,7 @@
 package metrics
 
 import (
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,7 +55,27 @@ const (
 	// ShedMaxInFlight: a call beyond --max-in-flight was answered
 	// ResourceExhausted at once.
 	ShedMaxInFlight = "max_in_flight"
+	// ShedConnectionShare: a call beyond its connection's share of the
+	// enclave (--max-connection-calls) was answered ResourceExhausted.
+	ShedConnectionShare = "connection_share"
+	// ShedMemoryBudget: a call arriving while the proxy was over its
+	// memory budget (--memory-budget) was answered ResourceExhausted.
+	ShedMemoryBudget = "memory_budget"
+	// ShedUpstreamBusy: a call found every upstream connection full (the
+	// enclave's stream limit) or congested and was answered
+	// ResourceExhausted.
+	ShedUpstreamBusy = "upstream_busy"
+	// ShedTooManyResets: a client connection reset more streams than its
+	// budget (--max-client-resets) and was sent GOAWAY ENHANCE_YOUR_CALM.
+	ShedTooManyResets = "too_many_resets"
+	// ShedReadPaused: a client connection's reader paused because the
+	// connection had more queued than --max-connection-buffer.
+	ShedReadPaused = "read_paused"
 )
+
+// shedReasons are the valid Shed reasons.
+var shedReasons = []string{ShedMaxConnections, ShedMaxInFlight, ShedConnectionShare, ShedMemoryBudget,
+	ShedUpstreamBusy, ShedTooManyResets, ShedReadPaused}
 
 // LatencyBuckets are the call duration histogram's upper bounds, in
 // seconds: from 100 µs (a vsock round trip is about 124 µs p50, an ECDSA
@@ -100,14 +121,14 @@ func New() *Metrics {
 		}, []string{"reason"}),
 		shed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Subsystem: "proxy", Name: "shed_total",
-			Help: "Load the proxy shed at once: client connections closed beyond --max-connections (max_connections), calls answered ResourceExhausted beyond --max-in-flight (max_in_flight).",
+			Help: "Load the proxy shed or held back: client connections closed beyond --max-connections (max_connections); calls answered ResourceExhausted beyond --max-in-flight (max_in_flight), beyond their connection's share (connection_share), over the memory budget (memory_budget) or with every upstream connection full (upstream_busy); connections sent GOAWAY for resetting too many streams (too_many_resets); client readers paused for queuing too much (read_paused).",
 		}, []string{"reason"}),
 	}
 	// Pre-create the reasons so that rate() works from the first scrape.
 	for _, r := range []string{ReasonNoReadyConnection, ReasonUnavailable, ReasonServerFault} {
 		m.upstreamErrors.WithLabelValues(r)
 	}
-	for _, r := range []string{ShedMaxConnections, ShedMaxInFlight} {
+	for _, r := range shedReasons {
 		m.shed.WithLabelValues(r)
 	}
 	m.reg.MustRegister(m.calls, m.latency, m.inFlight, m.upstreamErrors, m.shed,
@@ -133,7 +154,7 @@ func (m *Metrics) CallFinished(method string, code codes.Code, elapsed time.Dura
 
 // Shed counts load the proxy shed; reason is one of the Shed constants.
 func (m *Metrics) Shed(reason string) {
-	if reason != ShedMaxConnections {
+	if !slices.Contains(shedReasons, reason) {
 		reason = ShedMaxInFlight
 	}
 	m.shed.WithLabelValues(reason).Inc()

@@ -87,6 +87,35 @@ type Config struct {
 	// proxy does not know are left alone: a health Watch may live as long as
 	// its caller wants. Default 30s.
 	DefaultCallTimeout time.Duration
+	// DefaultStreamTimeout is the deadline given to a streaming call, or a
+	// call of a method the proxy does not know, that arrived without one,
+	// so that no stream holds its share of the enclave for ever by
+	// default; 0 gives none. Default 1h.
+	DefaultStreamTimeout time.Duration
+	// MaxConnectionCalls bounds the calls one client connection may have
+	// open at the enclave at once: its share of the enclave's in-flight
+	// slots (1024 by default), so one connection cannot take them all.
+	// A call beyond it gets ResourceExhausted. Default 256 (a quarter).
+	MaxConnectionCalls int
+	// MaxClientResets is the number of streams a client connection may
+	// reset at once while the proxy still relays them; it earns a tenth
+	// of it back each second. Beyond it the connection is sent GOAWAY
+	// ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487). Default 1000.
+	MaxClientResets int
+	// MaxConnectionBuffer bounds, in bytes, what one client connection can
+	// make the proxy queue that drains without the proxy reading more from
+	// it (frames for a client that does not read them, request bytes the
+	// enclave cannot take yet): above it the proxy stops reading from that
+	// client until it drains. Default 1 MiB.
+	MaxConnectionBuffer int
+	// MemoryBudget bounds, in bytes, what the relay buffers across all
+	// connections (frames queued both ways, requests waiting to be
+	// complete, responses waiting for a client's window). Over it, new
+	// calls get ResourceExhausted and every connection holding more than
+	// an eighth of MaxConnectionBuffer stops being read until it drains.
+	// Default 128 MiB: the proxy's RSS under the attacks in
+	// docs/RELIABILITY.md stays under twice this.
+	MemoryBudget int64
 	// MaxConcurrentStreams bounds the calls open at once on one client
 	// connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a grpc-go client
 	// waits for a free stream, a raw one gets RST_STREAM(REFUSED_STREAM).
@@ -145,6 +174,11 @@ func DefaultConfig() Config {
 		MaxConnections:        1024,
 		MaxInFlight:           4096,
 		DefaultCallTimeout:    30 * time.Second,
+		DefaultStreamTimeout:  time.Hour,
+		MaxConnectionCalls:    256,
+		MaxClientResets:       1000,
+		MaxConnectionBuffer:   1 << 20,
+		MemoryBudget:          128 << 20,
 		MaxConcurrentStreams:  1024,
 		MaxHeaderListSize:     32 << 10,
 		MaxMetadataSize:       16 << 10,

@@ -3,16 +3,14 @@ package proxy
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"net"
 	"runtime"
-	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-	"google.golang.org/grpc/codes"
 )
 
 // HTTP/2 parameters of the relay (RFC 9113). The proxy advertises the same
@@ -30,11 +28,22 @@ const (
 	// maxFrameSize is the largest frame the proxy reads (the HTTP/2 default,
 	// which grpc-go also uses).
 	maxFrameSize = 16 << 10
-	// maxWriteBuffer bounds the bytes queued for one connection that its
-	// peer does not read; beyond it the connection is closed. Flow control
-	// keeps DATA far below it; only a peer that stops reading while it
-	// keeps sending calls can reach it.
+	// maxWriteBuffer bounds the bytes queued for one client connection
+	// whose peer does not read; beyond it the connection is closed. It is
+	// a last resort: the client's reader pauses far below it (see
+	// Config.MaxConnectionBuffer) and response DATA waits above
+	// clientSendCap, so only a broken invariant reaches it. Upstream
+	// connections have no such limit: they are never closed because of
+	// what clients queued on them (laneBusy applies backpressure instead).
 	maxWriteBuffer = 16 << 20
+	// clientSendCap: response DATA is not written into a client
+	// connection's buffer beyond this many bytes; it stays queued on its
+	// stream (bounded by the stream's window) until the client reads.
+	clientSendCap = 256 << 10
+	// laneBusy: an upstream connection with more than this many bytes
+	// waiting to be written to the enclave takes no new calls, and the
+	// client readers relaying requests into it wait (backpressure).
+	laneBusy = 1 << 20
 	// minBatch: a flusher with less than this to write yields once first.
 	minBatch = 4 << 10
 	// queueChunk is the size up to which queued DATA is gathered in one
@@ -46,6 +55,34 @@ const (
 
 // errWriteBufferFull closes a connection whose peer stopped reading.
 var errWriteBufferFull = errors.New("peer is not reading: write buffer full")
+
+// errNoRoom: what waited for a connection's buffer to drain gave up.
+var errNoRoom = errors.New("peer is not reading: buffered frames did not drain")
+
+// account counts the bytes the proxy holds in memory on behalf of one
+// owner (a client connection, an upstream connection) and, through
+// parent, for the whole proxy (Config.MemoryBudget).
+type account struct {
+	n      atomic.Int64
+	parent *account
+}
+
+func (a *account) add(d int64) {
+	if a == nil || d == 0 {
+		return
+	}
+	a.n.Add(d)
+	if a.parent != nil {
+		a.parent.add(d)
+	}
+}
+
+func (a *account) load() int64 {
+	if a == nil {
+		return 0
+	}
+	return a.n.Load()
+}
 
 // endpoint is the sending half of one HTTP/2 connection, client or
 // upstream. Frames are encoded, under mu, into an in-memory buffer; one
@@ -74,7 +111,22 @@ type endpoint struct {
 	maxFrame uint32
 	blocked  []*half // streams with queued data waiting for window
 	writing  bool    // the flusher is writing (outside mu)
-	wrote    bool    // HEADERS or DATA written since the last look (ping policy)
+	inWrite  int     // bytes the flusher is writing
+	wrote    bool    // relayed HEADERS or DATA written since the last look (ping policy)
+
+	// limit: more than this many bytes queued closes the connection (0:
+	// never). sendCap: DATA waits on its stream while more than this many
+	// bytes are queued (0: no cap); the flusher resumes it as it drains.
+	limit   int
+	sendCap int
+	// acct is charged with the bytes queued here; held is what it was
+	// last charged.
+	acct *account
+	held int64
+	// room is closed (and replaced) when the flusher has written and
+	// someone asked (roomWanted): waitRoom's wake-up.
+	room       chan struct{}
+	roomWanted bool
 
 	kick chan struct{} // wakes the flusher
 	done chan struct{} // closed when the flusher has exited
@@ -85,7 +137,7 @@ type bufWriter struct{ e *endpoint }
 
 func (w bufWriter) Write(p []byte) (int, error) { return w.e.buf.Write(p) }
 
-func newEndpoint(nc net.Conn) *endpoint {
+func newEndpoint(nc net.Conn, acct *account) *endpoint {
 	e := &endpoint{
 		nc:       nc,
 		closer:   nc,
@@ -94,6 +146,8 @@ func newEndpoint(nc net.Conn) *endpoint {
 		window:   65535,
 		initWin:  65535,
 		maxFrame: 16384,
+		acct:     acct,
+		room:     make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 		done:     make(chan struct{}),
 	}
@@ -131,6 +185,7 @@ func (e *endpoint) run(onErr func(error)) {
 		}
 		e.buf, e.spare = e.spare, b
 		e.writing = true
+		e.inWrite = b.Len()
 		e.mu.Unlock()
 		_, err := e.nc.Write(b.Bytes())
 		if b.Cap() > 1<<20 {
@@ -140,7 +195,18 @@ func (e *endpoint) run(onErr func(error)) {
 		e.mu.Lock()
 		e.spare = b
 		e.writing = false
+		e.inWrite = 0
+		var list []sent
+		if err == nil {
+			e.recountLocked()
+			e.wakeRoomLocked()
+			if e.sendCap > 0 && len(e.blocked) > 0 {
+				// DATA held back by sendCap goes out as the peer reads.
+				list = e.resumeBlockedLocked()
+			}
+		}
 		e.mu.Unlock()
+		report(list)
 		if err != nil {
 			onErr(err)
 			e.fail(err)
@@ -149,18 +215,84 @@ func (e *endpoint) run(onErr func(error)) {
 	}
 }
 
+// queuedLocked is the number of bytes waiting to reach the peer.
+func (e *endpoint) queuedLocked() int { return e.buf.Len() + e.inWrite }
+
+// recountLocked charges the account with what is queued now.
+func (e *endpoint) recountLocked() {
+	now := int64(e.queuedLocked())
+	if e.err != nil {
+		now = 0
+	}
+	e.acct.add(now - e.held)
+	e.held = now
+}
+
+// wakeRoomLocked wakes whoever waits in waitRoom.
+func (e *endpoint) wakeRoomLocked() {
+	if e.roomWanted {
+		close(e.room)
+		e.room = make(chan struct{})
+		e.roomWanted = false
+	}
+}
+
+// sendRoomLocked is how many DATA bytes may still be queued (sendCap).
+func (e *endpoint) sendRoomLocked() int64 {
+	if e.sendCap <= 0 {
+		return 1 << 62
+	}
+	return int64(e.sendCap - e.queuedLocked())
+}
+
+// waitRoom waits until at most max bytes are queued for the peer. It
+// returns errNoRoom after timeout, or the connection's error.
+func (e *endpoint) waitRoom(max int, timeout time.Duration) error {
+	var t *time.Timer
+	for {
+		e.mu.Lock()
+		if e.err != nil {
+			err := e.err
+			e.mu.Unlock()
+			return err
+		}
+		if e.queuedLocked() <= max {
+			e.mu.Unlock()
+			return nil
+		}
+		e.roomWanted = true
+		ch := e.room
+		e.mu.Unlock()
+		if t == nil {
+			t = time.NewTimer(timeout)
+			defer t.Stop()
+		}
+		select {
+		case <-ch:
+		case <-t.C:
+			return errNoRoom
+		}
+	}
+}
+
+// queued is queuedLocked for callers without mu.
+func (e *endpoint) queued() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.queuedLocked()
+}
+
 // flushLocked wakes the flusher; it fails the endpoint when the peer has
 // let too much pile up.
 func (e *endpoint) flushLocked() {
-	if e.buf.Len() > maxWriteBuffer && e.err == nil {
-		e.err = errWriteBufferFull
-		_ = e.closer.Close()
-		close(e.kick)
-		return
-	}
 	if e.err != nil {
 		return
 	}
+	if e.limit > 0 && e.buf.Len() > e.limit {
+		e.failLocked(errWriteBufferFull)
+		return
+	}
+	e.recountLocked()
 	select {
 	case e.kick <- struct{}{}:
 	default:
@@ -171,12 +303,24 @@ func (e *endpoint) flushLocked() {
 func (e *endpoint) fail(err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.failLocked(err)
+}
+
+func (e *endpoint) failLocked(err error) {
 	if e.err != nil {
 		return
 	}
 	e.err = err
 	_ = e.closer.Close()
 	close(e.kick)
+	e.recountLocked()
+	e.wakeRoomLocked()
+	// What waits for window will never be sent: give its bytes back.
+	for _, h := range e.blocked {
+		h.blocked = false
+		h.dropQueue()
+	}
+	e.blocked = nil
 }
 
 // drainAndClose lets the flusher write what is buffered (a GOAWAY), then
@@ -211,7 +355,6 @@ func (e *endpoint) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end
 	for _, f := range fields {
 		_ = e.henc.WriteField(f) // writes into hbuf, cannot fail
 	}
-	e.wrote = true
 	block := e.hbuf.Bytes()
 	max := int(e.maxFrame)
 	first := block
@@ -304,6 +447,8 @@ type half struct {
 	q        [][]byte
 	qEnd     bool
 	trailers []hpack.HeaderField
+	qBytes   int64 // bytes in q, charged to acct
+	acct     *account
 	blocked  bool // in dst.blocked
 	closed   bool // END_STREAM or RST_STREAM written: no more DATA goes out
 	over     bool // the stream is over on dst (reset, or ended both ways): no frame at all
@@ -334,7 +479,7 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 	sent := 0
 	e.wrote = true
 	for len(data) > 0 {
-		n := int(min(int64(len(data)), h.window, e.window, int64(e.maxFrame)))
+		n := int(min(int64(len(data)), h.window, e.window, int64(e.maxFrame), e.sendRoomLocked()))
 		if n <= 0 {
 			break
 		}
@@ -372,6 +517,8 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 // it is small, so that many tiny frames do not cost a slice header and an
 // allocation each: what is queued stays close to the stream's window.
 func (h *half) enqueue(data []byte) {
+	h.qBytes += int64(len(data))
+	h.acct.add(int64(len(data)))
 	if n := len(h.q); n > 0 && len(h.q[n-1])+len(data) <= queueChunk {
 		h.q[n-1] = append(h.q[n-1], data...)
 		return
@@ -379,6 +526,12 @@ func (h *half) enqueue(data []byte) {
 	c := make([]byte, len(data), max(len(data), min(queueChunk, 4*len(data))))
 	copy(c, data)
 	h.q = append(h.q, c)
+}
+
+// dropQueue forgets what h has queued (the stream is over).
+func (h *half) dropQueue() {
+	h.acct.add(-h.qBytes)
+	h.q, h.qBytes, h.qEnd, h.trailers = nil, 0, false, nil
 }
 
 // block puts h on its endpoint's list of streams waiting for window.
@@ -392,14 +545,18 @@ func (h *half) block() {
 // resumeLocked sends what h has queued as far as the windows now allow.
 func (h *half) resumeLocked() (int, bool) {
 	if h.closed {
-		h.q, h.qEnd, h.trailers = nil, false, nil
+		h.dropQueue()
 		return 0, false
 	}
 	e := h.dst
 	sent := 0
+	defer func() {
+		h.qBytes -= int64(sent)
+		h.acct.add(-int64(sent))
+	}()
 	for len(h.q) > 0 {
 		d := h.q[0]
-		n := int(min(int64(len(d)), h.window, e.window, int64(e.maxFrame)))
+		n := int(min(int64(len(d)), h.window, e.window, int64(e.maxFrame), e.sendRoomLocked()))
 		if n <= 0 {
 			h.block()
 			e.flushLocked()
@@ -442,7 +599,7 @@ func (h *half) resetLocked(code http2.ErrCode) {
 		return
 	}
 	h.closed, h.over = true, true
-	h.q, h.qEnd, h.trailers = nil, false, nil
+	h.dropQueue()
 	h.dst.writeRSTLocked(h.id, code)
 }
 
@@ -521,117 +678,5 @@ func report(list []sent) {
 		if s.h.onSent != nil {
 			s.h.onSent(s.n, s.ended)
 		}
-	}
-}
-
-// --- gRPC on HTTP/2 -----------------------------------------------------
-
-// statusFields are the fields that end a call with code and msg: the whole
-// response (trailers-only, with :status and content-type) when no headers
-// were sent, else trailers.
-func statusFields(code codes.Code, msg string, headersSent bool) []hpack.HeaderField {
-	f := make([]hpack.HeaderField, 0, 4)
-	if !headersSent {
-		f = append(f, hpack.HeaderField{Name: ":status", Value: "200"},
-			hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
-	}
-	f = append(f, hpack.HeaderField{Name: "grpc-status", Value: strconv.Itoa(int(code))})
-	if msg != "" {
-		f = append(f, hpack.HeaderField{Name: "grpc-message", Value: encodeGrpcMessage(msg)})
-	}
-	return f
-}
-
-// encodeGrpcMessage percent-encodes msg as the gRPC spec asks for
-// grpc-message: bytes outside printable ASCII, and '%'.
-func encodeGrpcMessage(msg string) string {
-	ok := true
-	for i := 0; i < len(msg); i++ {
-		if c := msg[i]; c < ' ' || c > '~' || c == '%' {
-			ok = false
-			break
-		}
-	}
-	if ok {
-		return msg
-	}
-	var b []byte
-	for i := 0; i < len(msg); i++ {
-		c := msg[i]
-		if c < ' ' || c > '~' || c == '%' {
-			b = fmt.Appendf(b, "%%%02X", c)
-		} else {
-			b = append(b, c)
-		}
-	}
-	return string(b)
-}
-
-// parseTimeout parses a grpc-timeout value ("100m", "30S").
-func parseTimeout(s string) (time.Duration, bool) {
-	if len(s) < 2 || len(s) > 9 {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(s[:len(s)-1], 10, 64)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	var unit time.Duration
-	switch s[len(s)-1] {
-	case 'H':
-		unit = time.Hour
-	case 'M':
-		unit = time.Minute
-	case 'S':
-		unit = time.Second
-	case 'm':
-		unit = time.Millisecond
-	case 'u':
-		unit = time.Microsecond
-	case 'n':
-		unit = time.Nanosecond
-	default:
-		return 0, false
-	}
-	if n > int64(1<<63-1)/int64(unit) {
-		return 1<<63 - 1, true
-	}
-	return time.Duration(n) * unit, true
-}
-
-// formatTimeout writes d as a grpc-timeout value (at most 8 digits),
-// rounded up so that it is never shorter than d.
-func formatTimeout(d time.Duration) string {
-	if d <= 0 {
-		return "0n"
-	}
-	for _, u := range []struct {
-		d time.Duration
-		s string
-	}{{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"}, {time.Second, "S"}, {time.Minute, "M"}, {time.Hour, "H"}} {
-		v := d / u.d
-		if d%u.d != 0 {
-			v++
-		}
-		if v < 1e8 {
-			return strconv.FormatInt(int64(v), 10) + u.s
-		}
-	}
-	return "99999999H"
-}
-
-// codeFromRST is the status of a call its peer reset, as grpc-go maps it.
-func codeFromRST(c http2.ErrCode) codes.Code {
-	switch c {
-	case http2.ErrCodeRefusedStream:
-		return codes.Unavailable
-	case http2.ErrCodeCancel:
-		return codes.Canceled
-	case http2.ErrCodeEnhanceYourCalm:
-		return codes.ResourceExhausted
-	case http2.ErrCodeInadequateSecurity:
-		return codes.PermissionDenied
-	default:
-		return codes.Internal
 	}
 }

@@ -165,7 +165,7 @@ func TestHalfFlowControl(t *testing.T) {
 	a, b := net.Pipe()
 	defer a.Close()
 	defer b.Close()
-	e := newEndpoint(a)
+	e := newEndpoint(a, nil)
 	var sentBytes int
 	var ended bool
 	h := &half{dst: e, id: 1, window: 10, onSent: func(n int, end bool) { sentBytes += n; ended = ended || end }}
@@ -220,8 +220,10 @@ func TestQueueOfTinyFrames(t *testing.T) {
 	a, b := net.Pipe()
 	defer a.Close()
 	defer b.Close()
-	e := newEndpoint(a)
-	h := &half{dst: e, id: 1, window: 0}
+	var global account
+	conn := account{parent: &global}
+	e := newEndpoint(a, &conn)
+	h := &half{dst: e, id: 1, window: 0, acct: &conn}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for range 100_000 {
@@ -233,5 +235,14 @@ func TestQueueOfTinyFrames(t *testing.T) {
 	}
 	if total != 100_000 || len(h.q) > 100_000/queueChunk+1 {
 		t.Fatalf("%d bytes in %d chunks", total, len(h.q))
+	}
+	// What is queued is charged to the connection and to the proxy, and
+	// given back when the stream ends.
+	if got := conn.load(); got != 100_000 || global.load() != 100_000 {
+		t.Fatalf("charged %d to the connection, %d to the proxy; want 100000", got, global.load())
+	}
+	h.resetLocked(http2.ErrCodeCancel)
+	if got, want := conn.load(), int64(e.queuedLocked()); got != want || global.load() != want {
+		t.Fatalf("after reset: connection %d, proxy %d; want %d (the RST_STREAM frame)", got, global.load(), want)
 	}
 }

@@ -35,8 +35,13 @@ type lane struct {
 	calls      map[uint32]*call
 	nextID     uint32
 	maxStreams uint32
+	maxHeaders uint32 // the upstream's SETTINGS_MAX_HEADER_LIST_SIZE
 	goAway     bool
 	dead       bool
+	// draining is closed when the lane takes no more calls (GOAWAY, or
+	// its stream ids are used up): its slot dials a replacement at once.
+	draining     chan struct{}
+	drainingOnce sync.Once
 
 	recvUnacked uint32 // owned by the reader
 	lastRead    atomic.Int64
@@ -54,6 +59,7 @@ type laneSet struct {
 	changed func()
 	cfg     pool.Config
 	log     *zap.Logger
+	acct    *account // charged with what the lanes queue
 	slots   []atomic.Pointer[lane]
 	calls   []atomic.Uint64 // streams opened per slot
 	dials   atomic.Uint64   // connections established, ever (replacements included)
@@ -62,14 +68,19 @@ type laneSet struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
+
+	mu   sync.Mutex
+	live map[*lane]struct{} // every lane serving, draining ones included
 }
 
-func newLaneSet(name string, n int, dial func(context.Context) (net.Conn, error), usable func(int) bool, changed func(), cfg pool.Config, log *zap.Logger) *laneSet {
+func newLaneSet(name string, n int, dial func(context.Context) (net.Conn, error), usable func(int) bool, changed func(), cfg pool.Config, acct *account, log *zap.Logger) *laneSet {
 	if changed == nil {
 		changed = func() {}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &laneSet{name: name, dial: dial, usable: usable, changed: changed, cfg: cfg, log: log, slots: make([]atomic.Pointer[lane], n), calls: make([]atomic.Uint64, n), wake: make([]chan struct{}, n), ctx: ctx, cancel: cancel}
+	s := &laneSet{name: name, dial: dial, usable: usable, changed: changed, cfg: cfg, acct: acct, log: log,
+		slots: make([]atomic.Pointer[lane], n), calls: make([]atomic.Uint64, n), wake: make([]chan struct{}, n),
+		ctx: ctx, cancel: cancel, live: map[*lane]struct{}{}}
 	for i := range n {
 		s.wake[i] = make(chan struct{}, 1)
 	}
@@ -100,12 +111,27 @@ func (s *laneSet) redialNow() {
 // Unavailable.
 func (s *laneSet) close() {
 	s.cancel()
-	for i := range s.slots {
-		if l := s.slots[i].Load(); l != nil {
-			l.ep.fail(errors.New("proxy stopped"))
-		}
+	s.mu.Lock()
+	live := make([]*lane, 0, len(s.live))
+	for l := range s.live {
+		live = append(live, l)
+	}
+	s.mu.Unlock()
+	for _, l := range live {
+		l.ep.fail(errors.New("proxy stopped"))
 	}
 	s.wg.Wait()
+}
+
+// track adds (or removes) a serving lane.
+func (s *laneSet) track(l *lane, add bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		s.live[l] = struct{}{}
+	} else {
+		delete(s.live, l)
+	}
 }
 
 // keep keeps slot i connected until the set closes.
@@ -136,26 +162,44 @@ func (s *laneSet) keep(i int) {
 		}
 		backoff = s.cfg.BackoffBase
 		s.dials.Add(1)
+		s.track(l, true)
 		s.slots[i].Store(l)
 		if s.ctx.Err() != nil {
 			l.ep.fail(errors.New("proxy stopped"))
 		}
 		s.changed()
 		start := time.Now()
-		err = l.serve()
-		s.slots[i].Store(nil)
-		s.changed()
-		if s.ctx.Err() == nil {
-			s.log.Debug("upstream lane lost", zap.String("upstream", s.name), zap.Int("lane", i), zap.Error(err))
-		}
-		if time.Since(start) < s.cfg.BackoffBase {
-			// A connection that dies at once (a draining enclave) is
-			// not redialled in a tight loop.
-			select {
-			case <-time.After(s.cfg.BackoffBase):
-			case <-s.ctx.Done():
-				return
+		served := make(chan error, 1)
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			err := l.serve()
+			s.slots[i].CompareAndSwap(l, nil)
+			s.track(l, false)
+			s.changed()
+			served <- err
+		}()
+		select {
+		case err = <-served:
+			if s.ctx.Err() == nil {
+				s.log.Debug("upstream lane lost", zap.String("upstream", s.name), zap.Int("lane", i), zap.Error(err))
 			}
+			if time.Since(start) < s.cfg.BackoffBase {
+				// A connection that dies at once (a draining enclave) is
+				// not redialled in a tight loop.
+				select {
+				case <-time.After(s.cfg.BackoffBase):
+				case <-s.ctx.Done():
+					return
+				}
+			}
+		case <-l.draining:
+			// The lane takes no new calls but finishes its own: its
+			// replacement is dialled now, so one long call on a draining
+			// connection never keeps the slot unusable.
+			s.log.Debug("upstream lane draining: dialling its replacement", zap.String("upstream", s.name), zap.Int("lane", i))
+		case <-s.ctx.Done():
+			return
 		}
 	}
 }
@@ -168,7 +212,8 @@ func (s *laneSet) connect(i int) (*lane, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &lane{set: s, idx: i, ep: newEndpoint(nc), calls: map[uint32]*call{}, nextID: 1, maxStreams: 100}
+	l := &lane{set: s, idx: i, ep: newEndpoint(nc, s.acct), calls: map[uint32]*call{}, nextID: 1, maxStreams: 100,
+		maxHeaders: 1<<32 - 1, draining: make(chan struct{})}
 	ep := l.ep
 	// The preface and settings go out first; the server's SETTINGS must
 	// come back within the connect timeout.
@@ -224,12 +269,28 @@ func (l *lane) applySettings(f *http2.SettingsFrame) error {
 	if err := l.ep.settings(f, l.eachReq); err != nil {
 		return err
 	}
+	l.mu.Lock()
 	if v, ok := f.Value(http2.SettingMaxConcurrentStreams); ok {
-		l.mu.Lock()
 		l.maxStreams = v
-		l.mu.Unlock()
 	}
+	if v, ok := f.Value(http2.SettingMaxHeaderListSize); ok {
+		l.maxHeaders = v
+	}
+	l.mu.Unlock()
 	return nil
+}
+
+// maxHeaderList is the largest header list the upstream accepts.
+func (l *lane) maxHeaderList() uint32 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.maxHeaders
+}
+
+// drain marks the lane as taking no new calls (l.mu held).
+func (l *lane) drainLocked() {
+	l.goAway = true
+	l.drainingOnce.Do(func() { close(l.draining) })
 }
 
 // eachReq visits the request half of every call on the lane (ep.mu held).
@@ -296,7 +357,8 @@ func (l *lane) openLocked(c *call, fields []hpack.HeaderField, end bool) (exhaus
 	id := l.nextID
 	l.nextID += 2
 	if l.nextID > lastLaneStreamID {
-		l.goAway, exhausted = true, true
+		l.drainLocked()
+		exhausted = true
 	}
 	c.ln, c.uid = l, id
 	c.req = half{dst: ep, id: id, window: ep.initWin, onSent: c.reqSent}
@@ -458,7 +520,7 @@ func (l *lane) handle(f http2.Frame) error {
 // and is redialled.
 func (l *lane) onGoAway(f *http2.GoAwayFrame) {
 	l.mu.Lock()
-	l.goAway = true
+	l.drainLocked()
 	var refused []*call
 	for id, c := range l.calls {
 		if id > f.LastStreamID {
@@ -472,7 +534,7 @@ func (l *lane) onGoAway(f *http2.GoAwayFrame) {
 	for _, c := range refused {
 		l.ep.mu.Lock()
 		c.req.closed, c.req.over = true, true
-		c.req.q, c.req.qEnd = nil, false
+		c.req.dropQueue()
 		l.ep.mu.Unlock()
 		c.upstreamLost("upstream is shutting down (GOAWAY): call not started, retry")
 	}
@@ -513,26 +575,47 @@ func (l *lane) keeper(done <-chan struct{}) {
 	}
 }
 
-// pick returns the least-loaded usable lane (round-robin among equals).
+// errUpstreamBusy: every ready lane is full (the upstream's
+// SETTINGS_MAX_CONCURRENT_STREAMS) or congested (laneBusy).
+var errUpstreamBusy = errors.New("enclave busy: every upstream connection is full or congested; retry with backoff")
+
+// pick returns the least-loaded lane that can take a call (round-robin
+// among equals): ready, below the upstream's stream limit and not
+// congested.
 func (s *laneSet) pick() (*lane, error) {
 	n := len(s.slots)
 	start := int(s.next.Add(1) % uint64(n))
 	var best *lane
 	bestLoad := int(^uint(0) >> 1)
+	busy := false
 	for i := range n {
 		j := (start + i) % n
 		l := s.slots[j].Load()
-		if l == nil || (s.usable != nil && !s.usable(j)) || !l.ready() {
+		if l == nil || (s.usable != nil && !s.usable(j)) {
 			continue
 		}
-		if ld := l.load(); ld < bestLoad {
+		l.mu.Lock()
+		ok := !l.dead && !l.goAway
+		ld, full := len(l.calls), uint32(len(l.calls)) >= l.maxStreams
+		l.mu.Unlock()
+		if !ok {
+			continue
+		}
+		if full || l.ep.queued() > laneBusy {
+			busy = true
+			continue
+		}
+		if ld < bestLoad {
 			best, bestLoad = l, ld
 		}
 	}
-	if best == nil {
-		return nil, fmt.Errorf("no ready upstream connection to %s: enclave down or not serving", s.name)
+	switch {
+	case best != nil:
+		return best, nil
+	case busy:
+		return nil, errUpstreamBusy
 	}
-	return best, nil
+	return nil, fmt.Errorf("no ready upstream connection to %s: enclave down or not serving", s.name)
 }
 
 // pipeListener hands the server ends of in-memory connections to a

@@ -38,6 +38,14 @@ func (c Config) validateLimits() []error {
 	positive("max in-flight calls", int64(c.MaxInFlight))
 	positive("max concurrent streams per connection", int64(c.MaxConcurrentStreams))
 	positive("max metadata size", int64(c.MaxMetadataSize))
+	positive("max calls per connection", int64(c.MaxConnectionCalls))
+	positive("max client resets", int64(c.MaxClientResets))
+	if c.MaxConnectionBuffer < 64<<10 {
+		errs = append(errs, fmt.Errorf("max connection buffer %d bytes: must be >= 65536 (a few frames)", c.MaxConnectionBuffer))
+	}
+	if c.MemoryBudget < int64(c.MaxConnectionBuffer) {
+		errs = append(errs, fmt.Errorf("memory budget %d bytes: must be >= the max connection buffer %d", c.MemoryBudget, c.MaxConnectionBuffer))
+	}
 	if uint64(c.MaxHeaderListSize) < uint64(max(c.MaxMetadataSize, 1)) {
 		errs = append(errs, fmt.Errorf("max header list size %d: must be >= the max metadata size %d (the transport would refuse such calls first)",
 			c.MaxHeaderListSize, c.MaxMetadataSize))
@@ -48,6 +56,7 @@ func (c Config) validateLimits() []error {
 		zero bool // 0 allowed (never / infinite)
 	}{
 		{"default call timeout", c.DefaultCallTimeout, false},
+		{"default stream timeout", c.DefaultStreamTimeout, true},
 		{"handshake timeout", c.HandshakeTimeout, false},
 		{"keepalive min time", c.KeepaliveMinTime, true},
 		{"keepalive time", c.KeepaliveTime, false},
@@ -89,6 +98,25 @@ func newInFlight(c Config, log *zap.Logger, obs Observer) *limits.InFlight {
 // unaryMethods lists, as "/package.Service/Method", every unary method of
 // every service linked into the binary (nitrosign's, health, reflection).
 func unaryMethods() map[string]bool {
+	return methods(func(md protoreflect.MethodDescriptor) bool { return !md.IsStreamingClient() && !md.IsStreamingServer() })
+}
+
+// oneRequestMethods lists every method whose client sends one message
+// (unary and server-streaming): the proxy launches those only once their
+// request is complete.
+func oneRequestMethods() map[string]bool {
+	return methods(func(md protoreflect.MethodDescriptor) bool { return !md.IsStreamingClient() })
+}
+
+// shed counts load held back or refused, when the observer counts it.
+func (p *Proxy) shed(reason string) {
+	if s, ok := p.obs.(ShedObserver); ok {
+		s.Shed(reason)
+	}
+}
+
+// methods lists the methods of every linked service that keep accepts.
+func methods(keep func(protoreflect.MethodDescriptor) bool) map[string]bool {
 	out := map[string]bool{}
 	protoregistry.GlobalFiles.RangeFiles(func(fd protoreflect.FileDescriptor) bool {
 		svcs := fd.Services()
@@ -97,7 +125,7 @@ func unaryMethods() map[string]bool {
 			ms := sd.Methods()
 			for j := range ms.Len() {
 				md := ms.Get(j)
-				if !md.IsStreamingClient() && !md.IsStreamingServer() {
+				if keep(md) {
 					out["/"+string(sd.FullName())+"/"+string(md.Name())] = true
 				}
 			}

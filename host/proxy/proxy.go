@@ -19,6 +19,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strings"
 	"sync"
@@ -87,6 +88,11 @@ type Proxy struct {
 	tlsConf  *tls.Config
 	inFlight *limits.InFlight
 	unary    map[string]bool // known unary methods (default deadline)
+	// oneRequest: known methods whose request is one message (unary and
+	// server-streaming), launched upstream only once complete.
+	oneRequest map[string]bool
+	// mem counts every byte the relay buffers (Config.MemoryBudget).
+	mem account
 
 	enclave  *laneSet     // data connections to the enclave
 	local    *laneSet     // in-memory connection to the proxy's health server
@@ -135,15 +141,16 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 		opt(&o)
 	}
 	p := &Proxy{
-		cfg:       cfg,
-		log:       log,
-		debug:     debugEnabled(log),
-		pool:      up,
-		obs:       o.observer,
-		unary:     unaryMethods(),
-		stopping:  make(chan struct{}),
-		listeners: map[net.Listener]struct{}{},
-		conns:     map[*srvConn]struct{}{},
+		cfg:        cfg,
+		log:        log,
+		debug:      debugEnabled(log),
+		pool:       up,
+		obs:        o.observer,
+		unary:      unaryMethods(),
+		oneRequest: oneRequestMethods(),
+		stopping:   make(chan struct{}),
+		listeners:  map[net.Listener]struct{}{},
+		conns:      map[*srvConn]struct{}{},
 	}
 	if cfg.TLS.Enabled() {
 		// Before anything subscribes to the pool: a bad file fails New
@@ -158,11 +165,18 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 	p.health = newHealthServer(up, log.Named("health"))
 
 	p.localL = newPipeListener()
-	p.localSrv = grpc.NewServer()
+	// The in-process server's stream limit is not what bounds health
+	// calls: each client connection's share (MaxConnectionCalls) does, and
+	// Check of "" never reaches it (call.answerHealth).
+	p.localSrv = grpc.NewServer(grpc.MaxConcurrentStreams(math.MaxUint32))
 	healthgrpc.RegisterHealthServer(p.localSrv, p.health)
 	go func() { _ = p.localSrv.Serve(p.localL) }()
-	p.local = newLaneSet("proxy health service", 1, p.localL.dial, nil, nil, cfg.Pool, log)
-	p.enclave = newLaneSet(up.Target().String(), up.Size(), up.Target().Dial, up.ConnReady, p.readyChanged, cfg.Pool, log)
+	// An in-memory connection cannot be half open: no keepalive pings
+	// (which the server would count as strikes and answer with GOAWAY).
+	localCfg := cfg.Pool
+	localCfg.KeepaliveTime = 0
+	p.local = newLaneSet("proxy health service", 1, p.localL.dial, nil, nil, localCfg, &p.mem, log)
+	p.enclave = newLaneSet(up.Target().String(), up.Size(), up.Target().Dial, up.ConnReady, p.readyChanged, cfg.Pool, &p.mem, log)
 	p.local.start()
 	p.enclave.start()
 	up.OnStateChange(func(n int) {
@@ -303,12 +317,33 @@ func (p *Proxy) track(sc *srvConn, add bool) bool {
 	return true
 }
 
-// route picks the lane for a method.
-func (p *Proxy) route(method string) (*lane, error) {
+// upstreamBusyWait is how long a call waits for a lane when every ready
+// one is full or congested; the client's reader waits with it
+// (backpressure), then the call gets ResourceExhausted.
+const upstreamBusyWait = 50 * time.Millisecond
+
+// route picks the lane for a method, waiting up to upstreamBusyWait (and
+// never past deadline) while every lane is busy.
+func (p *Proxy) route(method string, deadline time.Time) (*lane, error) {
+	set := p.enclave
 	if strings.HasPrefix(method, limits.HealthPrefix) {
-		return p.local.pick()
+		set = p.local
 	}
-	return p.enclave.pick()
+	ln, err := set.pick()
+	if !errors.Is(err, errUpstreamBusy) {
+		return ln, err
+	}
+	until := time.Now().Add(upstreamBusyWait)
+	if !deadline.IsZero() && deadline.Before(until) {
+		until = deadline
+	}
+	for time.Now().Before(until) {
+		time.Sleep(time.Millisecond)
+		if ln, err = set.pick(); !errors.Is(err, errUpstreamBusy) {
+			return ln, err
+		}
+	}
+	return nil, err
 }
 
 // Ready is the number of upstream slots that can take calls: the pool's
@@ -362,6 +397,12 @@ func (p *Proxy) UpstreamCalls() []uint64 {
 	}
 	return out
 }
+
+// Buffered is the number of bytes the relay holds now across all
+// connections (frames queued both ways, requests waiting to be complete,
+// responses waiting for a client's window): what Config.MemoryBudget
+// bounds.
+func (p *Proxy) Buffered() int64 { return p.mem.load() }
 
 // UpstreamConnects returns how many upstream connections the relay has
 // established since New: the pool's size once all are up; more means a

@@ -3,13 +3,10 @@ package proxy
 import (
 	"bufio"
 	"crypto/tls"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,8 +18,6 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/nitrosign/nitrosign/host/metrics"
-	"github.com/nitrosign/nitrosign/internal/limits"
-	"github.com/nitrosign/nitrosign/internal/requestid"
 )
 
 // The relay: the proxy does not terminate gRPC. Each client connection is
@@ -48,6 +43,17 @@ type srvConn struct {
 	recvUnacked uint32        // connection credit not yet returned
 	pingStrikes int
 	lastPing    time.Time
+	resetTokens float64   // reset budget left (see spendReset)
+	resetLast   time.Time // when resetTokens was last refilled
+
+	// acct holds what this connection makes the proxy queue that drains
+	// without reading more from it: frames for the client, and request
+	// bytes waiting for the enclave's window. Above
+	// Config.MaxConnectionBuffer its reader pauses.
+	acct account
+	// upCalls is the number of this connection's calls open upstream
+	// (Config.MaxConnectionCalls).
+	upCalls atomic.Int32
 
 	mu       sync.Mutex
 	calls    map[uint32]*call
@@ -89,16 +95,19 @@ func (p *Proxy) serveConn(nc net.Conn) {
 		}
 		nc = tc
 	}
-	ep := newEndpoint(nc)
-	ep.closer = raw
 	sc := &srvConn{
 		px:    p,
 		nc:    nc,
-		ep:    ep,
 		peer:  nc.RemoteAddr().String(),
 		calls: map[uint32]*call{},
 		done:  make(chan struct{}),
 	}
+	sc.acct.parent = &p.mem
+	ep := newEndpoint(nc, &sc.acct)
+	ep.closer = raw
+	ep.limit = maxWriteBuffer
+	ep.sendCap = clientSendCap
+	sc.ep = ep
 	if !p.track(sc, true) {
 		close(handshaking)
 		_ = nc.Close()
@@ -175,6 +184,9 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 
 	readErr := false
 	for err == nil {
+		if err = sc.waitRoom(); err != nil {
+			break
+		}
 		var f http2.Frame
 		f, err = sc.fr.ReadFrame()
 		if err != nil {
@@ -282,6 +294,12 @@ func (sc *srvConn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		if c := sc.call(f.StreamID); c != nil {
 			c.clientReset(f.ErrCode)
+			if !sc.spendReset() {
+				sc.px.log.Info("client resets too many streams: GOAWAY ENHANCE_YOUR_CALM",
+					zap.String("peer", sc.peer), zap.Int("budget", sc.px.cfg.MaxClientResets))
+				sc.px.shed(metrics.ShedTooManyResets)
+				return &goAwayError{http2.ErrCodeEnhanceYourCalm, "too_many_resets"}
+			}
 		} else if f.StreamID > sc.lastID.Load() {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
@@ -308,6 +326,63 @@ func (sc *srvConn) handle(f http2.Frame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	// PRIORITY and unknown frame types are ignored (RFC 9113 section 5.5).
+	return nil
+}
+
+// spendReset takes one reset from the connection's budget: a client may
+// reset Config.MaxClientResets streams it opened at once, and earns one
+// back every 1/(MaxClientResets/10) s. A client over it is answered with
+// GOAWAY ENHANCE_YOUR_CALM: resetting streams as fast as they are opened
+// (CVE-2023-44487, "rapid reset") is an attack, never a client's need.
+func (sc *srvConn) spendReset() bool {
+	burst := float64(sc.px.cfg.MaxClientResets)
+	now := time.Now()
+	if sc.resetLast.IsZero() {
+		sc.resetTokens = burst
+	} else {
+		sc.resetTokens = min(burst, sc.resetTokens+now.Sub(sc.resetLast).Seconds()*burst/10)
+	}
+	sc.resetLast = now
+	sc.resetTokens--
+	return sc.resetTokens >= 0
+}
+
+// waitRoom pauses the connection's reader while it has more queued than
+// its share (Config.MaxConnectionBuffer; an eighth of it while the proxy
+// as a whole is over Config.MemoryBudget): what the client sends next is
+// left in the socket, so a client that floods frames it never reads the
+// answers to, or requests the enclave cannot take yet, slows only itself.
+// A client that reads nothing for KeepaliveTimeout is disconnected.
+func (sc *srvConn) waitRoom() error {
+	px := sc.px
+	limit := int64(px.cfg.MaxConnectionBuffer)
+	over := func() bool {
+		n := sc.acct.load()
+		return n > limit || (n > limit/8 && px.mem.load() > px.cfg.MemoryBudget)
+	}
+	if !over() {
+		return nil
+	}
+	px.shed(metrics.ShedReadPaused)
+	deadline := time.Now().Add(px.cfg.KeepaliveTimeout)
+	for over() {
+		if time.Now().After(deadline) {
+			if sc.ep.queued() > int(limit/8) {
+				px.log.Info("client does not read what it asked for: connection closed",
+					zap.String("peer", sc.peer), zap.Int64("queued_bytes", sc.acct.load()))
+				return errNoRoom
+			}
+			deadline = time.Now().Add(px.cfg.KeepaliveTimeout)
+		}
+		// Woken when the client's buffer drains; polled for request
+		// bytes that drain upstream.
+		_ = sc.ep.waitRoom(int(limit/8), 5*time.Millisecond)
+		select {
+		case <-px.stopping:
+			return nil
+		default:
+		}
+	}
 	return nil
 }
 
@@ -565,618 +640,6 @@ func (sc *srvConn) drain(reason string, grace <-chan time.Time) {
 			}
 		}
 	}()
-}
-
-// --- calls ----------------------------------------------------------------
-
-// call is one relayed stream.
-type call struct {
-	px     *Proxy
-	sc     *srvConn
-	sid    uint32 // stream id on the client connection
-	ln     *lane  // nil until routed
-	uid    uint32 // stream id on the lane
-	method string
-	reqID  string
-	start  time.Time
-	slot   bool // holds an in-flight slot
-
-	req  half // toward the lane (dst: ln.ep)
-	resp half // toward the client (dst: sc.ep)
-
-	// Read by the client's reader only.
-	reqEnded atomic.Bool // END_STREAM received from the client
-	msg      msgLimit    // request message framing
-	respMsg  msgLimit    // response message framing; the lane's reader only
-	// Receive windows the proxy gave each sender on this stream.
-	reqRecv  atomic.Int64
-	respRecv atomic.Int64
-	// Credit owed to each sender, returned in batches.
-	reqOwed  atomic.Int64
-	respOwed atomic.Int64
-
-	headersSent bool // response headers went to the client; under sc.ep.mu
-
-	deadline time.Time // zero: none; set before the call is shared
-	timerMu  sync.Mutex
-	timer    *time.Timer
-	finished atomic.Bool
-	observed atomic.Bool
-	code     atomic.Int32 // final status
-	upErr    atomic.Bool  // the status is the upstream's failure (metrics)
-}
-
-// openCall routes a new stream.
-func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
-	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now()}
-	c.reqRecv.Store(streamWindow)
-	c.respRecv.Store(streamWindow)
-	c.resp = half{dst: sc.ep, id: f.StreamID, onSent: c.respSent}
-	sc.ep.mu.Lock()
-	c.resp.window = sc.ep.initWin
-	sc.ep.mu.Unlock()
-	c.method = f.PseudoValue("path")
-	c.reqEnded.Store(f.StreamEnded())
-	// The stream id, the GOAWAY check and the call's registration are one
-	// step: a drain (GOAWAY with lastID) sees either the call or a stream
-	// it refused.
-	sc.mu.Lock()
-	sc.lastID.Store(c.sid)
-	switch {
-	case sc.goAway:
-		sc.mu.Unlock()
-		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
-		return
-	case len(sc.calls) >= int(p.cfg.MaxConcurrentStreams):
-		sc.mu.Unlock()
-		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
-		return
-	}
-	sc.calls[c.sid] = c
-	sc.mu.Unlock()
-
-	p.obs.CallStarted(c.method)
-	fields, timeout, err := p.requestHeaders(c, f)
-	if err != nil {
-		c.answerHTTP(err.code, err.msg, err.http)
-		return
-	}
-	if !limits.Exempt(c.method) {
-		if err := p.inFlight.Acquire(); err != nil {
-			c.answer(codes.ResourceExhausted, statusMessage(err))
-			return
-		}
-		c.slot = true
-	}
-	ln, uerr := p.route(c.method)
-	if uerr != nil {
-		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
-		c.upErr.Store(true)
-		c.answer(codes.Unavailable, uerr.Error())
-		return
-	}
-	if timeout > 0 {
-		c.deadline = c.start.Add(timeout)
-	}
-	if err := ln.open(c, fields, c.reqEnded.Load()); err != nil {
-		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
-		c.upErr.Store(true)
-		c.answer(codes.Unavailable, err.Error())
-		return
-	}
-	if timeout > 0 {
-		c.timerMu.Lock()
-		if !c.finished.Load() {
-			c.timer = time.AfterFunc(timeout, c.expire)
-		}
-		c.timerMu.Unlock()
-	}
-}
-
-// statusError is a status the proxy answers a call with.
-type statusError struct {
-	code codes.Code
-	msg  string
-	http int // the HTTP status of the answer; 0: 200
-}
-
-// statusMessage is err's message without "rpc error: code = X desc = ".
-func statusMessage(err error) string {
-	s := err.Error()
-	if i := strings.Index(s, "desc = "); i >= 0 {
-		return s[i+len("desc = "):]
-	}
-	return s
-}
-
-// hopField reports the fields that are connection-specific (RFC 9113
-// section 8.2.2) and never relayed; grpc-timeout and x-request-id are
-// rewritten, not relayed.
-func hopField(name string) bool {
-	switch name {
-	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
-		"grpc-timeout", requestid.Key:
-		return true
-	}
-	return false
-}
-
-// requestHeaders checks a request's headers and builds the upstream's.
-func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.HeaderField, time.Duration, *statusError) {
-	var (
-		out       = make([]hpack.HeaderField, 0, len(f.Fields)+2)
-		timeout   time.Duration
-		hasTO     bool
-		ct        string
-		host      string
-		size      int
-		headerErr *statusError
-	)
-	authority := f.PseudoValue("authority")
-	out = append(out,
-		hpack.HeaderField{Name: ":method", Value: "POST"},
-		hpack.HeaderField{Name: ":scheme", Value: "http"},
-		hpack.HeaderField{Name: ":path", Value: c.method},
-		hpack.HeaderField{}, // :authority, below
-	)
-	for _, hf := range f.RegularFields() {
-		size += len(hf.Name) + len(hf.Value) + 32
-		switch hf.Name {
-		case "content-type":
-			ct = hf.Value
-		case "grpc-timeout":
-			d, ok := parseTimeout(hf.Value)
-			if !ok && headerErr == nil {
-				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed grpc-timeout: %q", hf.Value), 400}
-			}
-			timeout, hasTO = d, true
-			continue
-		case requestid.Key:
-			if c.reqID == "" && requestid.Valid(hf.Value) {
-				c.reqID = hf.Value
-			}
-			continue
-		case "host":
-			host = hf.Value
-		}
-		if hopField(hf.Name) {
-			continue
-		}
-		if strings.HasSuffix(hf.Name, "-bin") {
-			if !validBinHeader(hf.Value) && headerErr == nil {
-				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed binary metadata %q in header %q", hf.Value, hf.Name), 400}
-			}
-		} else if err := limits.ValidateEntry(hf.Name, hf.Value); err != nil && headerErr == nil {
-			headerErr = &statusError{codes.InvalidArgument, statusMessage(err), 0}
-		}
-		out = append(out, hf)
-	}
-	// The checks and their answers follow grpc-go's server, so a client
-	// sees the same status through the proxy as from the enclave.
-	if !isGRPCContentType(ct) {
-		return nil, 0, &statusError{codes.InvalidArgument, fmt.Sprintf("invalid gRPC request content-type %q", ct), 415}
-	}
-	if m := f.PseudoValue("method"); m != "POST" {
-		return nil, 0, &statusError{codes.Internal, fmt.Sprintf("invalid gRPC request method %q", m), 405}
-	}
-	if authority == "" {
-		authority = host
-	}
-	if authority == "" {
-		return nil, 0, &statusError{codes.Internal, "no host or :authority header present", 400}
-	}
-	out[3] = hpack.HeaderField{Name: ":authority", Value: authority}
-	if headerErr != nil {
-		return nil, 0, headerErr
-	}
-	if !strings.HasPrefix(c.method, "/") {
-		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method), 0}
-	}
-	if size > p.cfg.MaxMetadataSize {
-		return nil, 0, &statusError{codes.ResourceExhausted, fmt.Sprintf(
-			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.MaxMetadataSize), 0}
-	}
-	if c.reqID == "" {
-		c.reqID = requestid.New()
-	}
-	// Values that change with every call are never indexed (Sensitive):
-	// in the connection's HPACK table they would only push out the
-	// entries that repeat.
-	out = append(out, hpack.HeaderField{Name: requestid.Key, Value: c.reqID, Sensitive: true})
-	if !hasTO && p.unary[c.method] {
-		timeout, hasTO = p.cfg.DefaultCallTimeout, true
-	}
-	if hasTO {
-		out = append(out, hpack.HeaderField{Name: "grpc-timeout", Value: formatTimeout(timeout), Sensitive: true})
-	}
-	return out, timeout, nil
-}
-
-// isGRPCContentType reports whether ct is application/grpc or one of its
-// subtypes (application/grpc+proto, application/grpc;...).
-func isGRPCContentType(ct string) bool {
-	if !strings.HasPrefix(ct, "application/grpc") {
-		return false
-	}
-	rest := ct[len("application/grpc"):]
-	return rest == "" || rest[0] == '+' || rest[0] == ';'
-}
-
-// validBinHeader reports whether v is base64, padded or not, as gRPC
-// carries -bin metadata values.
-func validBinHeader(v string) bool {
-	enc := base64.RawStdEncoding
-	if len(v)%4 == 0 {
-		enc = base64.StdEncoding
-	}
-	var scratch [256]byte
-	for len(v) > 0 {
-		// Decode in chunks of whole quanta so no value is too large.
-		n := min(len(v), 340)
-		if n < len(v) {
-			n -= n % 4
-		}
-		if _, err := enc.Decode(scratch[:], []byte(v[:n])); err != nil {
-			return false
-		}
-		v = v[n:]
-		if len(v) > 0 && len(v)%4 == 0 {
-			enc = base64.StdEncoding
-		}
-	}
-	return true
-}
-
-// relayRequest passes request bytes (and the end of the request) upstream.
-// Called by the client's reader.
-func (c *call) relayRequest(data []byte, end bool) {
-	if c.ln == nil {
-		// Answered by the proxy: the bytes are dropped, credit returned.
-		c.credit(len(data))
-		return
-	}
-	if err := c.msg.check(data, c.px.cfg.MaxRecvMsgSize); err != nil {
-		c.fail(codes.ResourceExhausted, err.Error())
-		return
-	}
-	ep := c.ln.ep
-	ep.mu.Lock()
-	n, ended := c.req.sendLocked(data, end, nil)
-	ep.mu.Unlock()
-	if n > 0 || ended {
-		c.reqSent(n, ended)
-	}
-}
-
-// reqSent: n request bytes went upstream; return the credit to the client.
-func (c *call) reqSent(n int, _ bool) { c.credit(n) }
-
-// credit returns n bytes of stream credit to the client (batched).
-func (c *call) credit(n int) {
-	if n <= 0 || c.reqEnded.Load() {
-		return
-	}
-	if owed := c.reqOwed.Add(int64(n)); owed >= streamWindow/4 {
-		if c.reqOwed.CompareAndSwap(owed, 0) {
-			c.reqRecv.Add(owed)
-			c.sc.ep.windowUpdate(c.sid, uint32(owed))
-		}
-	}
-}
-
-// respSent: n response bytes reached the client; return the credit
-// upstream. ended: the response is complete and the call is over.
-func (c *call) respSent(n int, ended bool) {
-	if n > 0 && !ended && c.ln != nil {
-		if owed := c.respOwed.Add(int64(n)); owed >= streamWindow/4 {
-			if c.respOwed.CompareAndSwap(owed, 0) {
-				c.respRecv.Add(owed)
-				c.ln.ep.windowUpdate(c.uid, uint32(owed))
-			}
-		}
-	}
-	if ended {
-		c.finish()
-	}
-}
-
-// answer ends the call with the proxy's own status, before anything came
-// from upstream.
-func (c *call) answer(code codes.Code, msg string) { c.answerHTTP(code, msg, 0) }
-
-// answerHTTP is answer with an HTTP status other than 200 (malformed
-// requests, as gRPC's spec asks) when no response headers went out yet.
-func (c *call) answerHTTP(code codes.Code, msg string, httpStatus int) {
-	c.code.Store(int32(code))
-	c.observe()
-	ep := c.sc.ep
-	ep.mu.Lock()
-	c.resp.q, c.resp.qEnd, c.resp.trailers = nil, false, nil
-	if !c.resp.closed {
-		fields := statusFields(code, msg, c.headersSent)
-		if httpStatus != 0 && !c.headersSent {
-			fields[0].Value = strconv.Itoa(httpStatus)
-		}
-		ep.writeHeadersLocked(c.sid, fields, true)
-		c.resp.closed = true
-		c.headersSent = true
-	}
-	if !c.reqEnded.Load() {
-		// The client may still be sending: tell it to stop (grpc-go does
-		// the same when a server ends a call first).
-		ep.writeRSTLocked(c.sid, http2.ErrCodeNo)
-	}
-	ep.mu.Unlock()
-	c.finish()
-}
-
-// fail ends a routed call with the proxy's status: upstream is cancelled.
-func (c *call) fail(code codes.Code, msg string) {
-	c.cancelUpstream()
-	c.answer(code, msg)
-}
-
-// cancelUpstream resets the upstream stream and forgets it.
-func (c *call) cancelUpstream() { c.cancelUpstreamCode(http2.ErrCodeCancel) }
-
-// cancelUpstreamCode resets the upstream stream with code and forgets it.
-func (c *call) cancelUpstreamCode(code http2.ErrCode) {
-	if c.ln == nil {
-		return
-	}
-	ep := c.ln.ep
-	ep.mu.Lock()
-	c.req.resetLocked(code)
-	ep.mu.Unlock()
-	c.ln.forget(c)
-}
-
-// expire is the call's deadline.
-func (c *call) expire() {
-	if c.finished.Load() {
-		return
-	}
-	c.fail(codes.DeadlineExceeded, "deadline exceeded (proxy)")
-}
-
-// clientReset: the client reset the stream.
-func (c *call) clientReset(code http2.ErrCode) {
-	c.code.Store(int32(codeFromRST(code)))
-	c.cancelUpstream()
-	ep := c.sc.ep
-	ep.mu.Lock()
-	c.resp.closed = true
-	c.resp.q, c.resp.qEnd, c.resp.trailers = nil, false, nil
-	ep.mu.Unlock()
-	c.finish()
-}
-
-// clientGone: the client connection ended.
-func (c *call) clientGone() {
-	if c.finished.Load() {
-		return
-	}
-	c.code.Store(int32(codes.Canceled))
-	c.cancelUpstream()
-	c.finish()
-}
-
-// upstreamLost: the lane broke; the call fails Unavailable.
-func (c *call) upstreamLost(reason string) {
-	if c.finished.Load() {
-		return
-	}
-	c.px.obs.UpstreamError(metrics.ReasonUnavailable)
-	c.upErr.Store(true)
-	c.answer(codes.Unavailable, reason)
-}
-
-// finish does the bookkeeping of a call that ended, once.
-func (c *call) finish() {
-	if !c.finished.CompareAndSwap(false, true) {
-		return
-	}
-	c.timerMu.Lock()
-	if c.timer != nil {
-		c.timer.Stop()
-	}
-	c.timerMu.Unlock()
-	if c.ln != nil {
-		c.ln.forget(c)
-	}
-	sc := c.sc
-	sc.mu.Lock()
-	delete(sc.calls, c.sid)
-	if len(sc.calls) == 0 {
-		sc.lastCall = time.Now()
-	}
-	sc.mu.Unlock()
-	c.observe()
-}
-
-// observe records the call's outcome once: it frees the in-flight slot,
-// counts the call in the metrics and logs it. It runs before the end of
-// the response goes to the client (and from finish, for the paths where
-// nothing does), so a client that has its answer sees the call counted
-// and its slot free, as with a gRPC server's interceptors.
-func (c *call) observe() {
-	if !c.observed.CompareAndSwap(false, true) {
-		return
-	}
-	if c.slot {
-		c.px.inFlight.Release()
-	}
-	code := codes.Code(c.code.Load())
-	elapsed := time.Since(c.start)
-	c.px.obs.CallFinished(c.method, code, elapsed)
-	if !c.upErr.Load() && c.ln != nil {
-		switch code {
-		case codes.Unavailable:
-			c.px.obs.UpstreamError(metrics.ReasonUnavailable)
-		case codes.Internal, codes.Unknown, codes.DataLoss:
-			c.px.obs.UpstreamError(metrics.ReasonServerFault)
-		}
-	}
-	if c.px.debug {
-		c.px.log.Debug("call", zap.String("method", c.method), zap.Stringer("code", code),
-			zap.Duration("latency", elapsed), zap.String(requestid.LogField, c.reqID), zap.String("peer", c.sc.peer))
-	}
-}
-
-// --- from upstream ---------------------------------------------------------
-
-// upHeaders relays response headers or trailers. Called by the lane's reader.
-func (c *call) upHeaders(f *http2.MetaHeadersFrame) {
-	end := f.StreamEnded()
-	fields := f.Fields
-	if end {
-		code := codes.Unknown
-		if v := f.PseudoValue("status"); v != "" && v != "200" && c.isFirstHeaders() {
-			code = httpStatusCode(v)
-		}
-		for _, hf := range f.RegularFields() {
-			if hf.Name == "grpc-status" {
-				if n, err := strconv.Atoi(hf.Value); err == nil {
-					code = codes.Code(n)
-				}
-			}
-		}
-		c.code.Store(int32(code))
-		c.observe()
-	}
-	ep := c.sc.ep
-	ep.mu.Lock()
-	if !end {
-		if c.headersSent || c.resp.closed {
-			ep.mu.Unlock()
-			c.fail(codes.Internal, "upstream sent response headers twice")
-			return
-		}
-		c.headersSent = true
-		if ep.err == nil && !c.resp.closed {
-			ep.writeHeadersLocked(c.sid, fields, false)
-		}
-		ep.mu.Unlock()
-		return
-	}
-	c.headersSent = true
-	n, ended := c.resp.sendLocked(nil, true, fields)
-	if ended && !c.reqEnded.Load() {
-		ep.writeRSTLocked(c.sid, http2.ErrCodeNo)
-	}
-	ep.mu.Unlock()
-	c.upDone()
-	if n > 0 || ended {
-		c.respSent(n, ended)
-	}
-}
-
-// isFirstHeaders reports whether no response headers were relayed yet.
-func (c *call) isFirstHeaders() bool {
-	c.sc.ep.mu.Lock()
-	defer c.sc.ep.mu.Unlock()
-	return !c.headersSent
-}
-
-// upDone: upstream ended its side; the request side stops there too.
-func (c *call) upDone() {
-	ep := c.ln.ep
-	ep.mu.Lock()
-	c.req.closed, c.req.over = true, true
-	c.req.q, c.req.qEnd = nil, false
-	ep.mu.Unlock()
-	c.ln.forget(c)
-}
-
-// upData relays response bytes. Called by the lane's reader.
-func (c *call) upData(data []byte, end bool) {
-	if err := c.respMsg.check(data, c.px.cfg.MaxSendMsgSize); err != nil {
-		c.fail(codes.ResourceExhausted, "response from the enclave refused: "+err.Error())
-		return
-	}
-	if end {
-		// END_STREAM on DATA: no trailers, no status (grpc-go says Internal).
-		c.code.Store(int32(codes.Internal))
-		c.observe()
-	}
-	ep := c.sc.ep
-	ep.mu.Lock()
-	n, ended := c.resp.sendLocked(data, end, nil)
-	ep.mu.Unlock()
-	if end {
-		c.upDone()
-	}
-	if n > 0 || ended {
-		c.respSent(n, ended)
-	}
-}
-
-// upReset: upstream reset the stream.
-func (c *call) upReset(code http2.ErrCode) {
-	c.ln.forget(c)
-	ep := c.ln.ep
-	ep.mu.Lock()
-	c.req.closed, c.req.over = true, true
-	ep.mu.Unlock()
-	st := codeFromRST(code)
-	if code == http2.ErrCodeCancel && !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
-		// The enclave's copy of the deadline expired (grpc-go servers
-		// reset with CANCEL then); the caller's deadline has too.
-		c.answer(codes.DeadlineExceeded, "deadline exceeded")
-		return
-	}
-	c.answer(st, fmt.Sprintf("upstream reset the stream: %s", code))
-}
-
-// httpStatusCode maps a non-200 HTTP status to a gRPC code (gRPC's
-// http-grpc-status-mapping).
-func httpStatusCode(s string) codes.Code {
-	switch s {
-	case "400":
-		return codes.Internal
-	case "401":
-		return codes.Unauthenticated
-	case "403":
-		return codes.PermissionDenied
-	case "404":
-		return codes.Unimplemented
-	case "429", "502", "503", "504":
-		return codes.Unavailable
-	default:
-		return codes.Unknown
-	}
-}
-
-// msgLimit follows the gRPC length-prefixed messages of one direction and
-// refuses a message larger than the limit before it is relayed.
-type msgLimit struct {
-	hdr  [5]byte
-	have int    // header bytes seen of the current message
-	left uint32 // body bytes left of the current message
-}
-
-func (m *msgLimit) check(data []byte, limit int) error {
-	for len(data) > 0 {
-		if m.left > 0 {
-			n := min(uint32(len(data)), m.left)
-			m.left -= n
-			data = data[n:]
-			continue
-		}
-		n := copy(m.hdr[m.have:], data)
-		m.have += n
-		data = data[n:]
-		if m.have < 5 {
-			return nil
-		}
-		m.have = 0
-		size := uint32(m.hdr[1])<<24 | uint32(m.hdr[2])<<16 | uint32(m.hdr[3])<<8 | uint32(m.hdr[4])
-		if int64(size) > int64(limit) {
-			return fmt.Errorf("grpc: received message larger than max (%d vs. %d)", size, limit)
-		}
-		m.left = size
-	}
-	return nil
 }
 
 // jitter returns d +- 10%.

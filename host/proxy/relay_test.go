@@ -131,11 +131,15 @@ func TestStalledClientDoesNotStallTheLane(t *testing.T) {
 	})
 }
 
-// A client that opens a window but never reads its socket has its
-// connection closed once the proxy's write buffer for it is full; the
-// proxy and its other clients carry on.
+// A client that opens a window but never reads its socket costs the proxy
+// at most a stream window per call plus clientSendCap (the rest of the
+// responses wait upstream, by flow control), its calls stay open upstream
+// until keepalive finds the client gone, and the proxy and its other
+// clients carry on meanwhile.
 func TestClientThatNeverReadsIsClosed(t *testing.T) {
-	h := newHarness(t, harnessOpts{poolSize: 1})
+	h := newHarness(t, harnessOpts{poolSize: 1, mutate: func(c *proxy.Config) {
+		c.KeepaliveTime, c.KeepaliveTimeout = 3*time.Second, time.Second
+	}})
 	h.waitAllReady(t)
 	active := countActive(h)
 	raw := newRawClient(t, h.addr, 1<<31-1)
@@ -154,7 +158,15 @@ func TestClientThatNeverReadsIsClosed(t *testing.T) {
 	// upstream are cancelled) while serving the others.
 	eventually(t, 10*time.Second, "the 4 streams running upstream", func() bool { return active.Load() == 4 })
 	deadline := time.Now().Add(30 * time.Second)
+	var most int64
 	for active.Load() > 0 {
+		// 4 streams' windows, the client's send cap, and a frame or two.
+		if b := h.proxy.Buffered(); b > most {
+			most = b
+			if b > 4*256<<10+256<<10+64<<10 {
+				t.Fatalf("the proxy buffers %d bytes for a client that never reads", b)
+			}
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_, err := echo.Echo(ctx, &nitrosignv1.EchoRequest{Payload: []byte("x")})
 		cancel()
@@ -169,6 +181,7 @@ func TestClientThatNeverReadsIsClosed(t *testing.T) {
 	if !closedByPeer(raw.conn) {
 		t.Fatal("handlers ended but the connection is still open")
 	}
+	t.Logf("most buffered for the client that never reads: %d bytes", most)
 }
 
 // closedByPeer reports whether the proxy closed c: only called once the

@@ -1,0 +1,600 @@
+package proxy
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/nitrosign/nitrosign/host/metrics"
+	"github.com/nitrosign/nitrosign/internal/limits"
+	"github.com/nitrosign/nitrosign/internal/requestid"
+)
+
+// The life of one relayed call: opened by the client's reader, routed to
+// a lane, relayed both ways, ended once (finish) by whichever side ends it.
+
+// call is one relayed stream.
+type call struct {
+	px     *Proxy
+	sc     *srvConn
+	sid    uint32 // stream id on the client connection
+	ln     *lane  // nil until launched; written under timerMu
+	uid    uint32 // stream id on the lane
+	method string
+	reqID  string
+	start  time.Time
+	slot   bool // holds an in-flight slot
+	share  bool // counted in sc.upCalls
+
+	req  half // toward the lane (dst: ln.ep)
+	resp half // toward the client (dst: sc.ep)
+
+	// Read by the client's reader only.
+	reqEnded atomic.Bool // END_STREAM received from the client
+	msg      msgLimit    // request message framing
+	respMsg  msgLimit    // response message framing; the lane's reader only
+	// fields are the upstream request headers, without grpc-timeout,
+	// until the call is launched.
+	fields []hpack.HeaderField
+	// waiting: the call is not launched yet; its request is buffered in
+	// pending until it is complete (see launchWhenComplete).
+	waiting bool
+	pendMu  sync.Mutex // guards pending: finish may run on a timer
+	pending []byte
+	// Receive windows the proxy gave each sender on this stream.
+	reqRecv  atomic.Int64
+	respRecv atomic.Int64
+	// Credit owed to each sender, returned in batches.
+	reqOwed  atomic.Int64
+	respOwed atomic.Int64
+
+	headersSent bool // response headers went to the client; under sc.ep.mu
+
+	deadline time.Time // zero: none; set before the call is shared
+	timerMu  sync.Mutex
+	timer    *time.Timer
+	expired  bool // under timerMu: the deadline fired; never launched after
+	finished atomic.Bool
+	observed atomic.Bool
+	code     atomic.Int32 // final status
+	upErr    atomic.Bool  // the status is the upstream's failure (metrics)
+}
+
+// launchWhenComplete: a request smaller than this is buffered until it is
+// complete (END_STREAM) before the call goes upstream; a larger one goes
+// as soon as this much has arrived. Below the stream window, so a client
+// never waits for credit to complete a buffered request.
+const launchWhenComplete = streamWindow / 2
+
+// openCall takes a new stream. Calls whose request is one message (unary
+// and server-streaming methods) wait in the proxy until the request is
+// complete: a stream that is reset or never finished costs the enclave
+// nothing. Client-streaming and unknown methods are launched at once.
+func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
+	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now()}
+	c.reqRecv.Store(streamWindow)
+	c.respRecv.Store(streamWindow)
+	c.resp = half{dst: sc.ep, id: f.StreamID, onSent: c.respSent, acct: &p.mem}
+	sc.ep.mu.Lock()
+	c.resp.window = sc.ep.initWin
+	sc.ep.mu.Unlock()
+	c.method = f.PseudoValue("path")
+	c.reqEnded.Store(f.StreamEnded())
+	// The stream id, the GOAWAY check and the call's registration are one
+	// step: a drain (GOAWAY with lastID) sees either the call or a stream
+	// it refused.
+	sc.mu.Lock()
+	sc.lastID.Store(c.sid)
+	switch {
+	case sc.goAway:
+		sc.mu.Unlock()
+		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
+		return
+	case len(sc.calls) >= int(p.cfg.MaxConcurrentStreams):
+		sc.mu.Unlock()
+		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
+		return
+	}
+	sc.calls[c.sid] = c
+	sc.mu.Unlock()
+
+	p.obs.CallStarted(c.method)
+	fields, timeout, err := p.requestHeaders(c, f)
+	if err != nil {
+		c.answerHTTP(err.code, err.msg, err.http)
+		return
+	}
+	c.fields = fields
+	if timeout > 0 {
+		c.deadline = c.start.Add(timeout)
+		c.timerMu.Lock()
+		c.timer = time.AfterFunc(timeout, c.expire)
+		c.timerMu.Unlock()
+	}
+	if p.oneRequest[c.method] && !c.reqEnded.Load() {
+		c.waiting = true
+		return
+	}
+	c.launch()
+}
+
+// launch routes the call to a lane and opens it there with what the
+// client sent so far. Called by the client's reader.
+func (c *call) launch() {
+	p, sc := c.px, c.sc
+	c.waiting = false
+	c.pendMu.Lock()
+	pending := c.pending
+	c.pending = nil
+	c.pendMu.Unlock()
+	p.mem.add(-int64(len(pending)))
+	if c.finished.Load() {
+		return
+	}
+	if c.method == healthCheckMethod && c.reqEnded.Load() && c.answerHealth(pending) {
+		return
+	}
+	if !limits.Exempt(c.method) {
+		if err := p.inFlight.Acquire(); err != nil {
+			c.answer(codes.ResourceExhausted, statusMessage(err))
+			return
+		}
+		c.slot = true
+	}
+	if n := sc.upCalls.Add(1); int(n) > p.cfg.MaxConnectionCalls {
+		sc.upCalls.Add(-1)
+		p.shed(metrics.ShedConnectionShare)
+		c.answer(codes.ResourceExhausted, fmt.Sprintf(
+			"this connection has %d calls in flight at the enclave, its share is %d (--max-connection-calls); retry with backoff, or spread calls over connections",
+			n-1, p.cfg.MaxConnectionCalls))
+		return
+	}
+	c.share = true
+	if used := p.mem.load(); used > p.cfg.MemoryBudget {
+		p.shed(metrics.ShedMemoryBudget)
+		c.answer(codes.ResourceExhausted, fmt.Sprintf(
+			"proxy busy: %d MiB buffered, over its memory budget of %d MiB (--memory-budget); retry with backoff",
+			used>>20, p.cfg.MemoryBudget>>20))
+		return
+	}
+	ln, err := p.route(c.method, c.deadline)
+	if err != nil {
+		if errors.Is(err, errUpstreamBusy) {
+			p.shed(metrics.ShedUpstreamBusy)
+			c.answer(codes.ResourceExhausted, err.Error())
+			return
+		}
+		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
+		c.upErr.Store(true)
+		c.answer(codes.Unavailable, err.Error())
+		return
+	}
+	fields := c.fields
+	c.fields = nil
+	if !c.deadline.IsZero() {
+		left := time.Until(c.deadline)
+		if left <= 0 {
+			c.answer(codes.DeadlineExceeded, "deadline exceeded (proxy)")
+			return
+		}
+		fields = append(fields, hpack.HeaderField{Name: "grpc-timeout", Value: formatTimeout(left), Sensitive: true})
+	}
+	if size, max := headerListSize(fields), ln.maxHeaderList(); size > max {
+		c.answer(codes.ResourceExhausted, fmt.Sprintf(
+			"request headers are %d bytes as forwarded, over the enclave's limit of %d (SETTINGS_MAX_HEADER_LIST_SIZE)", size, max))
+		return
+	}
+	end := c.reqEnded.Load() && len(pending) == 0
+	c.timerMu.Lock()
+	if c.expired {
+		c.timerMu.Unlock()
+		return
+	}
+	err = ln.open(c, fields, end)
+	c.timerMu.Unlock()
+	if err != nil {
+		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
+		c.upErr.Store(true)
+		c.answer(codes.Unavailable, err.Error())
+		return
+	}
+	if len(pending) > 0 || (c.reqEnded.Load() && !end) {
+		c.sendUpstream(pending, c.reqEnded.Load())
+	}
+}
+
+// relayRequest passes request bytes (and the end of the request) upstream,
+// or buffers them while the call waits for its complete request. Called by
+// the client's reader.
+func (c *call) relayRequest(data []byte, end bool) {
+	if err := c.msg.check(data, c.px.cfg.MaxRecvMsgSize); err != nil {
+		if !c.finished.Load() {
+			c.fail(codes.ResourceExhausted, err.Error())
+		}
+		return
+	}
+	if c.waiting {
+		if len(data) > 0 {
+			c.pendMu.Lock()
+			c.pending = append(c.pending, data...)
+			n := len(c.pending)
+			c.pendMu.Unlock()
+			c.px.mem.add(int64(len(data)))
+			if n < launchWhenComplete && !end {
+				return
+			}
+		}
+		if end || len(data) > 0 {
+			c.launch()
+		}
+		return
+	}
+	if c.ln == nil || c.finished.Load() {
+		// Answered by the proxy: the bytes are dropped, credit returned.
+		c.credit(len(data))
+		return
+	}
+	// Backpressure: while the upstream connection has more queued than
+	// laneBusy, this client's reader waits here.
+	if err := c.ln.ep.waitRoom(laneBusy, c.px.cfg.KeepaliveTimeout); err != nil {
+		c.fail(codes.Unavailable, "upstream connection congested: "+err.Error())
+		return
+	}
+	c.sendUpstream(data, end)
+}
+
+// sendUpstream sends request bytes on the call's upstream stream.
+func (c *call) sendUpstream(data []byte, end bool) {
+	ep := c.ln.ep
+	ep.mu.Lock()
+	n, ended := c.req.sendLocked(data, end, nil)
+	ep.mu.Unlock()
+	if n > 0 || ended {
+		c.reqSent(n, ended)
+	}
+}
+
+// healthCheckMethod is answered by the proxy itself for service "".
+const healthCheckMethod = limits.HealthPrefix + "Check"
+
+// answerHealth answers a Health/Check of the proxy itself (service "")
+// from the proxy's state, without a stream on any connection: the proxy's
+// health never depends on a stream limit or on the enclave. It reports
+// false when the request is for another service (or compressed, or not
+// one message), which is relayed.
+func (c *call) answerHealth(req []byte) bool {
+	if len(req) < 5 || req[0] != 0 || int(binary.BigEndian.Uint32(req[1:5])) != len(req)-5 {
+		return false
+	}
+	var in healthpb.HealthCheckRequest
+	if err := proto.Unmarshal(req[5:], &in); err != nil || in.GetService() != "" {
+		return false
+	}
+	st, _, _ := c.px.health.current()
+	body, err := proto.Marshal(&healthpb.HealthCheckResponse{Status: st})
+	if err != nil {
+		return false
+	}
+	msg := make([]byte, 5+len(body))
+	binary.BigEndian.PutUint32(msg[1:5], uint32(len(body)))
+	copy(msg[5:], body)
+	c.code.Store(int32(codes.OK))
+	c.observe()
+	ep := c.sc.ep
+	ep.mu.Lock()
+	wrote := ep.wrote // the proxy's own answer earns no pings
+	ep.writeHeadersLocked(c.sid, []hpack.HeaderField{
+		{Name: ":status", Value: "200"}, {Name: "content-type", Value: "application/grpc"},
+	}, false)
+	c.headersSent = true
+	n, ended := c.resp.sendLocked(msg, true, []hpack.HeaderField{{Name: "grpc-status", Value: "0"}})
+	ep.wrote = wrote
+	ep.mu.Unlock()
+	if n > 0 || ended {
+		c.respSent(n, ended)
+	}
+	return true
+}
+
+// reqSent: n request bytes went upstream; return the credit to the client.
+func (c *call) reqSent(n int, _ bool) { c.credit(n) }
+
+// credit returns n bytes of stream credit to the client (batched).
+func (c *call) credit(n int) {
+	if n <= 0 || c.reqEnded.Load() {
+		return
+	}
+	if owed := c.reqOwed.Add(int64(n)); owed >= streamWindow/4 {
+		if c.reqOwed.CompareAndSwap(owed, 0) {
+			c.reqRecv.Add(owed)
+			c.sc.ep.windowUpdate(c.sid, uint32(owed))
+		}
+	}
+}
+
+// respSent: n response bytes reached the client; return the credit
+// upstream. ended: the response is complete and the call is over.
+func (c *call) respSent(n int, ended bool) {
+	if n > 0 && !ended && c.ln != nil {
+		if owed := c.respOwed.Add(int64(n)); owed >= streamWindow/4 {
+			if c.respOwed.CompareAndSwap(owed, 0) {
+				c.respRecv.Add(owed)
+				c.ln.ep.windowUpdate(c.uid, uint32(owed))
+			}
+		}
+	}
+	if ended {
+		c.finish()
+	}
+}
+
+// answer ends the call with the proxy's own status, before anything came
+// from upstream.
+func (c *call) answer(code codes.Code, msg string) { c.answerHTTP(code, msg, 0) }
+
+// answerHTTP is answer with an HTTP status other than 200 (malformed
+// requests, as gRPC's spec asks) when no response headers went out yet.
+func (c *call) answerHTTP(code codes.Code, msg string, httpStatus int) {
+	c.code.Store(int32(code))
+	c.observe()
+	ep := c.sc.ep
+	ep.mu.Lock()
+	c.resp.dropQueue()
+	if !c.resp.closed {
+		fields := statusFields(code, msg, c.headersSent)
+		if httpStatus != 0 && !c.headersSent {
+			fields[0].Value = strconv.Itoa(httpStatus)
+		}
+		ep.writeHeadersLocked(c.sid, fields, true)
+		c.resp.closed = true
+		c.headersSent = true
+	}
+	if !c.reqEnded.Load() {
+		// The client may still be sending: tell it to stop (grpc-go does
+		// the same when a server ends a call first).
+		ep.writeRSTLocked(c.sid, http2.ErrCodeNo)
+	}
+	ep.mu.Unlock()
+	c.finish()
+}
+
+// fail ends a routed call with the proxy's status: upstream is cancelled.
+func (c *call) fail(code codes.Code, msg string) {
+	c.cancelUpstream()
+	c.answer(code, msg)
+}
+
+// cancelUpstream resets the upstream stream and forgets it.
+func (c *call) cancelUpstream() { c.cancelUpstreamCode(http2.ErrCodeCancel) }
+
+// cancelUpstreamCode resets the upstream stream with code and forgets it.
+func (c *call) cancelUpstreamCode(code http2.ErrCode) {
+	if c.ln == nil {
+		return
+	}
+	ep := c.ln.ep
+	ep.mu.Lock()
+	c.req.resetLocked(code)
+	ep.mu.Unlock()
+	c.ln.forget(c)
+}
+
+// expire is the call's deadline. A call not launched yet never will be.
+func (c *call) expire() {
+	c.timerMu.Lock()
+	c.expired = true
+	c.timerMu.Unlock()
+	if c.finished.Load() {
+		return
+	}
+	c.fail(codes.DeadlineExceeded, "deadline exceeded (proxy)")
+}
+
+// clientReset: the client reset the stream.
+func (c *call) clientReset(code http2.ErrCode) {
+	c.code.Store(int32(codeFromRST(code)))
+	c.cancelUpstream()
+	ep := c.sc.ep
+	ep.mu.Lock()
+	c.resp.closed = true
+	c.resp.dropQueue()
+	ep.mu.Unlock()
+	c.finish()
+}
+
+// clientGone: the client connection ended.
+func (c *call) clientGone() {
+	if c.finished.Load() {
+		return
+	}
+	c.code.Store(int32(codes.Canceled))
+	c.cancelUpstream()
+	c.finish()
+}
+
+// upstreamLost: the lane broke; the call fails Unavailable.
+func (c *call) upstreamLost(reason string) {
+	if c.finished.Load() {
+		return
+	}
+	c.px.obs.UpstreamError(metrics.ReasonUnavailable)
+	c.upErr.Store(true)
+	c.answer(codes.Unavailable, reason)
+}
+
+// finish does the bookkeeping of a call that ended, once.
+func (c *call) finish() {
+	if !c.finished.CompareAndSwap(false, true) {
+		return
+	}
+	c.timerMu.Lock()
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.timerMu.Unlock()
+	if c.ln != nil {
+		c.ln.forget(c)
+	}
+	c.pendMu.Lock()
+	pending := len(c.pending)
+	c.pending = nil
+	c.pendMu.Unlock()
+	c.px.mem.add(-int64(pending))
+	sc := c.sc
+	if c.share {
+		sc.upCalls.Add(-1)
+	}
+	sc.mu.Lock()
+	delete(sc.calls, c.sid)
+	if len(sc.calls) == 0 {
+		sc.lastCall = time.Now()
+	}
+	sc.mu.Unlock()
+	c.observe()
+}
+
+// observe records the call's outcome once: it frees the in-flight slot,
+// counts the call in the metrics and logs it. It runs before the end of
+// the response goes to the client (and from finish, for the paths where
+// nothing does), so a client that has its answer sees the call counted
+// and its slot free, as with a gRPC server's interceptors.
+func (c *call) observe() {
+	if !c.observed.CompareAndSwap(false, true) {
+		return
+	}
+	if c.slot {
+		c.px.inFlight.Release()
+	}
+	code := codes.Code(c.code.Load())
+	elapsed := time.Since(c.start)
+	c.px.obs.CallFinished(c.method, code, elapsed)
+	if !c.upErr.Load() && c.ln != nil && c.ln.set == c.px.enclave {
+		switch code {
+		case codes.Unavailable:
+			c.px.obs.UpstreamError(metrics.ReasonUnavailable)
+		case codes.Internal, codes.Unknown, codes.DataLoss:
+			c.px.obs.UpstreamError(metrics.ReasonServerFault)
+		}
+	}
+	if c.px.debug {
+		c.px.log.Debug("call", zap.String("method", c.method), zap.Stringer("code", code),
+			zap.Duration("latency", elapsed), zap.String(requestid.LogField, c.reqID), zap.String("peer", c.sc.peer))
+	}
+}
+
+// --- from upstream ---------------------------------------------------------
+
+// upHeaders relays response headers or trailers. Called by the lane's reader.
+func (c *call) upHeaders(f *http2.MetaHeadersFrame) {
+	end := f.StreamEnded()
+	fields := f.Fields
+	if end {
+		code := codes.Unknown
+		if v := f.PseudoValue("status"); v != "" && v != "200" && c.isFirstHeaders() {
+			code = httpStatusCode(v)
+		}
+		for _, hf := range f.RegularFields() {
+			if hf.Name == "grpc-status" {
+				if n, err := strconv.Atoi(hf.Value); err == nil {
+					code = codes.Code(n)
+				}
+			}
+		}
+		c.code.Store(int32(code))
+		c.observe()
+	}
+	ep := c.sc.ep
+	ep.mu.Lock()
+	if !end {
+		if c.headersSent || c.resp.closed {
+			ep.mu.Unlock()
+			c.fail(codes.Internal, "upstream sent response headers twice")
+			return
+		}
+		c.headersSent = true
+		if ep.err == nil && !c.resp.closed {
+			ep.writeHeadersLocked(c.sid, fields, false)
+			ep.wrote = true
+		}
+		ep.mu.Unlock()
+		return
+	}
+	c.headersSent = true
+	n, ended := c.resp.sendLocked(nil, true, fields)
+	if ended && !c.reqEnded.Load() {
+		ep.writeRSTLocked(c.sid, http2.ErrCodeNo)
+	}
+	ep.mu.Unlock()
+	c.upDone()
+	if n > 0 || ended {
+		c.respSent(n, ended)
+	}
+}
+
+// isFirstHeaders reports whether no response headers were relayed yet.
+func (c *call) isFirstHeaders() bool {
+	c.sc.ep.mu.Lock()
+	defer c.sc.ep.mu.Unlock()
+	return !c.headersSent
+}
+
+// upDone: upstream ended its side; the request side stops there too.
+func (c *call) upDone() {
+	ep := c.ln.ep
+	ep.mu.Lock()
+	c.req.closed, c.req.over = true, true
+	c.req.dropQueue()
+	ep.mu.Unlock()
+	c.ln.forget(c)
+}
+
+// upData relays response bytes. Called by the lane's reader.
+func (c *call) upData(data []byte, end bool) {
+	if err := c.respMsg.check(data, c.px.cfg.MaxSendMsgSize); err != nil {
+		c.fail(codes.ResourceExhausted, "response from the enclave refused: "+err.Error())
+		return
+	}
+	if end {
+		// END_STREAM on DATA: no trailers, no status (grpc-go says Internal).
+		c.code.Store(int32(codes.Internal))
+		c.observe()
+	}
+	ep := c.sc.ep
+	ep.mu.Lock()
+	n, ended := c.resp.sendLocked(data, end, nil)
+	ep.mu.Unlock()
+	if end {
+		c.upDone()
+	}
+	if n > 0 || ended {
+		c.respSent(n, ended)
+	}
+}
+
+// upReset: upstream reset the stream.
+func (c *call) upReset(code http2.ErrCode) {
+	c.ln.forget(c)
+	ep := c.ln.ep
+	ep.mu.Lock()
+	c.req.closed, c.req.over = true, true
+	ep.mu.Unlock()
+	st := codeFromRST(code)
+	if code == http2.ErrCodeCancel && !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
+		// The enclave's copy of the deadline expired (grpc-go servers
+		// reset with CANCEL then); the caller's deadline has too.
+		c.answer(codes.DeadlineExceeded, "deadline exceeded")
+		return
+	}
+	c.answer(st, fmt.Sprintf("upstream reset the stream: %s", code))
+}
