@@ -20,10 +20,6 @@ import (
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-func init() {
-	extraCommands = append(extraCommands, command{"attest", "fetch (or read) an attestation document and verify it", runAttest})
-}
-
 // attestFlags are the verification policy, shared by attest and by
 // sign/verify --attested.
 type attestFlags struct {
@@ -251,10 +247,7 @@ func (at *attested) key(sel *pb.KeySelector) (*pb.KeyInfo, error) {
 	return nil, errors.New("the selected key is not among the attested keys")
 }
 
-func runAttest(ctx context.Context, io IO, args []string) error {
-	var c common
-	var a attestFlags
-	fs := newFlagSet(io, "attest", `Usage: nitrosign attest [flags]
+const attestUsage = `Usage: nitrosign attest [flags]
 
 Fetches an attestation document from the enclave (directly or through the
 proxy) bound to a fresh random nonce, verifies it — COSE ES384 signature,
@@ -268,12 +261,14 @@ Examples:
   nitrosign attest --pcr 0=7f3a... --output json
   nitrosign attest --document doc.cbor --at 2022-08-04T19:11:20.975Z
   nitrosign attest --dev-trust-server-root      # a development enclave (simulated NSM)
-`)
-	c.register(fs)
-	a.register(fs)
-	docFile := fs.String("document", "", "verify this saved document (raw COSE_Sign1 bytes) instead of fetching one")
-	fs.StringVar(&a.saveDocFile, "save-document", "", "write the fetched document to this file")
-	if err := parse(fs, &c, args); err != nil {
+`
+
+func runAttest(ctx context.Context, c *cmd, args []string) error {
+	var a attestFlags
+	a.register(c.FlagSet)
+	docFile := c.String("document", "", "verify this saved document (raw COSE_Sign1 bytes) instead of fetching one")
+	c.StringVar(&a.saveDocFile, "save-document", "", "write the fetched document to this file")
+	if err := c.parse(args); err != nil {
 		return err
 	}
 	var at *attested
@@ -297,18 +292,16 @@ Examples:
 		}
 		at = &attested{doc: doc}
 	} else {
-		ctx, cancel := withTimeout(ctx, &c)
-		defer cancel()
-		cl, err := c.dial(ctx)
+		ctx, cl, done, err := c.connect(ctx)
 		if err != nil {
 			return err
 		}
-		defer cl.Close()
+		defer done()
 		if at, err = a.fetchAndVerify(ctx, cl); err != nil {
 			return err
 		}
 	}
-	return printAttested(io, c.output, at)
+	return printAttested(c.IO, c.output, at)
 }
 
 func readAllLimitFile(path string, limit int64) ([]byte, error) {

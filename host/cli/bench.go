@@ -18,13 +18,6 @@ import (
 	"github.com/nitrosign/nitrosign/internal/target"
 )
 
-func init() {
-	extraCommands = append(extraCommands,
-		command{"bench", "load-test one target: throughput and latency percentiles", runBench},
-		command{"compare", "benchmark several targets in interleaved rounds and compare them", runCompare},
-	)
-}
-
 // loadFlags are the workload and load-shape flags bench and compare share.
 type loadFlags struct {
 	cfg      bench.Config
@@ -235,22 +228,15 @@ Examples:
   nitrosign bench --target tcp://127.0.0.1:7001 --concurrency 256 --connections 4 --watch-pid 4242
 `
 
-func runBench(ctx context.Context, io IO, args []string) error {
+func runBench(ctx context.Context, c *cmd, args []string) error {
 	var l loadFlags
-	fs := newFlagSet(io, "bench", benchUsage)
-	addr := fs.String("target", DefaultTarget, "server: vsock://CID:PORT (enclave) or tcp://HOST:PORT (proxy)")
-	name := fs.String("name", "", "label of the target in reports (default: the target address)")
-	l.register(fs)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usagef("%v", err)
+	addr := c.String("target", DefaultTarget, "server: vsock://CID:PORT (enclave) or tcp://HOST:PORT (proxy)")
+	name := c.String("name", "", "label of the target in reports (default: the target address)")
+	l.register(c.FlagSet)
+	if err := c.parse(args); err != nil {
+		return err
 	}
-	if fs.NArg() > 0 {
-		return usagef("unexpected argument %q (see -h)", fs.Arg(0))
-	}
-	if err := l.validate(fs); err != nil {
+	if err := l.validate(c.FlagSet); err != nil {
 		return err
 	}
 	if _, err := target.Parse(*addr); err != nil {
@@ -265,7 +251,7 @@ func runBench(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	res, err := bench.Run(ctx, l.cfg, dial, bench.Options{
-		Name: *name, Target: *addr, Workload: l.work.String(), Progress: progress(io), WatchPIDs: l.watch,
+		Name: *name, Target: *addr, Workload: l.work.String(), Progress: progress(c.IO), WatchPIDs: l.watch,
 	})
 	if perr := stopProfile(); err == nil && perr != nil {
 		err = fmt.Errorf("--cpu-profile: %w", perr)
@@ -273,7 +259,7 @@ func runBench(ctx context.Context, io IO, args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := l.writeOutputs(io, res, res.WriteText, "nitrosign bench: "+res.Name, []*bench.Result{res}); err != nil {
+	if err := l.writeOutputs(c.IO, res, res.WriteText, "nitrosign bench: "+res.Name, []*bench.Result{res}); err != nil {
 		return err
 	}
 	return failedAll([]*bench.Result{res})
@@ -325,22 +311,15 @@ Examples:
       --concurrency 64 --connect-every 10 --duration 5s --rounds 3 --json churn.json
 `
 
-func runCompare(ctx context.Context, io IO, args []string) error {
+func runCompare(ctx context.Context, c *cmd, args []string) error {
 	var l loadFlags
 	var targets targetList
-	fs := newFlagSet(io, "compare", compareUsage)
-	fs.Var(&targets, "target", "a target as `NAME=ADDRESS` (vsock://CID:PORT or tcp://HOST:PORT); repeat for each, the first is the baseline")
-	rounds := fs.Int("rounds", 3, "rounds per target, interleaved")
-	pause := fs.Duration("pause", 200*time.Millisecond, "pause between two runs, so closed connections are torn down")
-	l.register(fs)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usagef("%v", err)
-	}
-	if fs.NArg() > 0 {
-		return usagef("unexpected argument %q (see -h)", fs.Arg(0))
+	c.Var(&targets, "target", "a target as `NAME=ADDRESS` (vsock://CID:PORT or tcp://HOST:PORT); repeat for each, the first is the baseline")
+	rounds := c.Int("rounds", 3, "rounds per target, interleaved")
+	pause := c.Duration("pause", 200*time.Millisecond, "pause between two runs, so closed connections are torn down")
+	l.register(c.FlagSet)
+	if err := c.parse(args); err != nil {
+		return err
 	}
 	if len(targets) < 2 {
 		return usagef("give at least two --target NAME=ADDRESS to compare (for one, use nitrosign bench)")
@@ -351,7 +330,7 @@ func runCompare(ctx context.Context, io IO, args []string) error {
 	if *pause < 0 {
 		return usagef("--pause must not be negative")
 	}
-	if err := l.validate(fs); err != nil {
+	if err := l.validate(c.FlagSet); err != nil {
 		return err
 	}
 	seen := map[string]bool{}
@@ -372,7 +351,7 @@ func runCompare(ctx context.Context, io IO, args []string) error {
 		return err
 	}
 	cmp, err := bench.Compare(ctx, l.cfg, targets, bench.CompareOptions{
-		Rounds: *rounds, Workload: l.work.String(), Progress: progress(io), WatchPIDs: l.watch, Pause: *pause,
+		Rounds: *rounds, Workload: l.work.String(), Progress: progress(c.IO), WatchPIDs: l.watch, Pause: *pause,
 	})
 	if perr := stopProfile(); err == nil && perr != nil {
 		err = fmt.Errorf("--cpu-profile: %w", perr)
@@ -385,7 +364,7 @@ func runCompare(ctx context.Context, io IO, args []string) error {
 		names[i] = r.Name
 	}
 	title := "nitrosign compare: " + strings.Join(names, " vs ")
-	if err := l.writeOutputs(io, cmp, cmp.WriteText, title, cmp.Results); err != nil {
+	if err := l.writeOutputs(c.IO, cmp, cmp.WriteText, title, cmp.Results); err != nil {
 		return err
 	}
 	return failedAll(cmp.Results)

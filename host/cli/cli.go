@@ -40,24 +40,25 @@ type IO struct {
 	Stderr io.Writer
 }
 
+// command is one subcommand: its line in the usage text, the text of its
+// -h, the shared flags it takes and its body.
 type command struct {
-	name    string
-	summary string
-	run     func(ctx context.Context, io IO, args []string) error
+	name, summary, usage string
+	needs                needs
+	run                  func(ctx context.Context, c *cmd, args []string) error
 }
 
-func commands() []command {
-	return []command{
-		{"echo", "round-trip a payload and print the latency", runEcho},
-		{"keys", "list the signing keys", runKeys},
-		{"pubkey", "print a public key as PEM", runPubkey},
-		{"sign", "sign a message or digest", runSign},
-		{"verify", "verify a signature locally (exit 0 only when valid)", runVerify},
-	}
+// commands are all the subcommands, in the order the usage text lists them.
+var commands = []command{
+	{"echo", "round-trip a payload and print the latency", echoUsage, server, runEcho},
+	{"keys", "list the signing keys", keysUsage, server, runKeys},
+	{"pubkey", "print a public key as PEM", pubkeyUsage, server | keyed, runPubkey},
+	{"sign", "sign a message or digest", signUsage, server | keyed, runSign},
+	{"verify", "verify a signature locally (exit 0 only when valid)", verifyUsage, server | keyed, runVerify},
+	{"attest", "fetch (or read) an attestation document and verify it", attestUsage, server, runAttest},
+	{"bench", "load-test one target: throughput and latency percentiles", benchUsage, 0, runBench},
+	{"compare", "benchmark several targets in interleaved rounds and compare them", compareUsage, 0, runCompare},
 }
-
-// Extra subcommands registered by other files of this package.
-var extraCommands []command
 
 const topUsage = `nitrosign: client of the nitrosign enclave signing service.
 
@@ -73,7 +74,7 @@ tcp://HOST:PORT for the host proxy; default %s), --timeout and
 
 func usage(w io.Writer) {
 	var b strings.Builder
-	for _, c := range append(commands(), extraCommands...) {
+	for _, c := range commands {
 		fmt.Fprintf(&b, "  %-8s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, topUsage, b.String(), DefaultTarget)
@@ -99,11 +100,11 @@ func Run(ctx context.Context, io IO, args []string) int {
 		}
 		return ExitOK
 	}
-	for _, c := range append(commands(), extraCommands...) {
+	for _, c := range commands {
 		if c.name != args[0] {
 			continue
 		}
-		err := c.run(ctx, io, args[1:])
+		err := c.run(ctx, newCmd(io, c), args[1:])
 		var ue usageError
 		switch {
 		case err == nil:
@@ -131,12 +132,82 @@ func describe(err error) string {
 	return err.Error()
 }
 
-// common holds the flags every command takes.
+// needs are the shared flags a command takes.
+type needs uint8
+
+const (
+	server needs = 1 << iota // --target, --timeout, --output, TLS: it calls one server
+	keyed                    // --key-type, --key-id: it selects a key
+)
+
+// cmd is the preamble every command shares: its flag set, whose -h prints
+// the command's usage text, with the shared flags it needs; parse parses
+// and checks them, connect dials the target within --timeout.
+type cmd struct {
+	*flag.FlagSet
+	IO
+	needs needs
+	common
+	keyFlags
+}
+
+func newCmd(io IO, c command) *cmd {
+	fs := flag.NewFlagSet("nitrosign "+c.name, flag.ContinueOnError)
+	fs.SetOutput(io.Stderr)
+	fs.Usage = func() {
+		fmt.Fprint(io.Stderr, c.usage)
+		fmt.Fprintln(io.Stderr, "\nFlags:")
+		fs.PrintDefaults()
+	}
+	x := &cmd{FlagSet: fs, IO: io, needs: c.needs}
+	if c.needs&server != 0 {
+		x.common.register(fs)
+	}
+	if c.needs&keyed != 0 {
+		x.keyFlags.register(fs)
+	}
+	return x
+}
+
+// parse parses args, rejects positional arguments and validates the
+// shared flags.
+func (c *cmd) parse(args []string) error {
+	if err := c.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usagef("%v", err)
+	}
+	if c.NArg() > 0 {
+		return usagef("unexpected argument %q (see -h)", c.Arg(0))
+	}
+	if c.needs&server == 0 {
+		return nil
+	}
+	return c.validate()
+}
+
+// connect starts the command's deadline (--timeout) and dials the target
+// within it; done closes the connection and ends the deadline.
+func (c *cmd) connect(ctx context.Context) (_ context.Context, _ *client.Client, done func(), err error) {
+	tc, err := c.tls.TLSConfig()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	cl, err := client.Dial(ctx, c.target, client.Options{TLS: tc})
+	if err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return ctx, cl, func() { _ = cl.Close(); cancel() }, nil
+}
+
+// common holds the flags of a command that calls one server.
 type common struct {
-	target      string
-	timeout     time.Duration
-	output      string
-	connections int
+	target  string
+	timeout time.Duration
+	output  string
 	// tls: --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, for
 	// a proxy serving TLS or mutual TLS (its --tls-cert, --client-ca).
 	tls tlsconfig.ClientConfig
@@ -185,49 +256,10 @@ func loopbackHost(hostPort string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// dial connects within the command's deadline.
-func (c *common) dial(ctx context.Context) (*client.Client, error) {
-	tc, err := c.tls.TLSConfig()
-	if err != nil {
-		return nil, err
-	}
-	return client.Dial(ctx, c.target, client.Options{Connections: c.connections, TLS: tc})
-}
-
-// newFlagSet makes a FlagSet whose -h prints the command's usage text.
-func newFlagSet(io IO, name, text string) *flag.FlagSet {
-	fs := flag.NewFlagSet("nitrosign "+name, flag.ContinueOnError)
-	fs.SetOutput(io.Stderr)
-	fs.Usage = func() {
-		fmt.Fprint(io.Stderr, text)
-		fmt.Fprintln(io.Stderr, "\nFlags:")
-		fs.PrintDefaults()
-	}
-	return fs
-}
-
-// parse parses args, rejects positional arguments and validates common flags.
-func parse(fs *flag.FlagSet, c *common, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usagef("%v", err)
-	}
-	if fs.NArg() > 0 {
-		return usagef("unexpected argument %q (see -h)", fs.Arg(0))
-	}
-	return c.validate()
-}
-
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
-}
-
-func withTimeout(ctx context.Context, c *common) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, c.timeout)
 }
 
 // readInput returns the bytes of --message, --in FILE ("-" is stdin), or

@@ -22,21 +22,20 @@ import (
 
 // ---- echo ----------------------------------------------------------------
 
-func runEcho(ctx context.Context, io IO, args []string) error {
-	var c common
-	fs := newFlagSet(io, "echo", `Usage: nitrosign echo [flags]
+const echoUsage = `Usage: nitrosign echo [flags]
 
 Sends a payload, checks it comes back unchanged, prints the round trip.
 
 Examples:
   nitrosign echo --target tcp://127.0.0.1:8443 --payload hello
   nitrosign echo --target vsock://16:5005 --size 1024 --count 10
-`)
-	c.register(fs)
-	payload := fs.String("payload", "ping", "payload text")
-	size := fs.Int("size", -1, "send this many bytes of zeros instead of --payload")
-	count := fs.Int("count", 1, "number of calls")
-	if err := parse(fs, &c, args); err != nil {
+`
+
+func runEcho(ctx context.Context, c *cmd, args []string) error {
+	payload := c.String("payload", "ping", "payload text")
+	size := c.Int("size", -1, "send this many bytes of zeros instead of --payload")
+	count := c.Int("count", 1, "number of calls")
+	if err := c.parse(args); err != nil {
 		return err
 	}
 	if *count < 1 {
@@ -49,13 +48,11 @@ Examples:
 	if *size >= 0 {
 		data = make([]byte, *size)
 	}
-	ctx, cancel := withTimeout(ctx, &c)
-	defer cancel()
-	cl, err := c.dial(ctx)
+	ctx, cl, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
+	defer done()
 	type result struct {
 		Target      string    `json:"target"`
 		Bytes       int       `json:"bytes"`
@@ -77,12 +74,12 @@ Examples:
 	}
 	if c.output == "json" {
 		if len(results) == 1 {
-			return printJSON(io.Stdout, results[0])
+			return printJSON(c.Stdout, results[0])
 		}
-		return printJSON(io.Stdout, results)
+		return printJSON(c.Stdout, results)
 	}
 	for _, r := range results {
-		fmt.Fprintf(io.Stdout, "echo %d bytes from %s: round trip %s (server received at %s)\n",
+		fmt.Fprintf(c.Stdout, "echo %d bytes from %s: round trip %s (server received at %s)\n",
 			r.Bytes, r.Target, time.Duration(r.RoundTripUS*1e3).Round(time.Microsecond), r.ReceiveTime.Format(time.RFC3339Nano))
 	}
 	return nil
@@ -124,27 +121,24 @@ func publicPEM(spki []byte) string {
 	return string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: spki}))
 }
 
-func runKeys(ctx context.Context, io IO, args []string) error {
-	var c common
-	fs := newFlagSet(io, "keys", `Usage: nitrosign keys [flags]
+const keysUsage = `Usage: nitrosign keys [flags]
 
 Lists the enclave's signing keys: id, type, spec and algorithms.
 
 Examples:
   nitrosign keys
   nitrosign keys --target vsock://16:5005 --output json
-`)
-	c.register(fs)
-	if err := parse(fs, &c, args); err != nil {
+`
+
+func runKeys(ctx context.Context, c *cmd, args []string) error {
+	if err := c.parse(args); err != nil {
 		return err
 	}
-	ctx, cancel := withTimeout(ctx, &c)
-	defer cancel()
-	cl, err := c.dial(ctx)
+	ctx, cl, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
+	defer done()
 	resp, err := cl.Signer.ListKeys(ctx, &pb.ListKeysRequest{})
 	if err != nil {
 		return err
@@ -154,9 +148,9 @@ Examples:
 		for i, k := range resp.GetKeys() {
 			out[i] = toKeyJSON(k)
 		}
-		return printJSON(io.Stdout, out)
+		return printJSON(c.Stdout, out)
 	}
-	tw := tabwriter.NewWriter(io.Stdout, 0, 4, 2, ' ', 0)
+	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KEY ID\tTYPE\tSPEC\tDEFAULT ALGORITHM\tALGORITHMS")
 	for _, k := range resp.GetKeys() {
 		j := toKeyJSON(k)
@@ -207,34 +201,29 @@ func parseKeyType(s string) (pb.KeyType, error) {
 
 // ---- pubkey --------------------------------------------------------------
 
-func runPubkey(ctx context.Context, io IO, args []string) error {
-	var c common
-	var k keyFlags
-	fs := newFlagSet(io, "pubkey", `Usage: nitrosign pubkey (--key-type T | --key-id ID) [flags]
+const pubkeyUsage = `Usage: nitrosign pubkey (--key-type T | --key-id ID) [flags]
 
 Prints a public key as PEM (SubjectPublicKeyInfo), ready for openssl.
 
 Examples:
   nitrosign pubkey --key-type ecc > ecc.pem
   nitrosign pubkey --key-type rsa --output json
-`)
-	c.register(fs)
-	k.register(fs)
-	out := fs.String("out", "", "write the PEM to this file instead of stdout")
-	if err := parse(fs, &c, args); err != nil {
+`
+
+func runPubkey(ctx context.Context, c *cmd, args []string) error {
+	out := c.String("out", "", "write the PEM to this file instead of stdout")
+	if err := c.parse(args); err != nil {
 		return err
 	}
-	sel, err := k.selector()
+	sel, err := c.selector()
 	if err != nil {
 		return err
 	}
-	ctx, cancel := withTimeout(ctx, &c)
-	defer cancel()
-	cl, err := c.dial(ctx)
+	ctx, cl, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
+	defer done()
 	resp, err := cl.Signer.GetPublicKey(ctx, &pb.GetPublicKeyRequest{Key: sel})
 	if err != nil {
 		return err
@@ -245,10 +234,10 @@ Examples:
 		}
 	}
 	if c.output == "json" {
-		return printJSON(io.Stdout, toKeyJSON(resp.GetKey()))
+		return printJSON(c.Stdout, toKeyJSON(resp.GetKey()))
 	}
 	if *out == "" {
-		fmt.Fprint(io.Stdout, publicPEM(resp.GetKey().GetPublicKey()))
+		fmt.Fprint(c.Stdout, publicPEM(resp.GetKey().GetPublicKey()))
 	}
 	return nil
 }
@@ -303,11 +292,7 @@ func (m *messageFlags) read(io IO, fs *flag.FlagSet) ([]byte, pb.MessageType, pb
 
 // ---- sign ----------------------------------------------------------------
 
-func runSign(ctx context.Context, io IO, args []string) error {
-	var c common
-	var k keyFlags
-	var m messageFlags
-	fs := newFlagSet(io, "sign", `Usage: nitrosign sign (--key-type T | --key-id ID) [flags]
+const signUsage = `Usage: nitrosign sign (--key-type T | --key-id ID) [flags]
 
 Signs a message (RAW, hashed by the enclave) or a digest (--digest) and
 prints the signature as base64, or writes the raw bytes with --out.
@@ -316,32 +301,31 @@ Examples:
   echo -n hello | nitrosign sign --key-type ecc
   nitrosign sign --key-type rsa --algorithm RSASSA_PSS_SHA_256 --in doc.txt --out doc.sig
   nitrosign sign --key-type ecc --digest --hex --message $(sha256sum doc.txt | cut -c1-64)
-`)
-	c.register(fs)
-	k.register(fs)
-	m.register(fs)
+`
+
+func runSign(ctx context.Context, c *cmd, args []string) error {
+	var m messageFlags
+	m.register(c.FlagSet)
 	var a attestFlags
-	attestedOnly := fs.Bool("attested", false, "trust only an attested key: fetch and verify an attestation document first (see 'nitrosign attest -h' for its policy flags), sign, and check the signature against the attested key")
-	a.register(fs)
-	out := fs.String("out", "", "write the raw signature bytes to this file")
-	if err := parse(fs, &c, args); err != nil {
+	attestedOnly := c.Bool("attested", false, "trust only an attested key: fetch and verify an attestation document first (see 'nitrosign attest -h' for its policy flags), sign, and check the signature against the attested key")
+	a.register(c.FlagSet)
+	out := c.String("out", "", "write the raw signature bytes to this file")
+	if err := c.parse(args); err != nil {
 		return err
 	}
-	sel, err := k.selector()
+	sel, err := c.selector()
 	if err != nil {
 		return err
 	}
-	msg, mt, alg, err := m.read(io, fs)
+	msg, mt, alg, err := m.read(c.IO, c.FlagSet)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := withTimeout(ctx, &c)
-	defer cancel()
-	cl, err := c.dial(ctx)
+	ctx, cl, done, err := c.connect(ctx)
 	if err != nil {
 		return err
 	}
-	defer cl.Close()
+	defer done()
 	var attestedKey *pb.KeyInfo
 	if *attestedOnly {
 		if attestedKey, err = a.attestedKey(ctx, cl, sel); err != nil {
@@ -363,27 +347,23 @@ Examples:
 		}
 	}
 	if c.output == "json" {
-		return printJSON(io.Stdout, map[string]string{
+		return printJSON(c.Stdout, map[string]string{
 			"key_id":            resp.GetKeyId(),
 			"signing_algorithm": sigalg.Name(resp.GetSigningAlgorithm()),
 			"signature":         base64.StdEncoding.EncodeToString(resp.GetSignature()),
 		})
 	}
 	if *out == "" {
-		fmt.Fprintln(io.Stdout, base64.StdEncoding.EncodeToString(resp.GetSignature()))
+		fmt.Fprintln(c.Stdout, base64.StdEncoding.EncodeToString(resp.GetSignature()))
 	} else {
-		fmt.Fprintf(io.Stderr, "signed with key %s (%s): %d bytes written to %s\n", resp.GetKeyId(), sigalg.Name(resp.GetSigningAlgorithm()), len(resp.GetSignature()), *out)
+		fmt.Fprintf(c.Stderr, "signed with key %s (%s): %d bytes written to %s\n", resp.GetKeyId(), sigalg.Name(resp.GetSigningAlgorithm()), len(resp.GetSignature()), *out)
 	}
 	return nil
 }
 
 // ---- verify --------------------------------------------------------------
 
-func runVerify(ctx context.Context, io IO, args []string) error {
-	var c common
-	var k keyFlags
-	var m messageFlags
-	fs := newFlagSet(io, "verify", `Usage: nitrosign verify (--key-type T | --key-id ID | --public-key FILE) (--signature B64 | --signature-file FILE) [flags]
+const verifyUsage = `Usage: nitrosign verify (--key-type T | --key-id ID | --public-key FILE) (--signature B64 | --signature-file FILE) [flags]
 
 Verifies a signature locally, with the public key fetched from the server
 (--key-type/--key-id) or read from a PEM file (--public-key, no server
@@ -392,17 +372,18 @@ needed). Exits 0 only when the signature is valid, 1 when it is not.
 Examples:
   echo -n hello | nitrosign verify --key-type ecc --signature MEUCIQ...
   nitrosign verify --public-key rsa.pem --algorithm RSASSA_PSS_SHA_256 --in doc.txt --signature-file doc.sig
-`)
-	c.register(fs)
-	k.register(fs)
-	m.register(fs)
+`
+
+func runVerify(ctx context.Context, c *cmd, args []string) error {
+	var m messageFlags
+	m.register(c.FlagSet)
 	var a attestFlags
-	attestedOnly := fs.Bool("attested", false, "use only an attested key: fetch and verify an attestation document and take the key from it (see 'nitrosign attest -h' for its policy flags)")
-	a.register(fs)
-	pubFile := fs.String("public-key", "", "PEM public key file (verify offline)")
-	sigB64 := fs.String("signature", "", "the signature, base64")
-	sigFile := fs.String("signature-file", "", "file with the raw signature bytes")
-	if err := parse(fs, &c, args); err != nil {
+	attestedOnly := c.Bool("attested", false, "use only an attested key: fetch and verify an attestation document and take the key from it (see 'nitrosign attest -h' for its policy flags)")
+	a.register(c.FlagSet)
+	pubFile := c.String("public-key", "", "PEM public key file (verify offline)")
+	sigB64 := c.String("signature", "", "the signature, base64")
+	sigFile := c.String("signature-file", "", "file with the raw signature bytes")
+	if err := c.parse(args); err != nil {
 		return err
 	}
 	var sig []byte
@@ -422,7 +403,7 @@ Examples:
 	default:
 		return usagef("give the signature: --signature B64 or --signature-file FILE")
 	}
-	msg, mt, alg, err := m.read(io, fs)
+	msg, mt, alg, err := m.read(c.IO, c.FlagSet)
 	if err != nil {
 		return err
 	}
@@ -433,7 +414,7 @@ Examples:
 		return usagef("give either --public-key or --attested, not both")
 	}
 	if *pubFile != "" {
-		if k.keyType != "" || k.keyID != "" {
+		if c.keyType != "" || c.keyID != "" {
 			return usagef("give either --public-key or --key-type/--key-id, not both")
 		}
 		pub, err = readPublicPEM(*pubFile)
@@ -446,17 +427,15 @@ Examples:
 		}
 		defAlg = sigalg.ForKey(spec)[0]
 	} else {
-		sel, err := k.selector()
+		sel, err := c.selector()
 		if err != nil {
 			return err
 		}
-		ctx, cancel := withTimeout(ctx, &c)
-		defer cancel()
-		cl, err := c.dial(ctx)
+		ctx, cl, done, err := c.connect(ctx)
 		if err != nil {
 			return err
 		}
-		defer cl.Close()
+		defer done()
 		var key *pb.KeyInfo
 		if *attestedOnly {
 			if key, err = a.attestedKey(ctx, cl, sel); err != nil {
@@ -483,11 +462,11 @@ Examples:
 		return usagef("%v", verr)
 	}
 	if c.output == "json" {
-		if err := printJSON(io.Stdout, map[string]any{"valid": verr == nil, "key_id": keyID, "signing_algorithm": sigalg.Name(alg)}); err != nil {
+		if err := printJSON(c.Stdout, map[string]any{"valid": verr == nil, "key_id": keyID, "signing_algorithm": sigalg.Name(alg)}); err != nil {
 			return err
 		}
 	} else if verr == nil {
-		fmt.Fprintf(io.Stdout, "signature is valid (%s%s)\n", sigalg.Name(alg), keySuffix(keyID))
+		fmt.Fprintf(c.Stdout, "signature is valid (%s%s)\n", sigalg.Name(alg), keySuffix(keyID))
 	}
 	if verr != nil {
 		return fmt.Errorf("%w (%s%s)", errInvalid, sigalg.Name(alg), keySuffix(keyID))

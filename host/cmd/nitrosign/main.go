@@ -1,6 +1,7 @@
 // Command nitrosign is the client of the nitrosign enclave signing service:
-// echo, keys, pubkey, sign and verify against the enclave directly
-// (vsock://CID:PORT) or through the host proxy (tcp://HOST:PORT).
+// the commands of package host/cli (echo, keys, pubkey, sign, verify,
+// attest, bench, compare) against the enclave directly (vsock://CID:PORT)
+// or through the host proxy (tcp://HOST:PORT).
 package main
 
 import (
