@@ -139,7 +139,7 @@ func run(t *testing.T) (sg *signer.Signer, enclaveAddr, proxyAddr string, logs f
 		t.Fatal(err)
 	}
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = "tcp://" + el.Addr().String()
+	cfg.Upstreams = []string{"tcp://" + el.Addr().String()}
 	cfg.Pool.Size = 2
 	cfg.Log.Level = "debug"
 	pxApp := fx.New(proxy.Options(cfg), fx.Provide(func() net.Listener { return pl }),

@@ -9,10 +9,8 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/enclavetest"
-	"github.com/nitrosign/nitrosign/internal/target"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig/tlstest"
 )
@@ -22,17 +20,13 @@ import (
 func startTLSProxy(t *testing.T, tc tlsconfig.ServerConfig) string {
 	t.Helper()
 	e := enclavetest.Start(t, enclavetest.DefaultConfig(), 0)
-	up, err := target.Parse(e.Target)
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = e.Target
+	cfg.Upstreams = []string{e.Target}
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Pool.Size = 1
 	cfg.TLS = tc
 	log := zaptest.NewLogger(t)
-	pl, err := pool.New(up, cfg.Pool, log)
+	pl, err := proxy.NewUpstreams(cfg, log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,9 +14,26 @@ import (
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-// PoolStats is what the pool collector reads (*pool.Pool).
+// SlotStats is one upstream connection slot of the proxy.
+type SlotStats struct {
+	pool.ConnStats
+	// Upstream is the slot's enclave address.
+	Upstream string
+	// KeysetMismatch: the enclave is out of rotation, its keyset differing
+	// from the one the other upstreams serve.
+	KeysetMismatch bool
+}
+
+// PoolStats is what the pool collector reads (the proxy's upstreams).
 type PoolStats interface {
-	Stats() []pool.ConnStats
+	Stats() []SlotStats
+}
+
+// Upstream is what the metrics read of the proxy's upstream connections:
+// their state, and unary calls to the enclave (the stats scrape).
+type Upstream interface {
+	PoolStats
+	grpc.ClientConnInterface
 }
 
 // RegisterPool exports p's connections at every scrape.
@@ -26,8 +43,16 @@ func (m *Metrics) RegisterPool(p PoolStats) {
 
 var (
 	poolConnsDesc = prometheus.NewDesc(Namespace+"_proxy_pool_connections",
-		"Pooled upstream connections by connectivity state (idle, connecting, ready, transient_failure, shutdown).",
-		[]string{"state"}, nil)
+		"Upstream connection slots by upstream and state (idle, connecting, ready: up and the enclave SERVING, transient_failure: down, not serving or out of rotation, shutdown).",
+		[]string{"upstream", "state"}, nil)
+	upstreamCallsDesc = prometheus.NewDesc(Namespace+"_proxy_upstream_calls_total",
+		"Streams the proxy opened on each upstream's connections (relayed calls and its own health and keyset probes).",
+		[]string{"upstream"}, nil)
+	upstreamInFlightDesc = prometheus.NewDesc(Namespace+"_proxy_upstream_streams",
+		"Streams open now on each upstream's connections.", []string{"upstream"}, nil)
+	keysetMismatchDesc = prometheus.NewDesc(Namespace+"_proxy_upstream_keyset_mismatch",
+		"1 when the upstream serves a keyset other than the one in rotation and is taken out of rotation, else 0.",
+		[]string{"upstream"}, nil)
 	poolRedialsDesc = prometheus.NewDesc(Namespace+"_proxy_pool_redials_total",
 		"Dials of pooled connections beyond each connection's first: retries while the enclave is unreachable and reconnections after a loss.",
 		nil, nil)
@@ -62,16 +87,30 @@ type poolCollector struct{ p PoolStats }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- poolConnsDesc
+	ch <- upstreamCallsDesc
+	ch <- upstreamInFlightDesc
+	ch <- keysetMismatchDesc
 	ch <- poolRedialsDesc
 	ch <- poolDialErrorsDesc
 	ch <- poolReconnectsDesc
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
-	byState := map[string]float64{}
+	type key struct{ up, state string }
+	byState := map[key]float64{}
+	var ups []string
+	calls, streams, mismatch := map[string]float64{}, map[string]float64{}, map[string]float64{}
 	var redials, dialErrs, reconnects uint64
 	for _, s := range c.p.Stats() {
-		byState[stateLabel(s.State)]++
+		if _, seen := calls[s.Upstream]; !seen {
+			ups = append(ups, s.Upstream)
+		}
+		byState[key{s.Upstream, stateLabel(s.State)}]++
+		calls[s.Upstream] += float64(s.Calls)
+		streams[s.Upstream] += float64(s.InFlight)
+		if s.KeysetMismatch {
+			mismatch[s.Upstream] = 1
+		}
 		if s.Dials > 1 {
 			redials += s.Dials - 1
 		}
@@ -80,9 +119,14 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 			reconnects += s.Readies - 1
 		}
 	}
-	for _, st := range poolStates {
-		l := stateLabel(st)
-		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, byState[l], l)
+	for _, up := range ups {
+		for _, st := range poolStates {
+			l := stateLabel(st)
+			ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, byState[key{up, l}], up, l)
+		}
+		ch <- prometheus.MustNewConstMetric(upstreamCallsDesc, prometheus.CounterValue, calls[up], up)
+		ch <- prometheus.MustNewConstMetric(upstreamInFlightDesc, prometheus.GaugeValue, streams[up], up)
+		ch <- prometheus.MustNewConstMetric(keysetMismatchDesc, prometheus.GaugeValue, mismatch[up], up)
 	}
 	ch <- prometheus.MustNewConstMetric(poolRedialsDesc, prometheus.CounterValue, float64(redials))
 	ch <- prometheus.MustNewConstMetric(poolDialErrorsDesc, prometheus.CounterValue, float64(dialErrs))
@@ -95,7 +139,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 const DefaultEnclaveScrapeTimeout = 2 * time.Second
 
 // RegisterEnclave exports the enclave's own counters: each scrape calls
-// nitrosign.v1.StatsService/GetStats on cc (the proxy's pool) within
+// nitrosign.v1.StatsService/GetStats on cc (the proxy's upstreams) within
 // timeout. When the enclave does not answer, nitrosign_enclave_up is 0 and
 // its other series are absent from that scrape.
 func (m *Metrics) RegisterEnclave(cc grpc.ClientConnInterface, timeout time.Duration, log *zap.Logger) {

@@ -131,7 +131,13 @@ func TestObserverAndProcessMetrics(t *testing.T) {
 
 type fakePool []pool.ConnStats
 
-func (f fakePool) Stats() []pool.ConnStats { return f }
+func (f fakePool) Stats() []metrics.SlotStats {
+	out := make([]metrics.SlotStats, len(f))
+	for i, s := range f {
+		out[i] = metrics.SlotStats{ConnStats: s, Upstream: "vsock://16:5005"}
+	}
+	return out
+}
 
 func TestPoolCollector(t *testing.T) {
 	m := metrics.New()

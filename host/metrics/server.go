@@ -14,8 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/fx"
 	"go.uber.org/zap"
-
-	"github.com/nitrosign/nitrosign/host/pool"
 )
 
 // Config configures the metrics endpoint.
@@ -158,7 +156,7 @@ type Params struct {
 	fx.In
 
 	Config    Config
-	Pool      *pool.Pool
+	Upstream  Upstream
 	Log       *zap.Logger
 	Lifecycle fx.Lifecycle
 	// Listener, when the graph has one named "metrics", is served instead
@@ -172,8 +170,8 @@ func provide(p Params) (*Metrics, error) {
 	}
 	log := p.Log.Named("metrics")
 	m := New()
-	m.RegisterPool(p.Pool)
-	m.RegisterEnclave(p.Pool, p.Config.EnclaveScrapeTimeout, log)
+	m.RegisterPool(p.Upstream)
+	m.RegisterEnclave(p.Upstream, p.Config.EnclaveScrapeTimeout, log)
 	if p.Config.Listen == "" && p.Listener == nil {
 		return m, nil
 	}

@@ -29,13 +29,21 @@ type call struct {
 	px     *Proxy
 	sc     *srvConn
 	sid    uint32 // stream id on the client connection
-	ln     *lane  // nil until launched; written under timerMu
-	uid    uint32 // stream id on the lane
 	method string
 	reqID  string
 	start  time.Time
 	slot   bool // holds an in-flight slot
 	share  bool // counted in sc.upCalls
+
+	// mu guards ln, uid, timer, expired, cancelled and attempts: a call
+	// may be relaunched (retry) while its client or its deadline ends it.
+	mu        sync.Mutex
+	ln        *lane  // nil until launched
+	uid       uint32 // stream id on ln
+	timer     *time.Timer
+	expired   bool // the deadline fired: never launched after
+	cancelled bool // cancelled upstream: never relaunched after
+	attempts  int
 
 	req  half // toward the lane (dst: ln.ep)
 	resp half // toward the client (dst: sc.ep)
@@ -44,14 +52,18 @@ type call struct {
 	reqEnded atomic.Bool // END_STREAM received from the client
 	msg      msgLimit    // request message framing
 	respMsg  msgLimit    // response message framing; the lane's reader only
-	// fields are the upstream request headers, without grpc-timeout,
-	// until the call is launched.
+	// fields are the upstream request headers, without grpc-timeout.
 	fields []hpack.HeaderField
 	// waiting: the call is not launched yet; its request is buffered in
 	// pending until it is complete (see launchWhenComplete).
 	waiting bool
-	pendMu  sync.Mutex // guards pending: finish may run on a timer
+	pendMu  sync.Mutex // guards pending and body: finish may run on a timer
 	pending []byte
+	// body is the complete request of a launched one-request call, kept
+	// (and charged to the memory budget) until the response starts, to
+	// relaunch it on another upstream connection if its own is lost or
+	// refuses it.
+	body []byte
 	// Receive windows the proxy gave each sender on this stream.
 	reqRecv  atomic.Int64
 	respRecv atomic.Int64
@@ -62,20 +74,23 @@ type call struct {
 	headersSent bool // response headers went to the client; under sc.ep.mu
 
 	deadline time.Time // zero: none; set before the call is shared
-	timerMu  sync.Mutex
-	timer    *time.Timer
-	expired  bool // under timerMu: the deadline fired; never launched after
 	finished atomic.Bool
 	observed atomic.Bool
 	code     atomic.Int32 // final status
 	upErr    atomic.Bool  // the status is the upstream's failure (metrics)
 }
 
+var _ upStream = (*call)(nil)
+
 // launchWhenComplete: a request smaller than this is buffered until it is
 // complete (END_STREAM) before the call goes upstream; a larger one goes
 // as soon as this much has arrived. Below the stream window, so a client
 // never waits for credit to complete a buffered request.
 const launchWhenComplete = streamWindow / 2
+
+// maxAttempts bounds how often a call is launched: the first time and a
+// retry on another connection after each refusal or loss.
+const maxAttempts = 3
 
 // openCall takes a new stream. Calls whose request is one message (unary
 // and server-streaming methods) wait in the proxy until the request is
@@ -118,9 +133,9 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 	c.fields = fields
 	if timeout > 0 {
 		c.deadline = c.start.Add(timeout)
-		c.timerMu.Lock()
+		c.mu.Lock()
 		c.timer = time.AfterFunc(timeout, c.expire)
-		c.timerMu.Unlock()
+		c.mu.Unlock()
 	}
 	if p.oneRequest[c.method] && !c.reqEnded.Load() {
 		c.waiting = true
@@ -137,8 +152,14 @@ func (c *call) launch() {
 	c.pendMu.Lock()
 	pending := c.pending
 	c.pending = nil
+	complete := c.reqEnded.Load() && p.oneRequest[c.method] && len(pending) > 0
+	if complete {
+		c.body = pending // stays charged until released
+	}
 	c.pendMu.Unlock()
-	p.mem.add(-int64(len(pending)))
+	if !complete {
+		p.mem.add(-int64(len(pending)))
+	}
 	if c.finished.Load() {
 		return
 	}
@@ -168,50 +189,80 @@ func (c *call) launch() {
 			used>>20, p.cfg.MemoryBudget>>20))
 		return
 	}
-	ln, err := p.route(c.method, c.deadline)
+	set := p.routeSet(c.method, pending)
+	if !c.open(set, nil, pending, c.reqEnded.Load()) {
+		return
+	}
+}
+
+// open routes the call to a lane of set (not avoid) and starts it there
+// with data (and the end of the request when end). It reports whether
+// the call is open upstream; if not, it has been answered.
+func (c *call) open(set *Upstreams, avoid *lane, data []byte, end bool) bool {
+	p := c.px
+	ln, err := p.route(set, avoid, c.deadline)
 	if err != nil {
 		if errors.Is(err, errUpstreamBusy) {
 			p.shed(metrics.ShedUpstreamBusy)
 			c.answer(codes.ResourceExhausted, err.Error())
-			return
+			return false
 		}
 		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
 		c.upErr.Store(true)
 		c.answer(codes.Unavailable, err.Error())
-		return
+		return false
 	}
 	fields := c.fields
-	c.fields = nil
 	if !c.deadline.IsZero() {
 		left := time.Until(c.deadline)
 		if left <= 0 {
 			c.answer(codes.DeadlineExceeded, "deadline exceeded (proxy)")
-			return
+			return false
 		}
-		fields = append(fields, hpack.HeaderField{Name: "grpc-timeout", Value: formatTimeout(left), Sensitive: true})
+		fields = append(fields[:len(fields):len(fields)], hpack.HeaderField{Name: "grpc-timeout", Value: formatTimeout(left), Sensitive: true})
 	}
 	if size, max := headerListSize(fields), ln.maxHeaderList(); size > max {
 		c.answer(codes.ResourceExhausted, fmt.Sprintf(
 			"request headers are %d bytes as forwarded, over the enclave's limit of %d (SETTINGS_MAX_HEADER_LIST_SIZE)", size, max))
-		return
+		return false
 	}
-	end := c.reqEnded.Load() && len(pending) == 0
-	c.timerMu.Lock()
-	if c.expired {
-		c.timerMu.Unlock()
-		return
+	c.mu.Lock()
+	if c.expired || c.cancelled || c.finished.Load() {
+		c.mu.Unlock()
+		return false
 	}
-	err = ln.open(c, fields, end)
-	c.timerMu.Unlock()
+	c.attempts++
+	err = ln.open(c, fields, end && len(data) == 0)
+	c.mu.Unlock()
 	if err != nil {
 		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
 		c.upErr.Store(true)
 		c.answer(codes.Unavailable, err.Error())
-		return
+		return false
 	}
-	if len(pending) > 0 || (c.reqEnded.Load() && !end) {
-		c.sendUpstream(pending, c.reqEnded.Load())
+	if len(data) > 0 {
+		c.sendUpstream(ln, data, end)
 	}
+	return true
+}
+
+// attach is the call's stream id on l (upStream); under c.mu, l.ep.mu and
+// l.mu.
+func (c *call) attach(l *lane, id uint32) {
+	c.ln, c.uid = l, id
+	c.req = half{dst: l.ep, id: id, window: l.ep.initWin, onSent: c.reqSent, acct: &c.sc.acct}
+	c.respRecv.Store(streamWindow)
+	c.respOwed.Store(0)
+	c.respMsg = msgLimit{}
+}
+
+func (c *call) reqHalf() *half { return &c.req }
+
+// lane is the call's current lane and stream id on it (nil: none).
+func (c *call) lane() (*lane, uint32) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ln, c.uid
 }
 
 // relayRequest passes request bytes (and the end of the request) upstream,
@@ -240,29 +291,40 @@ func (c *call) relayRequest(data []byte, end bool) {
 		}
 		return
 	}
-	if c.ln == nil || c.finished.Load() {
+	ln, _ := c.lane()
+	if ln == nil || c.finished.Load() {
 		// Answered by the proxy: the bytes are dropped, credit returned.
 		c.credit(len(data))
 		return
 	}
 	// Backpressure: while the upstream connection has more queued than
 	// laneBusy, this client's reader waits here.
-	if err := c.ln.ep.waitRoom(laneBusy, c.px.cfg.KeepaliveTimeout); err != nil {
+	if err := ln.ep.waitRoom(laneBusy, c.px.cfg.KeepaliveTimeout); err != nil {
 		c.fail(codes.Unavailable, "upstream connection congested: "+err.Error())
 		return
 	}
-	c.sendUpstream(data, end)
+	c.sendUpstream(ln, data, end)
 }
 
-// sendUpstream sends request bytes on the call's upstream stream.
-func (c *call) sendUpstream(data []byte, end bool) {
-	ep := c.ln.ep
+// sendUpstream sends request bytes on the call's stream on ln.
+func (c *call) sendUpstream(ln *lane, data []byte, end bool) {
+	ep := ln.ep
 	ep.mu.Lock()
 	n, ended := c.req.sendLocked(data, end, nil)
 	ep.mu.Unlock()
 	if n > 0 || ended {
 		c.reqSent(n, ended)
 	}
+}
+
+// releaseBody forgets the request kept for a retry (the response began,
+// or the call ended).
+func (c *call) releaseBody() {
+	c.pendMu.Lock()
+	n := len(c.body)
+	c.body = nil
+	c.pendMu.Unlock()
+	c.px.mem.add(-int64(n))
 }
 
 // healthCheckMethod is answered by the proxy itself for service "".
@@ -274,11 +336,8 @@ const healthCheckMethod = limits.HealthPrefix + "Check"
 // false when the request is for another service (or compressed, or not
 // one message), which is relayed.
 func (c *call) answerHealth(req []byte) bool {
-	if len(req) < 5 || req[0] != 0 || int(binary.BigEndian.Uint32(req[1:5])) != len(req)-5 {
-		return false
-	}
-	var in healthpb.HealthCheckRequest
-	if err := proto.Unmarshal(req[5:], &in); err != nil || in.GetService() != "" {
+	svc, ok := healthService(req)
+	if !ok || svc != "" {
 		return false
 	}
 	st, _, _ := c.px.health.current()
@@ -286,6 +345,7 @@ func (c *call) answerHealth(req []byte) bool {
 	if err != nil {
 		return false
 	}
+	c.releaseBody()
 	msg := make([]byte, 5+len(body))
 	binary.BigEndian.PutUint32(msg[1:5], uint32(len(body)))
 	copy(msg[5:], body)
@@ -307,6 +367,19 @@ func (c *call) answerHealth(req []byte) bool {
 	return true
 }
 
+// healthService is the service a Check or Watch request (one framed,
+// uncompressed message) asks about.
+func healthService(req []byte) (string, bool) {
+	if len(req) < 5 || req[0] != 0 || int(binary.BigEndian.Uint32(req[1:5])) != len(req)-5 {
+		return "", false
+	}
+	var in healthpb.HealthCheckRequest
+	if err := proto.Unmarshal(req[5:], &in); err != nil {
+		return "", false
+	}
+	return in.GetService(), true
+}
+
 // reqSent: n request bytes went upstream; return the credit to the client.
 func (c *call) reqSent(n int, _ bool) { c.credit(n) }
 
@@ -326,11 +399,13 @@ func (c *call) credit(n int) {
 // respSent: n response bytes reached the client; return the credit
 // upstream. ended: the response is complete and the call is over.
 func (c *call) respSent(n int, ended bool) {
-	if n > 0 && !ended && c.ln != nil {
-		if owed := c.respOwed.Add(int64(n)); owed >= streamWindow/4 {
-			if c.respOwed.CompareAndSwap(owed, 0) {
-				c.respRecv.Add(owed)
-				c.ln.ep.windowUpdate(c.uid, uint32(owed))
+	if n > 0 && !ended {
+		if ln, uid := c.lane(); ln != nil {
+			if owed := c.respOwed.Add(int64(n)); owed >= streamWindow/4 {
+				if c.respOwed.CompareAndSwap(owed, 0) {
+					c.respRecv.Add(owed)
+					ln.ep.windowUpdate(uid, uint32(owed))
+				}
 			}
 		}
 	}
@@ -378,23 +453,28 @@ func (c *call) fail(code codes.Code, msg string) {
 // cancelUpstream resets the upstream stream and forgets it.
 func (c *call) cancelUpstream() { c.cancelUpstreamCode(http2.ErrCodeCancel) }
 
-// cancelUpstreamCode resets the upstream stream with code and forgets it.
+// cancelUpstreamCode resets the upstream stream with code and forgets it;
+// the call is never relaunched after.
 func (c *call) cancelUpstreamCode(code http2.ErrCode) {
-	if c.ln == nil {
+	c.mu.Lock()
+	c.cancelled = true
+	ln, uid := c.ln, c.uid
+	c.mu.Unlock()
+	if ln == nil {
 		return
 	}
-	ep := c.ln.ep
+	ep := ln.ep
 	ep.mu.Lock()
 	c.req.resetLocked(code)
 	ep.mu.Unlock()
-	c.ln.forget(c)
+	ln.forget(c, uid)
 }
 
 // expire is the call's deadline. A call not launched yet never will be.
 func (c *call) expire() {
-	c.timerMu.Lock()
+	c.mu.Lock()
 	c.expired = true
-	c.timerMu.Unlock()
+	c.mu.Unlock()
 	if c.finished.Load() {
 		return
 	}
@@ -423,9 +503,18 @@ func (c *call) clientGone() {
 	c.finish()
 }
 
-// upstreamLost: the lane broke; the call fails Unavailable.
-func (c *call) upstreamLost(reason string) {
+// lost: the lane broke or refused the stream (upStream). A one-request
+// call whose response has not begun is relaunched on another connection
+// (of any upstream in rotation): refused streams never reached the
+// enclave, and every method the proxy keeps requests for (unary and
+// server-streaming) is safe to repeat. Otherwise it fails Unavailable.
+func (c *call) lost(l *lane, reason string, refused bool) {
 	if c.finished.Load() {
+		return
+	}
+	if c.canRetry() {
+		c.px.retries.Add(1)
+		go c.relaunch(l, reason, refused)
 		return
 	}
 	c.px.obs.UpstreamError(metrics.ReasonUnavailable)
@@ -433,24 +522,56 @@ func (c *call) upstreamLost(reason string) {
 	c.answer(codes.Unavailable, reason)
 }
 
+// canRetry reports whether the call can be launched again.
+func (c *call) canRetry() bool {
+	c.pendMu.Lock()
+	kept := c.body != nil
+	c.pendMu.Unlock()
+	if !kept {
+		return false
+	}
+	c.sc.ep.mu.Lock()
+	begun := c.headersSent
+	c.sc.ep.mu.Unlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !begun && !c.cancelled && !c.expired && c.attempts < maxAttempts
+}
+
+// relaunch opens the call again on a connection other than failed.
+func (c *call) relaunch(failed *lane, reason string, refused bool) {
+	c.pendMu.Lock()
+	body := c.body
+	c.pendMu.Unlock()
+	if body == nil || c.finished.Load() {
+		return
+	}
+	if c.px.debug {
+		c.px.log.Debug("call relaunched on another upstream connection", zap.String("method", c.method),
+			zap.String("reason", reason), zap.Bool("refused", refused), zap.String(requestid.LogField, c.reqID))
+	}
+	c.open(c.px.routeSet(c.method, body), failed, body, true)
+}
+
 // finish does the bookkeeping of a call that ended, once.
 func (c *call) finish() {
 	if !c.finished.CompareAndSwap(false, true) {
 		return
 	}
-	c.timerMu.Lock()
+	c.mu.Lock()
 	if c.timer != nil {
 		c.timer.Stop()
 	}
-	c.timerMu.Unlock()
-	if c.ln != nil {
-		c.ln.forget(c)
+	ln, uid := c.ln, c.uid
+	c.mu.Unlock()
+	if ln != nil {
+		ln.forget(c, uid)
 	}
 	c.pendMu.Lock()
-	pending := len(c.pending)
-	c.pending = nil
+	n := len(c.pending) + len(c.body)
+	c.pending, c.body = nil, nil
 	c.pendMu.Unlock()
-	c.px.mem.add(-int64(pending))
+	c.px.mem.add(-int64(n))
 	sc := c.sc
 	if c.share {
 		sc.upCalls.Add(-1)
@@ -479,7 +600,7 @@ func (c *call) observe() {
 	code := codes.Code(c.code.Load())
 	elapsed := time.Since(c.start)
 	c.px.obs.CallFinished(c.method, code, elapsed)
-	if !c.upErr.Load() && c.ln != nil && c.ln.set == c.px.enclave {
+	if ln, _ := c.lane(); !c.upErr.Load() && ln != nil && ln.slot.up.set == c.px.ups {
 		switch code {
 		case codes.Unavailable:
 			c.px.obs.UpstreamError(metrics.ReasonUnavailable)
@@ -495,8 +616,13 @@ func (c *call) observe() {
 
 // --- from upstream ---------------------------------------------------------
 
-// upHeaders relays response headers or trailers. Called by the lane's reader.
-func (c *call) upHeaders(f *http2.MetaHeadersFrame) {
+// onHeaders relays response headers or trailers (upStream).
+func (c *call) onHeaders(l *lane, f *http2.MetaHeadersFrame) {
+	if f.Truncated {
+		c.fail(codes.Internal, "upstream response headers too large")
+		return
+	}
+	c.releaseBody()
 	end := f.StreamEnded()
 	fields := f.Fields
 	if end {
@@ -536,7 +662,7 @@ func (c *call) upHeaders(f *http2.MetaHeadersFrame) {
 		ep.writeRSTLocked(c.sid, http2.ErrCodeNo)
 	}
 	ep.mu.Unlock()
-	c.upDone()
+	c.upDone(l)
 	if n > 0 || ended {
 		c.respSent(n, ended)
 	}
@@ -550,17 +676,25 @@ func (c *call) isFirstHeaders() bool {
 }
 
 // upDone: upstream ended its side; the request side stops there too.
-func (c *call) upDone() {
-	ep := c.ln.ep
+func (c *call) upDone(l *lane) {
+	ep := l.ep
 	ep.mu.Lock()
 	c.req.closed, c.req.over = true, true
 	c.req.dropQueue()
 	ep.mu.Unlock()
-	c.ln.forget(c)
+	l.forget(c, c.req.id)
 }
 
-// upData relays response bytes. Called by the lane's reader.
-func (c *call) upData(data []byte, end bool) {
+// onData relays response bytes (upStream).
+func (c *call) onData(l *lane, f *http2.DataFrame) {
+	if c.respRecv.Add(-int64(f.Length)) < 0 {
+		c.fail(codes.Internal, "upstream exceeded the stream's flow-control window")
+		return
+	}
+	if pad := int(f.Length) - len(f.Data()); pad > 0 {
+		c.respSent(pad, false)
+	}
+	data, end := f.Data(), f.StreamEnded()
 	if err := c.respMsg.check(data, c.px.cfg.MaxSendMsgSize); err != nil {
 		c.fail(codes.ResourceExhausted, "response from the enclave refused: "+err.Error())
 		return
@@ -575,20 +709,31 @@ func (c *call) upData(data []byte, end bool) {
 	n, ended := c.resp.sendLocked(data, end, nil)
 	ep.mu.Unlock()
 	if end {
-		c.upDone()
+		c.upDone(l)
 	}
 	if n > 0 || ended {
 		c.respSent(n, ended)
 	}
 }
 
-// upReset: upstream reset the stream.
-func (c *call) upReset(code http2.ErrCode) {
-	c.ln.forget(c)
-	ep := c.ln.ep
+// onWindowOverflow: the upstream overflowed the stream's send window.
+func (c *call) onWindowOverflow(*lane) {
+	c.cancelUpstreamCode(http2.ErrCodeFlowControl)
+	c.answer(codes.Internal, "upstream flow-control error on the stream")
+}
+
+// onReset: upstream reset the stream (already forgotten by the lane).
+func (c *call) onReset(l *lane, code http2.ErrCode) {
+	ep := l.ep
 	ep.mu.Lock()
 	c.req.closed, c.req.over = true, true
+	c.req.dropQueue()
 	ep.mu.Unlock()
+	if code == http2.ErrCodeRefusedStream {
+		// The enclave did not take the stream: safe to retry.
+		c.lost(l, "upstream refused the stream (REFUSED_STREAM)", true)
+		return
+	}
 	st := codeFromRST(code)
 	if code == http2.ErrCodeCancel && !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
 		// The enclave's copy of the deadline expired (grpc-go servers

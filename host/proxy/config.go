@@ -46,12 +46,16 @@ type Config struct {
 	// loopback HOST:PORT, for profiling under load (docs/PERFORMANCE.md).
 	// Only loopback addresses are accepted. Default empty: off.
 	PprofListen string
-	// Upstream is the enclave signer: vsock://CID:PORT (an enclave CID is
-	// >= 4; 1 is local loopback, for tests) or tcp://HOST:PORT for
-	// development. Default vsock://16:5005.
-	Upstream string
-	// Pool configures the connections to Upstream; see pool.Config.
-	// Default pool.DefaultConfig() (4 connections, health checked).
+	// Upstreams are the enclave signers the proxy forwards to, each
+	// vsock://CID:PORT (an enclave CID is >= 4; 1 is local loopback, for
+	// tests) or tcp://HOST:PORT for development: --upstream, repeated for
+	// several enclaves on one parent (CIDs 16, 17, ...). Calls are
+	// balanced across those that serve; all must serve the same keyset
+	// (see Upstreams). Default [vsock://16:5005].
+	Upstreams []string
+	// Pool configures the connections to each upstream (Size slots each);
+	// see pool.Config. Default pool.DefaultConfig() (4 connections, health
+	// checked over the connection itself).
 	Pool pool.Config
 	// GracefulStopTimeout bounds how long a stop waits for calls in flight
 	// before cutting them. Default 10s.
@@ -164,7 +168,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Listen:              DefaultListen,
-		Upstream:            DefaultUpstream,
+		Upstreams:           []string{DefaultUpstream},
 		Pool:                pool.DefaultConfig(),
 		GracefulStopTimeout: 10 * time.Second,
 		MaxRecvMsgSize:      4 << 20,
@@ -216,7 +220,7 @@ func (c Config) Validate() error {
 	if err := (pprofserver.Config{Listen: c.PprofListen}).Validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if _, err := c.upstream(); err != nil {
+	if _, err := c.upstreams(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.Pool.Validate(); err != nil {
@@ -250,20 +254,47 @@ func validateListen(s string) error {
 	return nil
 }
 
-// upstream parses and checks Upstream.
-func (c Config) upstream() (target.Target, error) {
-	t, err := target.Parse(c.Upstream)
+// maxUpstreams bounds --upstream (enclaves on one parent instance).
+const maxUpstreams = 64
+
+// upstreams parses and checks Upstreams.
+func (c Config) upstreams() ([]target.Target, error) {
+	if len(c.Upstreams) == 0 {
+		return nil, errors.New("upstream: none given; want --upstream vsock://CID:PORT (repeat it for several enclaves)")
+	}
+	if len(c.Upstreams) > maxUpstreams {
+		return nil, fmt.Errorf("upstream: %d given, at most %d", len(c.Upstreams), maxUpstreams)
+	}
+	var out []target.Target
+	seen := map[string]bool{}
+	for _, s := range c.Upstreams {
+		t, err := parseUpstream(s)
+		if err != nil {
+			return nil, err
+		}
+		if seen[t.String()] {
+			return nil, fmt.Errorf("upstream %q given twice", s)
+		}
+		seen[t.String()] = true
+		out = append(out, t)
+	}
+	return out, nil
+}
+
+// parseUpstream parses and checks one upstream address.
+func parseUpstream(s string) (target.Target, error) {
+	t, err := target.Parse(s)
 	if err != nil {
 		return target.Target{}, fmt.Errorf("upstream: %w", err)
 	}
 	if t.Scheme == target.VSOCK {
 		switch {
 		case t.CID == 0:
-			return target.Target{}, fmt.Errorf("upstream %q: CID 0 is the hypervisor; an enclave CID is >= 4", c.Upstream)
+			return target.Target{}, fmt.Errorf("upstream %q: CID 0 is the hypervisor; an enclave CID is >= 4", s)
 		case t.CID == vsockCIDAny:
-			return target.Target{}, fmt.Errorf("upstream %q: CID %d is VMADDR_CID_ANY, not a peer; an enclave CID is >= 4", c.Upstream, t.CID)
+			return target.Target{}, fmt.Errorf("upstream %q: CID %d is VMADDR_CID_ANY, not a peer; an enclave CID is >= 4", s, t.CID)
 		case t.Port == target.ReservedVsockPort:
-			return target.Target{}, fmt.Errorf("upstream %q: port %d is reserved for the nitro-cli boot heartbeat", c.Upstream, t.Port)
+			return target.Target{}, fmt.Errorf("upstream %q: port %d is reserved for the nitro-cli boot heartbeat", s, t.Port)
 		}
 	}
 	return t, nil

@@ -41,7 +41,7 @@ func FuzzConfigAddresses(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, listen, upstream string) {
 		c := proxy.DefaultConfig()
-		c.Listen, c.Upstream = listen, upstream
+		c.Listen, c.Upstreams = listen, []string{upstream}
 		if err := c.Validate(); err != nil {
 			if err.Error() == "" {
 				t.Fatal("an error without a message")

@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
 
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/pool/pooltest"
 	"github.com/nitrosign/nitrosign/host/proxy"
 )
@@ -40,7 +39,7 @@ type harnessOpts struct {
 // harness is upstream <- pool <- proxy <- client, all on TCP loopback.
 type harness struct {
 	up     *pooltest.Upstream
-	pool   *pool.Pool
+	pool   *proxy.Upstreams
 	proxy  *proxy.Proxy
 	cc     *grpc.ClientConn // a client of the proxy
 	addr   string           // the proxy's address
@@ -59,14 +58,14 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 	h := &harness{up: pooltest.Start(t, o.upOpts...)}
 
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = h.up.Target().String()
+	cfg.Upstreams = []string{h.up.Target().String()}
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Pool.Size = o.poolSize
 	if o.mutate != nil {
 		o.mutate(&cfg)
 	}
 	var err error
-	h.pool, err = pool.New(h.up.Target(), cfg.Pool, o.log, o.dialOpts...)
+	h.pool, err = proxy.NewUpstreams(cfg, o.log)
 	if err != nil {
 		t.Fatalf("pool.New: %v", err)
 	}

@@ -2,27 +2,25 @@ package proxy
 
 import (
 	"context"
-	"errors"
-	"io"
 	"sync"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	healthgrpc "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
-
-	"github.com/nitrosign/nitrosign/host/pool"
 )
 
-// healthServer answers grpc.health.v1 for service "" itself (the proxy is
-// SERVING iff at least one upstream connection is READY and it is not
-// draining) and forwards every other service name to the enclave, so
-// `grpc-health-probe -service nitrosign.v1.SignerService` through the proxy
-// reports the enclave's view.
+// healthServer answers grpc.health.v1 for service "" (the proxy is
+// SERVING iff at least one upstream slot takes calls and it is not
+// draining): Watch, and List with the enclave's services merged in. The
+// relay answers Check of "" itself and relays Check and Watch of every
+// other service to the enclaves (routeSet), so `grpc-health-probe -service
+// nitrosign.v1.SignerService` through the proxy reports the enclave's
+// view; this server answers those too, should it be asked.
 type healthServer struct {
 	healthgrpc.UnimplementedHealthServer
 
-	up  *pool.Pool
+	up  *Upstreams
 	log *zap.Logger
 
 	mu       sync.Mutex
@@ -30,23 +28,12 @@ type healthServer struct {
 	draining bool          // Stop has begun
 	changed  chan struct{} // closed and replaced on every change of the above
 
-	// drainCtx ends when draining starts; forwarded Watches end with it.
-	drainCtx    context.Context
-	drainCancel context.CancelFunc
 }
 
 var _ healthgrpc.HealthServer = (*healthServer)(nil)
 
-func newHealthServer(up *pool.Pool, log *zap.Logger) *healthServer {
-	ctx, cancel := context.WithCancel(context.Background())
-	h := &healthServer{
-		up:          up,
-		log:         log,
-		changed:     make(chan struct{}),
-		drainCtx:    ctx,
-		drainCancel: cancel,
-	}
-	return h
+func newHealthServer(up *Upstreams, log *zap.Logger) *healthServer {
+	return &healthServer{up: up, log: log, changed: make(chan struct{})}
 }
 
 // setReady follows the proxy's count of ready upstream slots.
@@ -72,7 +59,6 @@ func (h *healthServer) drain() {
 		return
 	}
 	h.draining = true
-	h.drainCancel()
 	close(h.changed)
 	h.changed = make(chan struct{})
 }
@@ -100,14 +86,14 @@ func (h *healthServer) Check(ctx context.Context, req *healthgrpc.HealthCheckReq
 		st, _, _ := h.current()
 		return &healthgrpc.HealthCheckResponse{Status: st}, nil
 	}
-	return healthgrpc.NewHealthClient(h.up).Check(outgoingContext(ctx), req)
+	return healthgrpc.NewHealthClient(h.up).Check(ctx, req)
 }
 
 // List returns the enclave's list with "" replaced by the proxy's own
 // status; when the enclave cannot answer, the proxy's own status alone.
 func (h *healthServer) List(ctx context.Context, req *healthgrpc.HealthListRequest) (*healthgrpc.HealthListResponse, error) {
 	st, _, _ := h.current()
-	resp, err := healthgrpc.NewHealthClient(h.up).List(outgoingContext(ctx), req)
+	resp, err := healthgrpc.NewHealthClient(h.up).List(ctx, req)
 	if err != nil {
 		h.log.Debug("health list: enclave did not answer", zap.Error(err))
 		resp = &healthgrpc.HealthListResponse{}
@@ -119,12 +105,12 @@ func (h *healthServer) List(ctx context.Context, req *healthgrpc.HealthListReque
 	return resp, nil
 }
 
-// Watch streams "" locally and forwards any other service to the enclave.
-// Both end with Unavailable when the proxy starts draining (after "" has
-// sent NOT_SERVING).
+// Watch streams "" and ends with Unavailable when the proxy starts
+// draining (after sending NOT_SERVING). Other services are watched on the
+// enclave: the relay sends those there.
 func (h *healthServer) Watch(req *healthgrpc.HealthCheckRequest, stream healthgrpc.Health_WatchServer) error {
 	if req.GetService() != "" {
-		return h.forwardWatch(req, stream)
+		return status.Errorf(codes.Unimplemented, "proxy: health of service %q is watched on the enclave", req.GetService())
 	}
 	ctx := stream.Context()
 	last := healthgrpc.HealthCheckResponse_ServingStatus(-1)
@@ -143,33 +129,6 @@ func (h *healthServer) Watch(req *healthgrpc.HealthCheckRequest, stream healthgr
 		case <-changed:
 		case <-ctx.Done():
 			return status.FromContextError(ctx.Err()).Err()
-		}
-	}
-}
-
-func (h *healthServer) forwardWatch(req *healthgrpc.HealthCheckRequest, stream healthgrpc.Health_WatchServer) error {
-	ctx, cancel := context.WithCancel(outgoingContext(stream.Context()))
-	defer cancel()
-	stop := context.AfterFunc(h.drainCtx, cancel)
-	defer stop()
-
-	up, err := healthgrpc.NewHealthClient(h.up).Watch(ctx, req)
-	if err != nil {
-		return err
-	}
-	for {
-		resp, err := up.Recv()
-		if err != nil {
-			if h.drainCtx.Err() != nil {
-				return errDraining
-			}
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			return err
-		}
-		if err := stream.Send(resp); err != nil {
-			return err
 		}
 	}
 }

@@ -16,7 +16,6 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc/metadata"
 
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/pool/pooltest"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	nitrosignv1 "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
@@ -29,8 +28,8 @@ func TestConfigValidate(t *testing.T) {
 		wantErr string // "" means valid
 	}{
 		{"defaults", func(*proxy.Config) {}, ""},
-		{"tcp upstream", func(c *proxy.Config) { c.Upstream = "tcp://127.0.0.1:5005" }, ""},
-		{"vsock loopback upstream", func(c *proxy.Config) { c.Upstream = "vsock://1:5005" }, ""},
+		{"tcp upstream", func(c *proxy.Config) { c.Upstreams = []string{"tcp://127.0.0.1:5005"} }, ""},
+		{"vsock loopback upstream", func(c *proxy.Config) { c.Upstreams = []string{"vsock://1:5005"} }, ""},
 		{"listen any port", func(c *proxy.Config) { c.Listen = "127.0.0.1:0" }, ""},
 		{"listen all interfaces, insecure", func(c *proxy.Config) { c.Listen = ":8443"; c.Insecure = true }, ""},
 		{"listen all interfaces, tls", func(c *proxy.Config) { c.Listen = ":8443"; c.TLS.CertFile, c.TLS.KeyFile = "c", "k" }, ""},
@@ -45,12 +44,15 @@ func TestConfigValidate(t *testing.T) {
 		{"listen without port", func(c *proxy.Config) { c.Listen = "127.0.0.1" }, `listen address "127.0.0.1": want HOST:PORT`},
 		{"listen bad port", func(c *proxy.Config) { c.Listen = "127.0.0.1:http" }, "port must be a number 0-65535"},
 		{"listen port too big", func(c *proxy.Config) { c.Listen = "127.0.0.1:70000" }, "port must be a number 0-65535"},
-		{"upstream without scheme", func(c *proxy.Config) { c.Upstream = "16:5005" }, `upstream: invalid target "16:5005": want vsock://CID:PORT or tcp://HOST:PORT`},
-		{"upstream unknown scheme", func(c *proxy.Config) { c.Upstream = "unix:///tmp/x" }, `unknown scheme "unix"`},
-		{"upstream empty", func(c *proxy.Config) { c.Upstream = "" }, "upstream: invalid target"},
-		{"upstream CID 0", func(c *proxy.Config) { c.Upstream = "vsock://0:5005" }, "CID 0 is the hypervisor"},
-		{"upstream CID any", func(c *proxy.Config) { c.Upstream = "vsock://4294967295:5005" }, "VMADDR_CID_ANY"},
-		{"upstream heartbeat port", func(c *proxy.Config) { c.Upstream = "vsock://16:9000" }, "port 9000 is reserved"},
+		{"upstream without scheme", func(c *proxy.Config) { c.Upstreams = []string{"16:5005"} }, `upstream: invalid target "16:5005": want vsock://CID:PORT or tcp://HOST:PORT`},
+		{"upstream unknown scheme", func(c *proxy.Config) { c.Upstreams = []string{"unix:///tmp/x"} }, `unknown scheme "unix"`},
+		{"upstream empty", func(c *proxy.Config) { c.Upstreams = []string{""} }, "upstream: invalid target"},
+		{"upstream CID 0", func(c *proxy.Config) { c.Upstreams = []string{"vsock://0:5005"} }, "CID 0 is the hypervisor"},
+		{"upstream CID any", func(c *proxy.Config) { c.Upstreams = []string{"vsock://4294967295:5005"} }, "VMADDR_CID_ANY"},
+		{"no upstream", func(c *proxy.Config) { c.Upstreams = nil }, "upstream: none given"},
+		{"two upstreams", func(c *proxy.Config) { c.Upstreams = []string{"vsock://16:5005", "vsock://17:5005"} }, ""},
+		{"upstream twice", func(c *proxy.Config) { c.Upstreams = []string{"vsock://16:5005", "vsock://16:5005"} }, `upstream "vsock://16:5005" given twice`},
+		{"upstream heartbeat port", func(c *proxy.Config) { c.Upstreams = []string{"vsock://16:9000"} }, "port 9000 is reserved"},
 		{"pool size zero", func(c *proxy.Config) { c.Pool.Size = 0 }, "pool size 0: must be between 1 and 256"},
 		{"pool size negative", func(c *proxy.Config) { c.Pool.Size = -3 }, "pool size -3"},
 		{"graceful timeout", func(c *proxy.Config) { c.GracefulStopTimeout = 0 }, "graceful stop timeout 0s: must be > 0"},
@@ -58,7 +60,7 @@ func TestConfigValidate(t *testing.T) {
 		{"max send", func(c *proxy.Config) { c.MaxSendMsgSize = -1 }, "max send message size -1"},
 		{"log level", func(c *proxy.Config) { c.Log.Level = "loud" }, `log level "loud"`},
 		{"log format", func(c *proxy.Config) { c.Log.Format = "xml" }, `log format "xml"`},
-		{"several at once", func(c *proxy.Config) { c.Pool.Size = 0; c.Upstream = "x" }, "pool size 0"},
+		{"several at once", func(c *proxy.Config) { c.Pool.Size = 0; c.Upstreams = []string{"x"} }, "pool size 0"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -97,9 +99,9 @@ func TestNewWarnsBeyondLoopback(t *testing.T) {
 			cfg := proxy.DefaultConfig()
 			cfg.Listen = tt.listen
 			cfg.Insecure = true // plaintext beyond loopback: allowed only so
-			cfg.Upstream = u.Target().String()
+			cfg.Upstreams = []string{u.Target().String()}
 			cfg.Pool.Size = 1
-			pl, err := pool.New(u.Target(), cfg.Pool, zap.NewNop())
+			pl, err := proxy.NewUpstreams(cfg, zap.NewNop())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -120,8 +122,7 @@ func TestNewWarnsBeyondLoopback(t *testing.T) {
 }
 
 func TestNewRejects(t *testing.T) {
-	u := pooltest.Start(t)
-	pl, err := pool.New(u.Target(), pool.DefaultConfig(), zap.NewNop())
+	pl, err := proxy.NewUpstreams(proxy.DefaultConfig(), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +153,7 @@ func TestFxLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = u.Target().String()
+	cfg.Upstreams = []string{u.Target().String()}
 	cfg.Pool.Size = 2
 	var px *proxy.Proxy
 	app := fxtest.New(t,
@@ -187,7 +188,7 @@ func TestFxStartFailsWhenPortTaken(t *testing.T) {
 	}
 	defer taken.Close()
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = u.Target().String()
+	cfg.Upstreams = []string{u.Target().String()}
 	cfg.Listen = taken.Addr().String()
 	cfg.Pool.Size = 1
 	app := fx.New(

@@ -13,10 +13,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nitrosign/nitrosign/host/metrics"
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/sdnotify"
 	"github.com/nitrosign/nitrosign/internal/logging"
-	"github.com/nitrosign/nitrosign/internal/target"
 )
 
 // Module provides the *Proxy and runs it with the app: OnStart listens on
@@ -35,7 +33,7 @@ type Params struct {
 	fx.In
 
 	Config     Config
-	Pool       *pool.Pool
+	Upstreams  *Upstreams
 	Log        *zap.Logger
 	Lifecycle  fx.Lifecycle
 	Shutdowner fx.Shutdowner
@@ -48,7 +46,7 @@ type Params struct {
 }
 
 func provide(p Params) (*Proxy, error) {
-	px, err := New(p.Config, p.Pool, p.Log, WithObserver(p.Observer))
+	px, err := New(p.Config, p.Upstreams, p.Log, WithObserver(p.Observer))
 	if err != nil {
 		return nil, err
 	}
@@ -63,7 +61,7 @@ func provide(p Params) (*Proxy, error) {
 				var err error
 				if l, err = lc.Listen(ctx, "tcp", p.Config.Listen); err != nil {
 					// This hook did not start, so fx will not call its
-					// OnStop: stop here (stream workers, pool).
+					// OnStop: stop here (the upstream connections).
 					_ = px.Stop(ctx)
 					return fmt.Errorf("proxy: listen on %s: %w", p.Config.Listen, err)
 				}
@@ -115,7 +113,7 @@ func reloadOnSIGHUP(px *Proxy) fx.Hook {
 	}
 }
 
-// provideNotifier follows the pool for systemd once the proxy serves: it
+// provideNotifier follows the upstreams for systemd once the proxy serves: it
 // depends on *Proxy, so its start hook runs after the proxy listens, and
 // its stop hook (STOPPING=1) before the proxy drains.
 func provideNotifier(px *Proxy, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Notifier {
@@ -128,7 +126,7 @@ func provideNotifier(px *Proxy, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Noti
 }
 
 // Options is the whole nitrosign-proxy application for cfg: logger, fx
-// event logging, upstream target, pool, metrics (served when
+// event logging, upstream connections, metrics (served when
 // cfg.Metrics.Listen is set) and proxy. The binary runs exactly this, and
 // its fx.ValidateApp test validates exactly this.
 func Options(cfg Config) fx.Option {
@@ -136,19 +134,30 @@ func Options(cfg Config) fx.Option {
 		fx.Supply(cfg),
 		fx.Provide(
 			newLogger,
-			func(c Config) (target.Target, error) { return c.upstream() },
-			func(c Config) pool.Config { return c.Pool },
+			provideUpstreams,
+			func(u *Upstreams) metrics.Upstream { return u },
 			func(c Config) metrics.Config { return c.Metrics },
 			func(m *metrics.Metrics) Observer { return m },
 		),
 		logging.FxLogger(),
 		// The proxy's stop waits up to GracefulStopTimeout; leave fx room
-		// for it and for closing the pool.
+		// for it and for closing the upstream connections.
 		fx.StopTimeout(cfg.GracefulStopTimeout+5*time.Second),
-		pool.Module,
 		metrics.Module,
 		Module,
 	)
+}
+
+// provideUpstreams prepares the upstream connections; the proxy starts
+// and closes them. Should the graph fail before the proxy is built, the
+// stop hook closes them (Close is idempotent).
+func provideUpstreams(c Config, log *zap.Logger, lc fx.Lifecycle) (*Upstreams, error) {
+	u, err := NewUpstreams(c, log)
+	if err != nil {
+		return nil, err
+	}
+	lc.Append(fx.StopHook(u.Close))
+	return u, nil
 }
 
 // newLogger builds the process logger. Everything else depends on it, so its

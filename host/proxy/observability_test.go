@@ -20,7 +20,6 @@ import (
 
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/metrics/metricstest"
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/requestid"
@@ -57,9 +56,9 @@ func newStack(t *testing.T) *stack {
 		t.Fatal(err)
 	}
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = e.Target
+	cfg.Upstreams = []string{e.Target}
 	cfg.Pool.Size = 2
-	var pl *pool.Pool
+	var pl *proxy.Upstreams
 	app := fxtest.New(t,
 		proxy.Options(cfg),
 		fx.Provide(func() net.Listener { return l }),

@@ -1,5 +1,5 @@
 // Package proxy serves gRPC on TCP and forwards every call, transparently,
-// to the enclave signer over a pool of long-lived vsock connections.
+// to the enclave signer (or several) over long-lived vsock connections.
 //
 // The proxy does not terminate gRPC: it relays HTTP/2 streams (relay.go).
 // Each client stream becomes a stream on one of the pooled upstream
@@ -21,7 +21,6 @@ import (
 	"fmt"
 	"math"
 	"net"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,10 +29,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthgrpc "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/nitrosign/nitrosign/host/metrics"
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/internal/limits"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
@@ -75,13 +72,13 @@ func WithObserver(o Observer) Option {
 	}
 }
 
-// Proxy relays gRPC calls to a pool. Create it with New, run it with
+// Proxy relays gRPC calls to its upstreams. Create it with New, run it with
 // Serve, end it with Stop.
 type Proxy struct {
 	cfg      Config
 	log      *zap.Logger
 	debug    bool // calls are logged
-	pool     *pool.Pool
+	ups      *Upstreams
 	health   *healthServer
 	obs      Observer
 	tls      *tlsconfig.Server // nil: plaintext
@@ -94,16 +91,12 @@ type Proxy struct {
 	// mem counts every byte the relay buffers (Config.MemoryBudget).
 	mem account
 
-	enclave  *laneSet     // data connections to the enclave
-	local    *laneSet     // in-memory connection to the proxy's health server
+	local    *Upstreams // in-memory connection to the proxy's health server
+	retries  atomic.Uint64
 	localSrv *grpc.Server // serves healthServer
 	localL   *pipeListener
 
 	stopping chan struct{} // closed when Stop begins
-
-	readyMu   sync.Mutex
-	lastReady int
-	readySubs []func(int)
 
 	mu        sync.Mutex
 	stopped   bool
@@ -118,19 +111,17 @@ type Proxy struct {
 	stopErr  error
 }
 
-// New builds a proxy forwarding to up; it does not listen or serve. The
-// proxy owns up from then on and closes it in Stop (if New fails, the
-// caller still owns it). up's connections health-check the enclave; the
-// relay's data connections (one per pool slot, dialled to the same target)
-// take calls only while their slot's connection is READY. With cfg.TLS set
-// it loads the certificate now. A proxy that is built must be stopped,
-// served or not.
-func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, error) {
+// New builds a proxy forwarding to ups; it does not listen or serve. It
+// starts ups's connections; the proxy owns ups from then on and closes it
+// in Stop (if New fails, the caller still owns it). With cfg.TLS set it
+// loads the certificate now. A proxy that is built must be stopped, served
+// or not.
+func New(cfg Config, ups *Upstreams, log *zap.Logger, opts ...Option) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("proxy config: %w", err)
 	}
-	if up == nil {
-		return nil, errors.New("proxy: nil upstream pool")
+	if ups == nil {
+		return nil, errors.New("proxy: nil upstreams")
 	}
 	if log == nil {
 		log = zap.NewNop()
@@ -144,7 +135,7 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 		cfg:        cfg,
 		log:        log,
 		debug:      debugEnabled(log),
-		pool:       up,
+		ups:        ups,
 		obs:        o.observer,
 		unary:      unaryMethods(),
 		oneRequest: oneRequestMethods(),
@@ -153,8 +144,8 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 		conns:      map[*srvConn]struct{}{},
 	}
 	if cfg.TLS.Enabled() {
-		// Before anything subscribes to the pool: a bad file fails New
-		// with nothing to undo.
+		// Before anything starts: a bad file fails New with nothing to
+		// undo.
 		var err error
 		if p.tls, err = tlsconfig.NewServer(cfg.TLS, log); err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
@@ -162,7 +153,7 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 		p.tlsConf = h2TLSConfig(p.tls.TLSConfig())
 	}
 	p.inFlight = newInFlight(cfg, log, p.obs)
-	p.health = newHealthServer(up, log.Named("health"))
+	p.health = newHealthServer(ups, log.Named("health"))
 
 	p.localL = newPipeListener()
 	// The in-process server's stream limit is not what bounds health
@@ -172,20 +163,13 @@ func New(cfg Config, up *pool.Pool, log *zap.Logger, opts ...Option) (*Proxy, er
 	healthgrpc.RegisterHealthServer(p.localSrv, p.health)
 	go func() { _ = p.localSrv.Serve(p.localL) }()
 	// An in-memory connection cannot be half open: no keepalive pings
-	// (which the server would count as strikes and answer with GOAWAY).
-	localCfg := cfg.Pool
-	localCfg.KeepaliveTime = 0
-	p.local = newLaneSet("proxy health service", 1, p.localL.dial, nil, nil, localCfg, &p.mem, log)
-	p.enclave = newLaneSet(up.Target().String(), up.Size(), up.Target().Dial, up.ConnReady, p.readyChanged, cfg.Pool, &p.mem, log)
-	p.local.start()
-	p.enclave.start()
-	up.OnStateChange(func(n int) {
-		if n > 0 {
-			p.enclave.redialNow()
-		}
-		p.readyChanged()
-	})
-	p.OnStateChange(p.health.setReady)
+	// (which the server would count as strikes and answer with GOAWAY),
+	// no health watch, no keyset.
+	p.local = newUpstreamSet(cfg.Pool, log.Named("local"))
+	p.local.add("proxy health service", "proxy-local", p.localL.dial, 1, 0, false, false)
+	p.local.start(&p.mem)
+	ups.start(&p.mem)
+	ups.OnStateChange(p.health.setReady)
 
 	switch {
 	case isLoopback(cfg.Listen):
@@ -259,8 +243,8 @@ func (p *Proxy) Serve(l net.Listener) error {
 		_ = l.Close()
 	}()
 
-	p.log.Info("proxy serving", zap.Stringer("listen", l.Addr()), zap.Stringer("upstream", p.pool.Target()),
-		zap.Int("pool_size", p.pool.Size()))
+	p.log.Info("proxy serving", zap.Stringer("listen", l.Addr()), zap.Strings("upstreams", p.ups.Targets()),
+		zap.Int("pool_size", p.cfg.Pool.Size))
 	ll := p.limitListener(l)
 	var delay time.Duration
 	for {
@@ -322,14 +306,25 @@ func (p *Proxy) track(sc *srvConn, add bool) bool {
 // (backpressure), then the call gets ResourceExhausted.
 const upstreamBusyWait = 50 * time.Millisecond
 
-// route picks the lane for a method, waiting up to upstreamBusyWait (and
-// never past deadline) while every lane is busy.
-func (p *Proxy) route(method string, deadline time.Time) (*lane, error) {
-	set := p.enclave
-	if strings.HasPrefix(method, limits.HealthPrefix) {
-		set = p.local
+// routeSet is where a method goes: the enclaves, or the proxy's own health
+// server for the proxy's health (List, and Watch of service ""). req is
+// the request, when complete.
+func (p *Proxy) routeSet(method string, req []byte) *Upstreams {
+	switch method {
+	case limits.HealthPrefix + "List":
+		return p.local
+	case healthCheckMethod, healthWatchMethod:
+		if svc, ok := healthService(req); !ok || svc == "" {
+			return p.local // the proxy itself (or a request its server rejects)
+		}
 	}
-	ln, err := set.pick()
+	return p.ups
+}
+
+// route picks a lane of set other than avoid, waiting up to
+// upstreamBusyWait (and never past deadline) while every lane is busy.
+func (p *Proxy) route(set *Upstreams, avoid *lane, deadline time.Time) (*lane, error) {
+	ln, err := set.pick(avoid)
 	if !errors.Is(err, errUpstreamBusy) {
 		return ln, err
 	}
@@ -339,64 +334,37 @@ func (p *Proxy) route(method string, deadline time.Time) (*lane, error) {
 	}
 	for time.Now().Before(until) {
 		time.Sleep(time.Millisecond)
-		if ln, err = set.pick(); !errors.Is(err, errUpstreamBusy) {
+		if ln, err = set.pick(avoid); !errors.Is(err, errUpstreamBusy) {
 			return ln, err
 		}
 	}
 	return nil, err
 }
 
-// Ready is the number of upstream slots that can take calls: the pool's
-// connection is READY (the enclave says SERVING) and the relay's data
-// connection beside it is up.
-func (p *Proxy) Ready() int {
-	if p.enclave == nil {
-		return 0
-	}
-	n := 0
-	for i := range p.enclave.slots {
-		if l := p.enclave.slots[i].Load(); l != nil && l.ready() && p.pool.ConnReady(i) {
-			n++
-		}
-	}
-	return n
-}
+// Ready is the number of upstream slots that take calls: connected, the
+// enclave SERVING, and its keyset the one in rotation.
+func (p *Proxy) Ready() int { return p.ups.Ready() }
 
-// Size is the number of upstream slots (the pool's size).
-func (p *Proxy) Size() int { return p.pool.Size() }
+// Size is the number of upstream slots, across upstreams.
+func (p *Proxy) Size() int { return p.ups.Size() }
 
 // OnStateChange calls fn with Ready now and at every change of it (health
 // "" and systemd readiness follow it).
-func (p *Proxy) OnStateChange(fn func(ready int)) {
-	p.readyMu.Lock()
-	defer p.readyMu.Unlock()
-	p.readySubs = append(p.readySubs, fn)
-	fn(p.lastReady)
-}
+func (p *Proxy) OnStateChange(fn func(ready int)) { p.ups.OnStateChange(fn) }
 
-// readyChanged recomputes Ready and tells the subscribers when it changed.
-func (p *Proxy) readyChanged() {
-	p.readyMu.Lock()
-	defer p.readyMu.Unlock()
-	n := p.Ready()
-	if n == p.lastReady {
-		return
-	}
-	p.lastReady = n
-	for _, fn := range p.readySubs {
-		fn(n)
-	}
-}
-
-// UpstreamCalls returns how many calls each upstream connection slot
-// (0..pool size-1) has carried since New.
+// UpstreamCalls returns how many streams each upstream slot has carried
+// since New, slot by slot, upstream by upstream.
 func (p *Proxy) UpstreamCalls() []uint64 {
-	out := make([]uint64, len(p.enclave.calls))
-	for i := range p.enclave.calls {
-		out[i] = p.enclave.calls[i].Load()
+	var out []uint64
+	for _, s := range p.ups.Stats() {
+		out = append(out, s.Calls)
 	}
 	return out
 }
+
+// Retries is the number of calls relaunched on another upstream
+// connection because theirs refused them or was lost before they began.
+func (p *Proxy) Retries() uint64 { return p.retries.Load() }
 
 // Buffered is the number of bytes the relay holds now across all
 // connections (frames queued both ways, requests waiting to be complete,
@@ -407,7 +375,13 @@ func (p *Proxy) Buffered() int64 { return p.mem.load() }
 // UpstreamConnects returns how many upstream connections the relay has
 // established since New: the pool's size once all are up; more means a
 // connection was lost or replaced.
-func (p *Proxy) UpstreamConnects() uint64 { return p.enclave.dials.Load() }
+func (p *Proxy) UpstreamConnects() uint64 {
+	var n uint64
+	for _, s := range p.ups.Stats() {
+		n += s.Readies
+	}
+	return n
+}
 
 // Alive reports an error when the proxy is not serving any listener (the
 // systemd watchdog asks). It does not look at the enclave: a proxy whose
@@ -426,11 +400,38 @@ func (p *Proxy) Addr() net.Addr {
 	return p.addr
 }
 
+// endEnclaveWatches ends every health Watch relayed to an enclave with
+// Unavailable, as the proxy's own watches end: a Watch never ends by
+// itself, and a graceful stop must not wait for it.
+func (p *Proxy) endEnclaveWatches() {
+	p.mu.Lock()
+	conns := make([]*srvConn, 0, len(p.conns))
+	for sc := range p.conns {
+		conns = append(conns, sc)
+	}
+	p.mu.Unlock()
+	for _, sc := range conns {
+		sc.mu.Lock()
+		var watches []*call
+		for _, c := range sc.calls {
+			if c.method == healthWatchMethod {
+				watches = append(watches, c)
+			}
+		}
+		sc.mu.Unlock()
+		for _, c := range watches {
+			if ln, _ := c.lane(); ln != nil && ln.slot.up.set == p.ups && !c.finished.Load() {
+				c.fail(codes.Unavailable, "proxy is shutting down")
+			}
+		}
+	}
+}
+
 // Stop drains and stops: health "" turns NOT_SERVING and health watches
 // end, listeners close, every client connection gets GOAWAY and its calls
 // in flight may finish for up to GracefulStopTimeout (or until ctx ends);
-// then what is left is cut, and the upstream connections and the pool
-// close. It is idempotent and returns the pool's Close error.
+// then what is left is cut, and the upstream connections close. It is
+// idempotent.
 func (p *Proxy) Stop(ctx context.Context) error {
 	p.stopOnce.Do(func() {
 		p.mu.Lock()
@@ -441,6 +442,7 @@ func (p *Proxy) Stop(ctx context.Context) error {
 		p.mu.Unlock()
 
 		p.health.drain()
+		p.endEnclaveWatches()
 		close(p.stopping) // every connection's keeper sends GOAWAY
 		ctx, cancel := context.WithTimeout(ctx, p.cfg.GracefulStopTimeout)
 		defer cancel()
@@ -465,55 +467,11 @@ func (p *Proxy) Stop(ctx context.Context) error {
 			<-done
 		}
 		p.serving.Wait()
-		p.enclave.close()
-		p.local.close()
+		p.stopErr = p.ups.Close()
+		_ = p.local.Close()
 		p.localSrv.Stop()
 		_ = p.localL.Close()
-		p.stopErr = p.pool.Close()
 		p.log.Info("proxy stopped")
 	})
 	return p.stopErr
-}
-
-// outgoingContext carries the incoming metadata of a server call to an
-// outgoing call, minus what belongs to the hop.
-func outgoingContext(ctx context.Context) context.Context {
-	md, _ := metadata.FromIncomingContext(ctx)
-	return metadata.NewOutgoingContext(ctx, filterMetadata(md))
-}
-
-// hopHeaders are set by each hop's own transport (or describe one hop's
-// connection) and must not be copied to the next one. grpc-status,
-// grpc-message and grpc-status-details-bin travel in the status the
-// handler returns; copying them as trailers would duplicate them.
-var hopHeaders = map[string]bool{
-	"content-type":               true,
-	"user-agent":                 true,
-	"te":                         true,
-	"host":                       true,
-	"connection":                 true,
-	"keep-alive":                 true,
-	"proxy-connection":           true,
-	"transfer-encoding":          true,
-	"upgrade":                    true,
-	"grpc-timeout":               true,
-	"grpc-encoding":              true,
-	"grpc-accept-encoding":       true,
-	"grpc-previous-rpc-attempts": true,
-	"grpc-status":                true,
-	"grpc-message":               true,
-	"grpc-status-details-bin":    true,
-}
-
-// filterMetadata copies md without pseudo-headers (":authority", ...) and
-// hop headers. md's keys are already lower-case.
-func filterMetadata(md metadata.MD) metadata.MD {
-	out := make(metadata.MD, len(md))
-	for k, v := range md {
-		if k == "" || k[0] == ':' || hopHeaders[k] {
-			continue
-		}
-		out[k] = append([]string(nil), v...)
-	}
-	return out
 }

@@ -53,7 +53,7 @@ func TestSystemdReadyWaitsForUpstream(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = u.Target().String()
+	cfg.Upstreams = []string{u.Target().String()}
 	cfg.Pool.Size = 2
 	app := fxtest.New(t,
 		proxy.Options(cfg),

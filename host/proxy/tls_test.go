@@ -22,7 +22,6 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/pool/pooltest"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
@@ -216,7 +215,7 @@ func TestSIGHUPReloadsTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = u.Target().String()
+	cfg.Upstreams = []string{u.Target().String()}
 	cfg.Pool.Size = 1
 	cfg.TLS = tlsconfig.ServerConfig{CertFile: live.CertFile, KeyFile: live.KeyFile}
 	app := fxtest.New(t,
@@ -253,10 +252,10 @@ func TestSIGHUPReloadsTLS(t *testing.T) {
 func TestNewFailsOnBadCertificate(t *testing.T) {
 	u := pooltest.Start(t)
 	cfg := proxy.DefaultConfig()
-	cfg.Upstream = u.Target().String()
+	cfg.Upstreams = []string{u.Target().String()}
 	cfg.Pool.Size = 1
 	cfg.TLS = tlsconfig.ServerConfig{CertFile: "/nonexistent/server.pem", KeyFile: "/nonexistent/key.pem"}
-	pl, err := pool.New(u.Target(), cfg.Pool, zap.NewNop())
+	pl, err := proxy.NewUpstreams(cfg, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}

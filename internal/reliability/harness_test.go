@@ -20,7 +20,6 @@ import (
 	"github.com/nitrosign/nitrosign/enclave"
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/host/metrics"
-	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/enclavetest"
 )
@@ -159,8 +158,9 @@ type proxyProc struct {
 	app     *fx.App
 	lis     *killableListener
 	addr    string
-	pool    *pool.Pool
+	pool    *proxy.Upstreams
 	metrics *metrics.Metrics
+	px      *proxy.Proxy
 	once    sync.Once
 }
 
@@ -168,7 +168,7 @@ type proxyProc struct {
 // mutate applied.
 func proxyConfig(upstream string, mutate func(*proxy.Config)) proxy.Config {
 	c := proxy.DefaultConfig()
-	c.Upstream = upstream
+	c.Upstreams = []string{upstream}
 	c.Listen = "127.0.0.1:0"
 	c.Pool.Size = 2
 	// A scrape in a test must not wait seconds on a stalled upstream.
@@ -188,7 +188,7 @@ func startProxy(tb testing.TB, c proxy.Config, port int, log *zap.Logger) *proxy
 	p.app = fx.New(proxy.Options(c),
 		fx.Provide(func() net.Listener { return l }),
 		fx.Decorate(func() *zap.Logger { return log }),
-		fx.Populate(&p.pool, &p.metrics),
+		fx.Populate(&p.pool, &p.metrics, &p.px),
 		fx.NopLogger,
 	)
 	if err := p.app.Err(); err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,8 @@ func TestLimitFlags(t *testing.T) {
 		"--max-recv-msg-size", "1000", "--max-send-msg-size", "2000", "--handshake-timeout", "2s",
 		"--keepalive-min-time", "20s", "--keepalive-time", "1m", "--keepalive-timeout", "5s",
 		"--max-connection-idle", "0", "--max-connection-age", "2h", "--max-connection-age-grace", "1m",
+		"--default-stream-timeout", "10m", "--max-connection-calls", "50", "--max-client-resets", "70",
+		"--max-connection-buffer", "131072", "--memory-budget", "1048576",
 	}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
@@ -32,13 +35,16 @@ func TestLimitFlags(t *testing.T) {
 	want := proxy.Config{MaxConnections: 10, MaxInFlight: 20, DefaultCallTimeout: 5 * time.Second, MaxConcurrentStreams: 30,
 		MaxHeaderListSize: 40000, MaxMetadataSize: 20000, MaxRecvMsgSize: 1000, MaxSendMsgSize: 2000, HandshakeTimeout: 2 * time.Second,
 		KeepaliveMinTime: 20 * time.Second, KeepaliveTime: time.Minute, KeepaliveTimeout: 5 * time.Second,
-		MaxConnectionIdle: 0, MaxConnectionAge: 2 * time.Hour, MaxConnectionAgeGrace: time.Minute}
+		MaxConnectionIdle: 0, MaxConnectionAge: 2 * time.Hour, MaxConnectionAgeGrace: time.Minute,
+		DefaultStreamTimeout: 10 * time.Minute, MaxConnectionCalls: 50, MaxClientResets: 70, MaxConnectionBuffer: 131072, MemoryBudget: 1 << 20}
 	got := proxy.Config{MaxConnections: c.MaxConnections, MaxInFlight: c.MaxInFlight, DefaultCallTimeout: c.DefaultCallTimeout,
 		MaxConcurrentStreams: c.MaxConcurrentStreams, MaxHeaderListSize: c.MaxHeaderListSize, MaxMetadataSize: c.MaxMetadataSize,
 		MaxRecvMsgSize: c.MaxRecvMsgSize, MaxSendMsgSize: c.MaxSendMsgSize, HandshakeTimeout: c.HandshakeTimeout,
 		KeepaliveMinTime: c.KeepaliveMinTime, KeepaliveTime: c.KeepaliveTime, KeepaliveTimeout: c.KeepaliveTimeout,
-		MaxConnectionIdle: c.MaxConnectionIdle, MaxConnectionAge: c.MaxConnectionAge, MaxConnectionAgeGrace: c.MaxConnectionAgeGrace}
-	if got != want {
+		MaxConnectionIdle: c.MaxConnectionIdle, MaxConnectionAge: c.MaxConnectionAge, MaxConnectionAgeGrace: c.MaxConnectionAgeGrace,
+		DefaultStreamTimeout: c.DefaultStreamTimeout, MaxConnectionCalls: c.MaxConnectionCalls, MaxClientResets: c.MaxClientResets,
+		MaxConnectionBuffer: c.MaxConnectionBuffer, MemoryBudget: c.MemoryBudget}
+	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("flags not applied:\n got %+v\nwant %+v", got, want)
 	}
 	for _, tt := range []struct {

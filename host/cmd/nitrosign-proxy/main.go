@@ -97,7 +97,14 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "TCP `HOST:PORT` to serve gRPC on")
-	fs.StringVar(&cfg.Upstream, "upstream", cfg.Upstream, "enclave signer `address`: vsock://CID:PORT (CID >= 4; 1 = loopback) or tcp://HOST:PORT")
+	upstreamGiven := false
+	fs.Func("upstream", fmt.Sprintf("enclave signer `address`: vsock://CID:PORT (CID >= 4; 1 = loopback) or tcp://HOST:PORT; repeat it for several enclaves serving the same keyset (default %s)", cfg.Upstreams[0]), func(s string) error {
+		if !upstreamGiven {
+			cfg.Upstreams, upstreamGiven = nil, true
+		}
+		cfg.Upstreams = append(cfg.Upstreams, s)
+		return nil
+	})
 	fs.IntVar(&cfg.Pool.Size, "pool-size", cfg.Pool.Size, "number of upstream slots, each a long-lived connection carrying calls plus a health-checking one (1-256)")
 	fs.DurationVar(&cfg.GracefulStopTimeout, "graceful-timeout", cfg.GracefulStopTimeout, "on SIGTERM/SIGINT, how long calls in flight may finish before they are cut")
 	fs.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "log `level`: debug (logs every call), info, warn or error")

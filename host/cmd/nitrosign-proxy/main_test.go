@@ -29,7 +29,7 @@ func TestParseFlags(t *testing.T) {
 		wantStderr string
 	}{
 		{name: "defaults", args: nil, check: func(t *testing.T, c proxy.Config) {
-			if c.Listen != "127.0.0.1:8443" || c.Upstream != "vsock://16:5005" || c.Pool.Size != 4 ||
+			if c.Listen != "127.0.0.1:8443" || strings.Join(c.Upstreams, ",") != "vsock://16:5005" || c.Pool.Size != 4 ||
 				c.GracefulStopTimeout != 10*time.Second || c.Log.Level != "info" || c.Log.Format != "json" {
 				t.Fatalf("defaults: %+v", c)
 			}
@@ -38,14 +38,14 @@ func TestParseFlags(t *testing.T) {
 			"--listen", "127.0.0.1:9443", "--upstream", "vsock://42:6000", "--pool-size", "8",
 			"--graceful-timeout", "3s", "--log-level", "debug", "--log-format", "console",
 		}, check: func(t *testing.T, c proxy.Config) {
-			if c.Listen != "127.0.0.1:9443" || c.Upstream != "vsock://42:6000" || c.Pool.Size != 8 ||
+			if c.Listen != "127.0.0.1:9443" || strings.Join(c.Upstreams, ",") != "vsock://42:6000" || c.Pool.Size != 8 ||
 				c.GracefulStopTimeout != 3*time.Second || c.Log.Level != "debug" || c.Log.Format != "console" {
 				t.Fatalf("flags not applied: %+v", c)
 			}
 		}},
 		{name: "tcp upstream", args: []string{"-upstream=tcp://127.0.0.1:5005"}, check: func(t *testing.T, c proxy.Config) {
-			if c.Upstream != "tcp://127.0.0.1:5005" {
-				t.Fatalf("upstream %q", c.Upstream)
+			if strings.Join(c.Upstreams, ",") != "tcp://127.0.0.1:5005" {
+				t.Fatalf("upstreams %q", c.Upstreams)
 			}
 		}},
 		{name: "tls, mtls and metrics flags", args: []string{
@@ -69,6 +69,11 @@ func TestParseFlags(t *testing.T) {
 		{name: "insecure and tls", args: []string{"--insecure", "--tls-cert", "a", "--tls-key", "b"}, wantErr: "contradicts --tls-cert"},
 		{name: "bad metrics listen", args: []string{"--metrics-listen", "9464"}, wantErr: `metrics listen address "9464"`},
 		{name: "pool size zero", args: []string{"--pool-size", "0"}, wantErr: "pool size 0: must be between 1 and 256"},
+		{name: "two upstreams", args: []string{"--upstream", "vsock://16:5005", "--upstream", "vsock://17:5005"}, check: func(t *testing.T, c proxy.Config) {
+			if strings.Join(c.Upstreams, ",") != "vsock://16:5005,vsock://17:5005" {
+				t.Fatalf("upstreams %q", c.Upstreams)
+			}
+		}},
 		{name: "bad upstream", args: []string{"--upstream", "16:5005"}, wantErr: "want vsock://CID:PORT or tcp://HOST:PORT"},
 		{name: "heartbeat port", args: []string{"--upstream", "vsock://16:9000"}, wantErr: "reserved for the nitro-cli boot heartbeat"},
 		{name: "bad listen", args: []string{"--listen", "8443"}, wantErr: `listen address "8443"`},
@@ -169,8 +174,8 @@ func TestDeployUnitFlags(t *testing.T) {
 			if c.Metrics.Listen != "127.0.0.1:9464" {
 				t.Errorf("metrics on %q, want 127.0.0.1:9464", c.Metrics.Listen)
 			}
-			if want := "vsock://" + enclaveCID(t) + ":5005"; c.Upstream != want {
-				t.Errorf("upstream %q, want %q: keep it in step with ENCLAVE_CID in deploy/enclave.env", c.Upstream, want)
+			if want := "vsock://" + enclaveCID(t) + ":5005"; strings.Join(c.Upstreams, ",") != want {
+				t.Errorf("upstreams %q, want %q: keep it in step with ENCLAVE_CID in deploy/enclave.env", c.Upstreams, want)
 			}
 			tt.check(t, c)
 		})

@@ -206,10 +206,13 @@ func runProxy(args []string, stderr io.Writer) error {
 	fs := newFlagSet("proxy", proxyUsage, stderr)
 	cfg := proxy.DefaultConfig()
 	cfg.Listen = "127.0.0.1:7002"
-	cfg.Upstream = "tcp://127.0.0.1:7001"
+	cfg.Upstreams = []string{"tcp://127.0.0.1:7001"}
 	cfg.Log = logging.Config{Level: "warn", Format: "console"}
 	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "loopback TCP `HOST:PORT` to serve gRPC on")
-	fs.StringVar(&cfg.Upstream, "upstream", cfg.Upstream, "enclave signer: tcp://HOST:PORT (a benchserver enclave) or vsock://CID:PORT")
+	fs.Func("upstream", "enclave signer: tcp://HOST:PORT (a benchserver enclave) or vsock://CID:PORT (default tcp://127.0.0.1:7001)", func(s string) error {
+		cfg.Upstreams = []string{s}
+		return nil
+	})
 	fs.IntVar(&cfg.Pool.Size, "pool-size", cfg.Pool.Size, "long-lived connections to the upstream")
 	pp := fs.String("pprof-listen", "", "serve /debug/pprof/ on this loopback `HOST:PORT` (off by default)")
 	fs.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "log level: debug, info, warn or error")
