@@ -10,8 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/fx"
-	"go.uber.org/fx/fxtest"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -498,32 +496,6 @@ func TestClose(t *testing.T) {
 	}
 	if p.Ready() != 0 {
 		t.Fatalf("Ready after Close = %d", p.Ready())
-	}
-}
-
-func TestModule(t *testing.T) {
-	u := pooltest.Start(t)
-	cfg := pool.DefaultConfig()
-	cfg.Size = 2
-	var p *pool.Pool
-	app := fxtest.New(t,
-		fx.Supply(u.Target(), cfg),
-		fx.Provide(func() *zap.Logger { return zaptest.NewLogger(t) }),
-		pool.Module,
-		fx.Populate(&p),
-	)
-	app.RequireStart()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := p.WaitReady(ctx); err != nil {
-		t.Fatalf("WaitReady: %v", err)
-	}
-	if err := echo(t, p, 5*time.Second); err != nil {
-		t.Fatalf("Echo: %v", err)
-	}
-	app.RequireStop()
-	if err := echo(t, p, time.Second); !errors.Is(err, pool.ErrClosed) {
-		t.Fatalf("Echo after stop = %v, want ErrClosed", err)
 	}
 }
 
