@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Benchmark nitrosign on this machine over TCP loopback: the real enclave
 # graph (nitrosign-benchserver enclave, never shipped) and the real proxy
-# binary, measured by `nitrosign compare` in interleaved rounds.
+# binary, beside two layer-4 baselines in front of the same server (a plain
+# Go io.Copy relay, nitrosign-benchserver l4relay, and socat with nodelay on
+# both sides), measured by `nitrosign compare` in interleaved rounds.
 #
 # Usage: scripts/benchmark.sh [quick|full]
 #
-#   quick (default, what `make benchmark` runs, about a minute): Echo at 64
-#         in flight against the enclave directly, through the proxy, and
-#         through socat when it is installed (installed with apt-get when
-#         running as root), then a summary, a JSON file and an SVG chart.
+#   quick (default, what `make benchmark` runs, about 1.5 minutes): Echo
+#         against the enclave directly, through the proxy, through the Go L4
+#         relay and through socat (installed with apt-get when running as
+#         root; skipped when missing), all four in one interleaved compare at
+#         64 in flight and another at 1 in flight, then a summary with the
+#         headline ratios, JSON files and SVG charts.
 #   full  every figure of docs/PERFORMANCE.md, each with its command
-#         (about 10 minutes); installs ghz into .tools/ with `go install`.
+#         (about 12 minutes); installs ghz into .tools/ with `go install`.
 #
 # Only loopback addresses are used; every run is bounded in time. The
 # processes this script starts are stopped on exit.
 #
 # Environment:
 #   BENCH_OUT       output directory (default: a new /tmp/nitrosign-bench.*)
-#   BENCH_PORT      first of three consecutive loopback ports (default 17001);
-#                   the full run also uses BENCH_PORT+9 for a raw TCP echo
+#   BENCH_PORT      first of four consecutive loopback ports (default 17001:
+#                   enclave, proxy, socat, l4relay); the full run also uses
+#                   BENCH_PORT+9 for a raw TCP echo
 #   BENCH_DURATION  measured length of each run (default 3s quick, 5s full)
 #   BENCH_ROUNDS    interleaved rounds per target (default 2 quick, 3 full)
 #   BENCH_PPROF     set to 1 to serve pprof on ports BENCH_PORT+10 (enclave)
@@ -36,7 +41,7 @@ suite=${1:-quick}
 case $suite in
 quick | full) ;;
 -h | --help)
-	sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
 	exit 0
 	;;
 *)
@@ -67,6 +72,7 @@ mkdir -p "$bin"
 enc_addr=127.0.0.1:$port
 px_addr=127.0.0.1:$((port + 1))
 socat_addr=127.0.0.1:$((port + 2))
+l4_addr=127.0.0.1:$((port + 3))
 
 # ------------------------------------------------------------- processes --
 
@@ -118,7 +124,7 @@ $(tail -n 20 "$out/$name.log")"
 log "building nitrosign, nitrosign-proxy and nitrosign-benchserver (CGO_ENABLED=0) into $bin"
 CGO_ENABLED=0 go build -trimpath -o "$bin/" ./host/cmd/nitrosign ./host/cmd/nitrosign-proxy ./internal/cmd/nitrosign-benchserver
 
-for a in "$enc_addr" "$px_addr" "$socat_addr"; do
+for a in "$enc_addr" "$px_addr" "$socat_addr" "$l4_addr"; do
 	port_free "$a" || die "$a is in use: set BENCH_PORT to a free range"
 done
 
@@ -153,12 +159,19 @@ wait_ready enclave "tcp://$enc_addr"
 log "starting nitrosign-proxy on $px_addr -> tcp://$enc_addr"
 start proxy "$bin/nitrosign-proxy" --listen "$px_addr" --upstream "tcp://$enc_addr" --log-level warn "${pprof_px[@]}"
 wait_ready proxy "tcp://$px_addr"
-targets=(--target "direct=tcp://$enc_addr" --target "proxy=tcp://$px_addr")
+log "starting the Go L4 relay (nitrosign-benchserver l4relay) on $l4_addr -> $enc_addr"
+start l4relay "$bin/nitrosign-benchserver" l4relay --listen "$l4_addr" --upstream "$enc_addr"
+wait_ready l4relay "tcp://$l4_addr"
+# The baselines beside direct and the proxy, in the order of every compare.
+targets=(--target "direct=tcp://$enc_addr" --target "proxy=tcp://$px_addr" --target "l4relay=tcp://$l4_addr")
 if $have_socat; then
-	log "starting socat on $socat_addr -> $enc_addr (a process per client connection)"
-	start socat socat "TCP-LISTEN:${socat_addr#*:},bind=127.0.0.1,fork,reuseaddr" "TCP:$enc_addr"
+	# nodelay on BOTH sockets: socat leaves Nagle on by default, which holds
+	# a small write back until the previous one is acknowledged (up to the
+	# ~40 ms delayed ACK) and makes socat look slower than it is.
+	log "starting socat on $socat_addr -> $enc_addr (nodelay on both sides; a process per client connection)"
+	start socat socat "TCP-LISTEN:${socat_addr#*:},bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$enc_addr,nodelay"
 	wait_ready socat "tcp://$socat_addr"
-	targets+=(--target "socat=tcp://$socat_addr")
+	targets+=(--target "socat-nodelay=tcp://$socat_addr")
 fi
 
 nitrosign() { "$bin/nitrosign" "$@"; }
@@ -175,11 +188,58 @@ machine="$(nproc) cores, $(uname -srm), Go $(go env GOVERSION)"
 log "machine: $machine; output in $out"
 printf '# %s, %s\n' "$(date -u +%Y-%m-%dT%H:%MZ)" "$machine" >"$out/commands.txt"
 
+# ratio_field FILE TARGET FIELD: a field (throughput_ratio, added_p50_us, ...)
+# of TARGET's entry in the "ratios" of a `nitrosign compare --json` FILE
+# (over the first target, direct); empty when absent. The JSON is indented,
+# one field a line, so awk reads it without a JSON tool.
+ratio_field() {
+	awk -v want="$2" -v field="$3" '
+		/^  "ratios": \[/ { in_ratios = 1; next }
+		in_ratios && /"target":/ { gsub(/[",]/, "", $2); name = $2 }
+		in_ratios && name == want && $1 == "\"" field "\":" { gsub(/,/, "", $2); print $2; exit }
+	' "$1"
+}
+
+# summary AT64.json AT1.json: the headline ratios of the two compares.
+summary() {
+	local at64=$1 at1=$2 t tp p50 px l4
+	{
+		printf '\nsummary (over direct; 64 in flight: %s, 1 in flight: %s)\n' "${at64##*/}" "${at1##*/}"
+		printf '  %-14s %22s %26s\n' target "throughput @64 / direct" "added p50 @1 (us)"
+		for t in proxy l4relay socat-nodelay; do
+			tp=$(ratio_field "$at64" "$t" throughput_ratio)
+			p50=$(ratio_field "$at1" "$t" added_p50_us)
+			[[ -n $tp || -n $p50 ]] || continue
+			printf '  %-14s %22s %26s\n' "$t" "$(awk -v x="$tp" 'BEGIN { if (x == "") print "n/a"; else printf "%.2fx", x }')" \
+				"$(awk -v x="$p50" 'BEGIN { if (x == "") print "n/a"; else printf "%+.0f", x }')"
+		done
+		tp=$(ratio_field "$at64" proxy throughput_ratio)
+		px=$(ratio_field "$at1" proxy added_p50_us)
+		l4=$(ratio_field "$at1" l4relay added_p50_us)
+		awk -v tp="$tp" -v px="$px" -v l4="$l4" 'BEGIN {
+			if (tp == "") print "  proxied / direct throughput at 64 in flight: n/a"
+			else printf "  proxied / direct throughput at 64 in flight: %.2fx\n", tp
+			if (px == "" || l4 == "") {
+				print "  added p50 at 1 in flight, proxy / l4relay: n/a"
+			} else if (l4 > 0) {
+				r = px / l4
+				printf "  added p50 at 1 in flight, proxy / l4relay: %+.0f us / %+.0f us = %.2fx (target <= 1.5x: %s)\n", px, l4, r, (r <= 1.5 ? "met" : "missed")
+			} else {
+				printf "  added p50 at 1 in flight, proxy / l4relay: %+.0f us / %+.0f us = n/a (the relay added nothing measurable)\n", px, l4
+			}
+		}'
+	} | tee "$out/summary.txt"
+}
+
 if [[ $suite == quick ]]; then
-	run compare nitrosign compare "${targets[@]}" --concurrency 64 --connections 2 \
+	run compare-64 nitrosign compare "${targets[@]}" --concurrency 64 --connections 2 \
 		--duration "$duration" --warmup 1s --rounds "$rounds" \
-		--json "$out/compare.json" --chart "$out/compare.svg"
-	log "done: summary above; JSON $out/compare.json, chart $out/compare.svg"
+		--json "$out/compare-64.json" --chart "$out/compare-64.svg"
+	run compare-1 nitrosign compare "${targets[@]}" --concurrency 1 --connections 1 \
+		--duration "$duration" --warmup 1s --rounds "$rounds" \
+		--json "$out/compare-1.json" --chart "$out/compare-1.svg"
+	summary "$out/compare-64.json" "$out/compare-1.json"
+	log "done: summary above (also $out/summary.txt); JSON and charts $out/compare-{64,1}.{json,svg}"
 	exit 0
 fi
 
@@ -204,22 +264,24 @@ for kt in ecc rsa; do
 		--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/2-sign-$kt.json"
 done
 
-# 3. The proxy: latency added at 1 in flight; throughput kept at saturation.
+# 3. The proxy: latency added at 1 in flight; throughput kept at saturation;
+#    beside the L4 baselines (Go relay, socat with nodelay) in the same runs.
 # The floor of one extra process on the path: a raw TCP echo, no gRPC.
 floor_addr=127.0.0.1:$((port + 9))
 start tcp-echo "$bin/nitrosign-benchserver" tcp-echo --listen "$floor_addr"
 sleep 0.5
 run 3-hop-floor "$bin/nitrosign-benchserver" tcp-pingpong --target "$floor_addr"
-run 3-proxy-1 nitrosign compare --target "direct=$direct" --target "proxy=$proxy" --concurrency 1 \
+run 3-proxy-1 nitrosign compare "${targets[@]}" --concurrency 1 --connections 1 \
 	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-1.json" --chart "$out/3-proxy-1.svg"
-run 3-proxy-64 nitrosign compare --target "direct=$direct" --target "proxy=$proxy" --concurrency 64 --connections 2 \
+run 3-proxy-64 nitrosign compare "${targets[@]}" --concurrency 64 --connections 2 \
 	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-64.json" --chart "$out/3-proxy-64.svg"
+summary "$out/3-proxy-64.json" "$out/3-proxy-1.json"
 
-# 4. Against socat in front of the same server.
+# 4. Against socat (nodelay on both sides) in front of the same server.
 if $have_socat; then
-	run 4-churn nitrosign compare --target "proxy=$proxy" --target "socat=tcp://$socat_addr" --concurrency 64 \
+	run 4-churn nitrosign compare --target "proxy=$proxy" --target "socat-nodelay=tcp://$socat_addr" --concurrency 64 \
 		--connect-every 10 --duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/4-churn.json" --chart "$out/4-churn.svg"
-	run 4-long nitrosign compare --target "proxy=$proxy" --target "socat=tcp://$socat_addr" --concurrency 64 --connections 2 \
+	run 4-long nitrosign compare --target "proxy=$proxy" --target "socat-nodelay=tcp://$socat_addr" --concurrency 64 --connections 2 \
 		--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/4-long.json" --chart "$out/4-long.svg"
 else
 	log "step 4 skipped: no socat"

@@ -13,6 +13,8 @@
 //	nitrosign-benchserver enclave --listen 127.0.0.1:7001 [--pprof-listen 127.0.0.1:6061]
 //	nitrosign-benchserver proxy --listen 127.0.0.1:7002 --upstream tcp://127.0.0.1:7001
 //	nitrosign-benchserver sign-baseline --key-type ecc --target stack=tcp://127.0.0.1:7002
+//	nitrosign-benchserver l4relay --listen 127.0.0.1:7004 --upstream 127.0.0.1:7001
+//	nitrosign-benchserver h2spec-compare --baseline grpc-go=a.xml --target proxy=b.xml
 package main
 
 import (
@@ -46,6 +48,8 @@ Usage:
   nitrosign-benchserver sign-baseline [flags]  in-process signing rate, compared with targets
   nitrosign-benchserver tcp-echo [flags]       raw TCP echo: the floor of one process hop
   nitrosign-benchserver tcp-pingpong [flags]   round trips to tcp-echo, one at a time
+  nitrosign-benchserver l4relay [flags]        plain io.Copy TCP relay: the baseline of a proxy
+  nitrosign-benchserver h2spec-compare [flags] two h2spec JUnit reports side by side
 
 "nitrosign-benchserver <command> -h" shows its flags and examples.
 `
@@ -80,6 +84,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runTCPEcho(ctx, args[1:], stderr)
 	case "tcp-pingpong":
 		err = runTCPPingPong(args[1:], stdout, stderr)
+	case "l4relay":
+		err = runL4Relay(ctx, args[1:], stderr)
+	case "h2spec-compare":
+		err = runH2specCompare(args[1:], stdout, stderr)
 	default:
 		fmt.Fprintf(stderr, "nitrosign-benchserver: unknown command %q\n\n%s", args[0], usage)
 		return 2

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+)
+
+const l4relayUsage = `Usage: nitrosign-benchserver l4relay [flags]
+
+A plain layer-4 TCP relay, the baseline any proxy is measured against: it
+accepts a connection, dials the upstream, copies bytes both ways with
+io.Copy (one goroutine per direction), and closes both sockets as soon as
+either side ends. TCP_NODELAY is on for both sockets (Go's default), so
+nothing is held back for Nagle. It knows nothing of HTTP/2 or gRPC. Runs
+until SIGINT or SIGTERM, then closes every connection. Loopback only.
+
+Examples:
+  nitrosign-benchserver l4relay --listen 127.0.0.1:17004 --upstream 127.0.0.1:17001
+  nitrosign compare --target direct=tcp://127.0.0.1:17001 --target l4relay=tcp://127.0.0.1:17004 --concurrency 1
+`
+
+func runL4Relay(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := newFlagSet("l4relay", l4relayUsage, stderr)
+	listen := fs.String("listen", "127.0.0.1:7004", "loopback `HOST:PORT` to accept on")
+	upstream := fs.String("upstream", "127.0.0.1:7001", "loopback `HOST:PORT` to relay to")
+	if err := parse(fs, args, stderr); err != nil {
+		return err
+	}
+	if err := errors.Join(loopbackListen(*listen), loopbackListen(*upstream)); err != nil {
+		return usageErr(stderr, fs.Name(), "%s", err)
+	}
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	return l4relay(ctx, l, *upstream)
+}
+
+// l4relay relays every connection accepted on l to upstream until ctx ends,
+// then closes l and every relayed connection and returns once all its
+// goroutines have.
+func l4relay(ctx context.Context, l net.Listener, upstream string) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer l.Close()
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		wg.Go(func() {
+			up, err := d.DialContext(ctx, "tcp", upstream)
+			if err != nil {
+				c.Close()
+				return
+			}
+			done := make(chan struct{}, 2)
+			pipe := func(dst, src net.Conn) { _, _ = io.Copy(dst, src); done <- struct{}{} }
+			go pipe(up, c)
+			go pipe(c, up)
+			n := 0
+			select { // either side ended, or we are stopping
+			case <-done:
+				n = 1
+			case <-ctx.Done():
+			}
+			c.Close()
+			up.Close()
+			for ; n < 2; n++ {
+				<-done
+			}
+		})
+	}
+}
