@@ -127,6 +127,12 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 	p.obs.CallStarted(c.method)
 	fields, timeout, err := p.requestHeaders(c, f)
 	if err != nil {
+		if err.rst != 0 {
+			c.code.Store(int32(codes.Internal))
+			c.clientReset(err.rst)
+			sc.resetStream(c.sid, err.rst)
+			return
+		}
 		c.answerHTTP(err.code, err.msg, err.http)
 		return
 	}

@@ -25,6 +25,9 @@ type statusError struct {
 	code codes.Code
 	msg  string
 	http int // the HTTP status of the answer; 0: 200
+	// rst, when not 0, resets the stream instead (a malformed request
+	// that HTTP/2 itself refuses).
+	rst http2.ErrCode
 }
 
 // statusMessage is err's message without "rpc error: code = X desc = ".
@@ -36,13 +39,23 @@ func statusMessage(err error) string {
 	return s
 }
 
-// hopField reports the fields that are connection-specific (RFC 9113
-// section 8.2.2) and never relayed; grpc-timeout and x-request-id are
-// rewritten, not relayed.
+// connectionSpecific reports the fields HTTP/2 forbids (RFC 9113 section
+// 8.2.2): a request carrying one is malformed, a stream error of type
+// PROTOCOL_ERROR (grpc-go and x/net reset such a stream too).
+func connectionSpecific(name string) bool {
+	switch name {
+	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+		return true
+	}
+	return false
+}
+
+// hopField reports the fields that are not relayed: host (its value
+// becomes :authority), and grpc-timeout and x-request-id, which the proxy
+// rewrites.
 func hopField(name string) bool {
 	switch name {
-	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
-		"grpc-timeout", requestid.Key:
+	case "host", "grpc-timeout", requestid.Key:
 		return true
 	}
 	return false
@@ -67,6 +80,9 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 		hpack.HeaderField{}, // :authority, below
 	)
 	for _, hf := range f.RegularFields() {
+		if connectionSpecific(hf.Name) {
+			return nil, 0, &statusError{rst: http2.ErrCodeProtocol}
+		}
 		size += len(hf.Name) + len(hf.Value) + 32
 		switch hf.Name {
 		case "content-type":
@@ -74,7 +90,7 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 		case "grpc-timeout":
 			d, ok := parseTimeout(hf.Value)
 			if !ok && headerErr == nil {
-				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed grpc-timeout: %q", hf.Value), 400}
+				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed grpc-timeout: %q", hf.Value), 400, 0}
 			}
 			timeout, hasTO = d, true
 			continue
@@ -91,37 +107,37 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 		}
 		if strings.HasSuffix(hf.Name, "-bin") {
 			if !validBinHeader(hf.Value) && headerErr == nil {
-				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed binary metadata %q in header %q", hf.Value, hf.Name), 400}
+				headerErr = &statusError{codes.Internal, fmt.Sprintf("malformed binary metadata %q in header %q", hf.Value, hf.Name), 400, 0}
 			}
 		} else if err := limits.ValidateEntry(hf.Name, hf.Value); err != nil && headerErr == nil {
-			headerErr = &statusError{codes.InvalidArgument, statusMessage(err), 0}
+			headerErr = &statusError{codes.InvalidArgument, statusMessage(err), 0, 0}
 		}
 		out = append(out, hf)
 	}
 	// The checks and their answers follow grpc-go's server, so a client
 	// sees the same status through the proxy as from the enclave.
 	if !isGRPCContentType(ct) {
-		return nil, 0, &statusError{codes.InvalidArgument, fmt.Sprintf("invalid gRPC request content-type %q", ct), 415}
+		return nil, 0, &statusError{codes.InvalidArgument, fmt.Sprintf("invalid gRPC request content-type %q", ct), 415, 0}
 	}
 	if m := f.PseudoValue("method"); m != "POST" {
-		return nil, 0, &statusError{codes.Internal, fmt.Sprintf("invalid gRPC request method %q", m), 405}
+		return nil, 0, &statusError{codes.Internal, fmt.Sprintf("invalid gRPC request method %q", m), 405, 0}
 	}
 	if authority == "" {
 		authority = host
 	}
 	if authority == "" {
-		return nil, 0, &statusError{codes.Internal, "no host or :authority header present", 400}
+		return nil, 0, &statusError{codes.Internal, "no host or :authority header present", 400, 0}
 	}
 	out[3] = hpack.HeaderField{Name: ":authority", Value: authority}
 	if headerErr != nil {
 		return nil, 0, headerErr
 	}
 	if !strings.HasPrefix(c.method, "/") {
-		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method), 0}
+		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method), 0, 0}
 	}
 	if size > p.cfg.MaxMetadataSize {
 		return nil, 0, &statusError{codes.ResourceExhausted, fmt.Sprintf(
-			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.MaxMetadataSize), 0}
+			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.MaxMetadataSize), 0, 0}
 	}
 	if c.reqID == "" {
 		c.reqID = requestid.New()

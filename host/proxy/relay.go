@@ -517,20 +517,31 @@ func (sc *srvConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if id <= sc.lastID.Load() {
 		c := sc.call(id)
 		if c == nil {
-			// A stream the proxy ended (and reset) while the client was
-			// still sending: ignored (RFC 9113 section 5.1).
+			// A closed stream (or an id below one already used): a
+			// connection error, as grpc-go's and x/net's servers answer.
+			// No gRPC client sends HEADERS after its request ended, so
+			// even a stream the proxy reset gets no grace here (late DATA
+			// on it is ignored, onData).
+			return &goAwayError{http2.ErrCodeProtocol, fmt.Sprintf("HEADERS on closed stream %d", id)}
+		}
+		var code http2.ErrCode
+		switch {
+		case c.reqEnded.Load():
+			code = http2.ErrCodeStreamClosed // half-closed (remote)
+		case !f.StreamEnded(), len(f.PseudoFields()) > 0:
+			// A second HEADERS is trailers: they end the stream and
+			// carry no pseudo-header (RFC 9113 section 8.1).
+			code = http2.ErrCodeProtocol
+		}
+		if code != 0 {
+			c.clientReset(code)
+			sc.resetStream(id, code)
 			return nil
 		}
 		// Trailers from the client: gRPC has none to relay; they end the
 		// request stream.
-		if !f.StreamEnded() {
-			c.fail(codes.Internal, "client sent a second HEADERS without END_STREAM")
-			return nil
-		}
-		if !c.reqEnded.Load() {
-			c.reqEnded.Store(true)
-			c.relayRequest(nil, true)
-		}
+		c.reqEnded.Store(true)
+		c.relayRequest(nil, true)
 		return nil
 	}
 	if f.Truncated {
