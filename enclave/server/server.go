@@ -165,8 +165,9 @@ type Params struct {
 	Attester  Attester     `optional:"true"`
 	Lifecycle fx.Lifecycle `optional:"true"`
 
-	// Stats, when present, counts every call and is served as
-	// nitrosign.v1.StatsService (the host proxy scrapes it).
+	// Stats, when present, counts every call (a grpc stats handler) and
+	// every signature, and is served as nitrosign.v1.StatsService (the
+	// host proxy scrapes it).
 	Stats *stats.Stats `optional:"true"`
 }
 
@@ -200,26 +201,30 @@ func New(p Params) (*Server, error) {
 		health: health.NewServer(),
 		served: make(chan struct{}),
 	}
-	// Stats sit inside logging and outside recovery, so they count the
-	// code a panic or a malformed request turned into.
+	// Calls are counted by a stats handler (below), outside every
+	// interceptor: it sees the code each call was answered with, whatever
+	// turned it into that (a panic, a malformed request, a limit), and the
+	// calls grpc-go answers before any interceptor runs.
 	unary := []grpc.UnaryServerInterceptor{unaryLogging(log)}
 	stream := []grpc.StreamServerInterceptor{streamLogging(log)}
-	if p.Stats != nil {
-		unary = append(unary, p.Stats.UnaryInterceptor())
-		stream = append(stream, p.Stats.StreamInterceptor())
-	}
 	// A unary request is decoded before any interceptor runs: the
 	// malformed check comes before the limits, which may refuse the call,
 	// so that every call takes its entry out of the codec's table.
 	unary = append(unary, unaryMalformed)
-	// Limits inside stats, so a shed call is logged and counted as the
+	// Limits inside logging, so a shed call is logged as the
 	// ResourceExhausted it was answered with.
 	lu, ls := limitInterceptors(cfg, log)
 	unary = append(unary, lu...)
 	stream = append(stream, ls...)
 	unary = append(unary, unaryRecovery(log))
 	stream = append(stream, streamRecovery(log), streamMalformed)
-	s.grpc = grpc.NewServer(append(limitOptions(cfg),
+	opts := limitOptions(cfg)
+	if p.Stats != nil {
+		// The registered methods are read at the first call, after every
+		// service below (and any a test adds through GRPC) is registered.
+		opts = append(opts, grpc.StatsHandler(p.Stats.Handler(func() map[string]grpc.ServiceInfo { return s.grpc.GetServiceInfo() })))
+	}
+	s.grpc = grpc.NewServer(append(opts,
 		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
 		grpc.ForceServerCodecV2(newRequestCodec()),
 		grpc.ChainUnaryInterceptor(unary...),
@@ -232,7 +237,7 @@ func New(p Params) (*Server, error) {
 		grpc.NumStreamWorkers(streamWorkers),
 	)...)
 	pb.RegisterEchoServiceServer(s.grpc, &echoService{})
-	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log})
+	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log, stats: p.Stats})
 	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: p.Attester, log: log})
 	if p.Stats != nil {
 		pb.RegisterStatsServiceServer(s.grpc, stats.NewService(p.Stats))

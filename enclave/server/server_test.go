@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/enclave/stats"
 	"github.com/nitrosign/nitrosign/internal/sigalg"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
@@ -68,9 +69,16 @@ type fixture struct {
 // start is false; it is stopped and the connection closed at cleanup.
 func newFixture(t *testing.T, start bool, cfg Config) *fixture {
 	t.Helper()
+	return newStatsFixture(t, start, cfg, nil)
+}
+
+// newStatsFixture is newFixture with st counting the server's calls (none
+// when nil).
+func newStatsFixture(t *testing.T, start bool, cfg Config, st *stats.Stats) *fixture {
+	t.Helper()
 	core, logs := observer.New(zap.DebugLevel)
 	lis := bufconn.Listen(1 << 20)
-	srv, err := New(Params{Config: cfg, Logger: zap.New(core), Listener: lis, Signer: sharedSigner(t)})
+	srv, err := New(Params{Config: cfg, Logger: zap.New(core), Listener: lis, Signer: sharedSigner(t), Stats: st})
 	if err != nil {
 		t.Fatal(err)
 	}

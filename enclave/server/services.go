@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/enclave/stats"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -33,12 +34,16 @@ type signerService struct {
 	pb.UnimplementedSignerServiceServer
 	signer *signer.Signer
 	log    *zap.Logger
+	stats  *stats.Stats // nil: signatures are not counted
 }
 
 func (s *signerService) Sign(ctx context.Context, req *pb.SignRequest) (*pb.SignResponse, error) {
 	sig, err := s.signer.Sign(ctx, req)
 	if err != nil {
 		return nil, toStatus(s.log, "sign", err)
+	}
+	if s.stats != nil {
+		s.stats.ObserveSignature(sig.Algorithm)
 	}
 	return &pb.SignResponse{KeyId: sig.KeyID, SigningAlgorithm: sig.Algorithm, Signature: sig.Bytes}, nil
 }

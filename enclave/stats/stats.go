@@ -2,11 +2,23 @@
 // signatures by algorithm, key generation time, NSM calls) and serves the
 // counts over the nitrosign.v1.StatsService RPC.
 //
+// Calls are counted by a grpc stats.Handler (Stats.Handler), not an
+// interceptor, so the calls grpc-go answers itself before any interceptor
+// runs are counted too: a request larger than the server's MaxRecvMsgSize
+// (ResourceExhausted), an unknown service or method (Unimplemented), an
+// unsupported grpc-encoding (Unimplemented). What grpc-go refuses before
+// it starts a call (TagRPC) never reaches a stats handler and is not
+// counted: in the HTTP/2 transport, a malformed grpc-timeout or binary
+// metadata header, a wrong content-type or :method, a missing :authority, a
+// deadline already passed on arrival, a stream beyond MaxConcurrentStreams,
+// an oversized header block; in the server, a :path that is not
+// /service/method.
+//
 // The enclave has no network, so Prometheus cannot scrape it: the host proxy
 // calls GetStats over vsock on each scrape of its own /metrics and exports
 // the result as nitrosign_enclave_* metrics (host/metrics). Nothing here
 // sees key material or message bytes; labels are bounded sets (registered
-// method names, status codes, algorithm enum values).
+// method names or UnknownMethod, status codes, algorithm enum values).
 package stats
 
 import (
@@ -17,8 +29,7 @@ import (
 	"time"
 
 	"go.uber.org/fx"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -32,6 +43,12 @@ const (
 	OpRandom      = "random"
 	OpSeedEntropy = "seed_entropy"
 )
+
+// UnknownMethod is the method of the calls counted for a method not
+// registered on the server. Callers choose the method names they send, so
+// all of them fold into this one value: the counters, GetStats and the
+// proxy's method label stay bounded whatever a caller sends.
+const UnknownMethod = "unknown"
 
 // Module provides *Stats.
 var Module = fx.Module("stats", fx.Provide(New))
@@ -79,21 +96,16 @@ func (c *counters[K]) each(fn func(K, uint64)) {
 // Stats holds the enclave's counters. It is safe for concurrent use.
 type Stats struct {
 	start time.Time
-	calls counters[callKey]
 	sigs  counters[pb.SigningAlgorithm]
 	nsm   counters[nsmKey]
 
-	mu     sync.Mutex
-	keyGen []*pb.KeyGeneration
+	mu       sync.Mutex
+	keyGen   []*pb.KeyGeneration
+	handlers []*Handler // the call counters, one per server
 }
 
 // New returns empty counters, started now.
 func New() *Stats { return &Stats{start: time.Now()} }
-
-// ObserveCall counts one finished call.
-func (s *Stats) ObserveCall(method string, err error) {
-	s.calls.inc(callKey{method, status.Code(err).String()})
-}
 
 // ObserveSignature counts one signature made with alg.
 func (s *Stats) ObserveSignature(alg pb.SigningAlgorithm) { s.sigs.inc(alg) }
@@ -116,9 +128,16 @@ func (s *Stats) ObserveKeys(keys []*pb.KeyInfo, took map[string]time.Duration) {
 // Snapshot returns every counter, in a stable order.
 func (s *Stats) Snapshot() *pb.GetStatsResponse {
 	resp := &pb.GetStatsResponse{StartTime: timestamppb.New(s.start)}
-	s.calls.each(func(k callKey, n uint64) {
+	s.mu.Lock()
+	handlers := s.handlers
+	s.mu.Unlock()
+	calls := map[callKey]uint64{}
+	for _, h := range handlers {
+		h.each(func(method string, c codes.Code, n uint64) { calls[callKey{method, c.String()}] += n })
+	}
+	for k, n := range calls {
 		resp.Calls = append(resp.Calls, &pb.CallCount{Method: k.method, Code: k.code, Count: n})
-	})
+	}
 	sort.Slice(resp.Calls, func(i, j int) bool {
 		a, b := resp.Calls[i], resp.Calls[j]
 		return a.Method < b.Method || (a.Method == b.Method && a.Code < b.Code)
@@ -138,29 +157,6 @@ func (s *Stats) Snapshot() *pb.GetStatsResponse {
 	resp.KeyGenerations = append(resp.KeyGenerations, s.keyGen...)
 	s.mu.Unlock()
 	return resp
-}
-
-// UnaryInterceptor counts every unary call by method and code, and each
-// successful Sign by the algorithm the enclave used.
-func (s *Stats) UnaryInterceptor() grpc.UnaryServerInterceptor {
-	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-		resp, err := h(ctx, req)
-		s.ObserveCall(info.FullMethod, err)
-		if r, ok := resp.(*pb.SignResponse); ok && err == nil {
-			s.ObserveSignature(r.GetSigningAlgorithm())
-		}
-		return resp, err
-	}
-}
-
-// StreamInterceptor counts every streaming call (health Watch, reflection)
-// by method and code.
-func (s *Stats) StreamInterceptor() grpc.StreamServerInterceptor {
-	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-		err := h(srv, ss)
-		s.ObserveCall(info.FullMethod, err)
-		return err
-	}
 }
 
 // Service serves GetStats.

@@ -149,7 +149,8 @@ func (x *GetStatsResponse) GetNsmCalls() []*NsmCallCount {
 // CallCount is the number of finished calls of one method with one code.
 type CallCount struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Method is the full gRPC method name, e.g. /nitrosign.v1.SignerService/Sign.
+	// Method is the full gRPC method name, e.g. /nitrosign.v1.SignerService/Sign,
+	// or "unknown" for all the methods not registered on the enclave's server.
 	Method string `protobuf:"bytes,1,opt,name=method,proto3" json:"method,omitempty"`
 	// Code is the gRPC status code name, e.g. OK, InvalidArgument.
 	Code string `protobuf:"bytes,2,opt,name=code,proto3" json:"code,omitempty"`
