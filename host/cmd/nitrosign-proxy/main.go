@@ -105,7 +105,7 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 		cfg.Upstreams = append(cfg.Upstreams, s)
 		return nil
 	})
-	fs.IntVar(&cfg.Pool.Size, "pool-size", cfg.Pool.Size, "number of upstream slots, each a long-lived connection carrying calls plus a health-checking one (1-256)")
+	fs.IntVar(&cfg.Pool.Size, "pool-size", cfg.Pool.Size, "upstream connections (slots) per --upstream, each carrying calls and watching the enclave's health (1-256)")
 	fs.DurationVar(&cfg.GracefulStopTimeout, "graceful-timeout", cfg.GracefulStopTimeout, "on SIGTERM/SIGINT, how long calls in flight may finish before they are cut")
 	fs.StringVar(&cfg.Log.Level, "log-level", cfg.Log.Level, "log `level`: debug (logs every call), info, warn or error")
 	fs.StringVar(&cfg.Log.Format, "log-format", cfg.Log.Format, "log `format`: json or console")
