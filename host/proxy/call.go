@@ -195,18 +195,16 @@ func (c *call) launch() {
 			used>>20, p.cfg.MemoryBudget>>20))
 		return
 	}
-	set := p.routeSet(c.method, pending)
-	if !c.open(set, nil, pending, c.reqEnded.Load()) {
-		return
-	}
+	c.open(&sc.batch, p.routeSet(c.method, pending), nil, pending, c.reqEnded.Load())
 }
 
 // open routes the call to a lane of set (not avoid) and starts it there
-// with data (and the end of the request when end). It reports whether
-// the call is open upstream; if not, it has been answered.
-func (c *call) open(set *Upstreams, avoid *lane, data []byte, end bool) bool {
+// with data (and the end of the request when end); b is the caller's
+// reader's batch (nil: flush at once). It reports whether the call is
+// open upstream; if not, it has been answered.
+func (c *call) open(b *flushBatch, set *Upstreams, avoid *lane, data []byte, end bool) bool {
 	p := c.px
-	ln, err := p.route(set, avoid, c.deadline)
+	ln, err := p.route(b, set, avoid, c.deadline)
 	if err != nil {
 		if errors.Is(err, errUpstreamBusy) {
 			p.shed(metrics.ShedUpstreamBusy)
@@ -232,24 +230,30 @@ func (c *call) open(set *Upstreams, avoid *lane, data []byte, end bool) bool {
 			"request headers are %d bytes as forwarded, over the enclave's limit of %d (SETTINGS_MAX_HEADER_LIST_SIZE)", size, max))
 		return false
 	}
-	c.mu.Lock()
-	if c.expired || c.cancelled || c.finished.Load() {
+	opened := false
+	ln.ep.corked(b, func() {
+		c.mu.Lock()
+		if c.expired || c.cancelled || c.finished.Load() {
+			c.mu.Unlock()
+			return
+		}
+		c.attempts++
+		err = ln.open(c, fields, end && len(data) == 0)
 		c.mu.Unlock()
-		return false
-	}
-	c.attempts++
-	err = ln.open(c, fields, end && len(data) == 0)
-	c.mu.Unlock()
+		if err != nil {
+			return
+		}
+		opened = true
+		if len(data) > 0 {
+			c.sendUpstream(ln, data, end)
+		}
+	})
 	if err != nil {
 		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
 		c.upErr.Store(true)
 		c.answer(codes.Unavailable, err.Error())
-		return false
 	}
-	if len(data) > 0 {
-		c.sendUpstream(ln, data, end)
-	}
-	return true
+	return opened
 }
 
 // attach is the call's stream id on l (upStream); under c.mu, l.ep.mu and
@@ -263,6 +267,8 @@ func (c *call) attach(l *lane, id uint32) {
 }
 
 func (c *call) reqHalf() *half { return &c.req }
+
+func (c *call) sink() *endpoint { return c.sc.ep }
 
 // lane is the call's current lane and stream id on it (nil: none).
 func (c *call) lane() (*lane, uint32) {
@@ -305,11 +311,15 @@ func (c *call) relayRequest(data []byte, end bool) {
 	}
 	// Backpressure: while the upstream connection has more queued than
 	// laneBusy, this client's reader waits here.
-	if err := ln.ep.waitRoom(laneBusy, c.px.cfg.KeepaliveTimeout); err != nil {
-		c.fail(codes.Unavailable, "upstream connection congested: "+err.Error())
-		return
+	b := &c.sc.batch
+	if ln.ep.queued() > laneBusy {
+		b.flush()
+		if err := ln.ep.waitRoom(laneBusy, c.px.cfg.KeepaliveTimeout); err != nil {
+			c.fail(codes.Unavailable, "upstream connection congested: "+err.Error())
+			return
+		}
 	}
-	c.sendUpstream(ln, data, end)
+	ln.ep.corked(b, func() { c.sendUpstream(ln, data, end) })
 }
 
 // sendUpstream sends request bytes on the call's stream on ln.
@@ -556,7 +566,7 @@ func (c *call) relaunch(failed *lane, reason string, refused bool) {
 		c.px.log.Debug("call relaunched on another upstream connection", zap.String("method", c.method),
 			zap.String("reason", reason), zap.Bool("refused", refused), zap.String(requestid.LogField, c.reqID))
 	}
-	c.open(c.px.routeSet(c.method, body), failed, body, true)
+	c.open(nil, c.px.routeSet(c.method, body), failed, body, true)
 }
 
 // finish does the bookkeeping of a call that ended, once.

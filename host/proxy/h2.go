@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -127,6 +128,15 @@ type endpoint struct {
 	// someone asked (roomWanted): waitRoom's wake-up.
 	room       chan struct{}
 	roomWanted bool
+	// rc writes without blocking (flushNow), so a reader can send what
+	// it queued itself instead of waking the flusher; nil for TLS and
+	// in-memory connections, which only the flusher writes.
+	rc syscall.RawConn
+	// cork > 0: a reader is queuing frames here that arrived together;
+	// flushLocked then only notes kickDue, and the reader flushes once its
+	// input runs out (flushBatch), so they leave in one write.
+	cork    int
+	kickDue bool
 
 	kick chan struct{} // wakes the flusher
 	done chan struct{} // closed when the flusher has exited
@@ -147,6 +157,7 @@ func newEndpoint(nc net.Conn, acct *account) *endpoint {
 		initWin:  65535,
 		maxFrame: 16384,
 		acct:     acct,
+		rc:       rawConnOf(nc),
 		room:     make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 		done:     make(chan struct{}),
@@ -198,12 +209,7 @@ func (e *endpoint) run(onErr func(error)) {
 		e.inWrite = 0
 		var list []sent
 		if err == nil {
-			e.recountLocked()
-			e.wakeRoomLocked()
-			if e.sendCap > 0 && len(e.blocked) > 0 {
-				// DATA held back by sendCap goes out as the peer reads.
-				list = e.resumeBlockedLocked()
-			}
+			list = e.wroteLocked()
 		}
 		e.mu.Unlock()
 		report(list)
@@ -213,6 +219,149 @@ func (e *endpoint) run(onErr func(error)) {
 			return
 		}
 	}
+}
+
+// wroteLocked is the bookkeeping after bytes left: the account, whoever
+// waits for room, and DATA held back by sendCap (reported by the caller,
+// outside mu).
+func (e *endpoint) wroteLocked() []sent {
+	e.recountLocked()
+	e.wakeRoomLocked()
+	if e.sendCap > 0 && len(e.blocked) > 0 {
+		return e.resumeBlockedLocked()
+	}
+	return nil
+}
+
+// kickLocked wakes the flusher.
+func (e *endpoint) kickLocked() {
+	select {
+	case e.kick <- struct{}{}:
+	default:
+	}
+}
+
+// flushNow sends what is queued: written at once, without blocking, when
+// the connection allows it and nothing is being written; what the socket
+// does not take, and everything on other connections, is left to the
+// flusher.
+func (e *endpoint) flushNow() {
+	e.mu.Lock()
+	if e.err != nil || e.buf.Len() == 0 {
+		e.mu.Unlock()
+		return
+	}
+	if e.rc == nil || e.writing {
+		e.kickLocked()
+		e.mu.Unlock()
+		return
+	}
+	n, err := writeNow(e.rc, e.buf.Bytes())
+	if err != nil {
+		e.failLocked(err)
+		e.mu.Unlock()
+		return
+	}
+	e.buf.Next(n)
+	if e.buf.Len() > 0 {
+		e.kickLocked()
+	}
+	list := e.wroteLocked()
+	e.mu.Unlock()
+	report(list)
+}
+
+// corked runs fn, which queues frames on e, with e corked: the flush is
+// left to b (the caller's reader, when its input runs out), or done at
+// once when b is nil. fn must not block.
+func (e *endpoint) corked(b *flushBatch, fn func()) {
+	e.mu.Lock()
+	e.cork++
+	e.mu.Unlock()
+	fn()
+	e.mu.Lock()
+	e.cork--
+	due := e.cork == 0 && e.kickDue
+	if due {
+		e.kickDue = false
+	}
+	e.mu.Unlock()
+	if due {
+		if b != nil {
+			b.add(e)
+		} else {
+			e.flushNow()
+		}
+	}
+}
+
+// flushBatch holds the endpoints one reader goroutine queued frames on
+// while it still had input buffered; it flushes them when that input runs
+// out, so frames that arrived together leave together, in one write and
+// without waking a flusher (a syscall and a wake-up per frame are most of
+// what a relayed call costs at low load).
+type flushBatch struct{ eps []*endpoint }
+
+func (b *flushBatch) add(e *endpoint) {
+	for _, x := range b.eps {
+		if x == e {
+			return
+		}
+	}
+	b.eps = append(b.eps, e)
+}
+
+func (b *flushBatch) flush() {
+	for i, e := range b.eps {
+		e.flushNow()
+		b.eps[i] = nil
+	}
+	b.eps = b.eps[:0]
+}
+
+// rawConnOf is nc's raw connection for writes that never block, or nil
+// when it has none (TLS, in-memory).
+func rawConnOf(nc net.Conn) syscall.RawConn {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// writeNow writes what the socket takes of p now, without waiting.
+func writeNow(rc syscall.RawConn, p []byte) (int, error) {
+	n := 0
+	var werr error
+	err := rc.Write(func(fd uintptr) bool {
+		for len(p) > 0 {
+			m, e := syscall.Write(int(fd), p)
+			if m > 0 {
+				n += m
+				p = p[m:]
+			}
+			switch {
+			case e == syscall.EINTR:
+				continue
+			case e == syscall.EAGAIN:
+				return true
+			case e != nil:
+				werr = e
+				return true
+			case m <= 0:
+				return true
+			}
+		}
+		return true // done, or the rest is the flusher's: never wait here
+	})
+	if err != nil {
+		return n, err
+	}
+	return n, werr
 }
 
 // queuedLocked is the number of bytes waiting to reach the peer.
@@ -293,10 +442,11 @@ func (e *endpoint) flushLocked() {
 		return
 	}
 	e.recountLocked()
-	select {
-	case e.kick <- struct{}{}:
-	default:
+	if e.cork > 0 {
+		e.kickDue = true
+		return
 	}
+	e.kickLocked()
 }
 
 // fail closes the connection (idempotent) and stops the flusher.
@@ -329,6 +479,7 @@ func (e *endpoint) drainAndClose(err error, d time.Duration) {
 	e.mu.Lock()
 	if e.err == nil {
 		e.flushLocked()
+		e.kickLocked() // even when corked: the connection ends here
 	}
 	e.mu.Unlock()
 	deadline := time.Now().Add(d)

@@ -29,6 +29,9 @@ type upStream interface {
 	attach(l *lane, id uint32)
 	// reqHalf is the half sending on the lane (under l.ep.mu).
 	reqHalf() *half
+	// sink is the connection the stream's responses are relayed to (the
+	// lane itself for the proxy's own calls).
+	sink() *endpoint
 	onHeaders(l *lane, f *http2.MetaHeadersFrame)
 	onData(l *lane, f *http2.DataFrame)
 	// onWindowOverflow: the upstream's WINDOW_UPDATE overflowed the
@@ -41,9 +44,11 @@ type upStream interface {
 }
 
 type lane struct {
-	slot *slot
-	fr   *http2.Framer // reads; set by connect, owned by serve
-	ep   *endpoint
+	slot  *slot
+	fr    *http2.Framer // reads; set by connect, owned by serve
+	br    *bufio.Reader // under fr
+	batch flushBatch    // owned by serve
+	ep    *endpoint
 
 	mu         sync.Mutex // guards the fields below; taken after ep.mu when both are
 	streams    map[uint32]upStream
@@ -119,7 +124,7 @@ func dialLane(ctx context.Context, s *slot) (*lane, error) {
 		return nil, fmt.Errorf("HTTP/2 handshake: %w", err)
 	}
 	l.lastRead.Store(time.Now().UnixNano())
-	l.fr = fr
+	l.fr, l.br = fr, br
 	return l, nil
 }
 
@@ -275,13 +280,18 @@ func (l *lane) serve() (err error) {
 			s.lost(l, msg, false)
 		}
 	}()
+	defer l.batch.flush()
 	for {
 		f, err := l.fr.ReadFrame()
 		if err != nil {
 			return err
 		}
-		if err := l.handle(f); err != nil {
+		l.ep.corked(&l.batch, func() { err = l.handle(f) })
+		if err != nil {
 			return err
+		}
+		if l.br.Buffered() == 0 {
+			l.batch.flush() // nothing more to read without waiting
 		}
 	}
 }
@@ -302,7 +312,7 @@ func (l *lane) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
 		if s := l.lookup(f.StreamID); s != nil {
-			s.onHeaders(l, f)
+			s.sink().corked(&l.batch, func() { s.onHeaders(l, f) })
 		}
 	case *http2.DataFrame:
 		l.recvUnacked += f.Length
@@ -311,7 +321,7 @@ func (l *lane) handle(f http2.Frame) error {
 			l.recvUnacked = 0
 		}
 		if s := l.lookup(f.StreamID); s != nil {
-			s.onData(l, f)
+			s.sink().corked(&l.batch, func() { s.onData(l, f) })
 		}
 	case *http2.WindowUpdateFrame:
 		var h *half

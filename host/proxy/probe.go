@@ -88,6 +88,8 @@ func (p *probe) attach(l *lane, id uint32) {
 
 func (p *probe) reqHalf() *half { return &p.req }
 
+func (p *probe) sink() *endpoint { return p.req.dst }
+
 // end records the call's status once.
 func (p *probe) end(err error) {
 	p.once.Do(func() {

@@ -322,11 +322,15 @@ func (p *Proxy) routeSet(method string, req []byte) *Upstreams {
 }
 
 // route picks a lane of set other than avoid, waiting up to
-// upstreamBusyWait (and never past deadline) while every lane is busy.
-func (p *Proxy) route(set *Upstreams, avoid *lane, deadline time.Time) (*lane, error) {
+// upstreamBusyWait (and never past deadline) while every lane is busy;
+// b, the waiting reader's batch, is flushed first.
+func (p *Proxy) route(b *flushBatch, set *Upstreams, avoid *lane, deadline time.Time) (*lane, error) {
 	ln, err := set.pick(avoid)
 	if !errors.Is(err, errUpstreamBusy) {
 		return ln, err
+	}
+	if b != nil {
+		b.flush()
 	}
 	until := time.Now().Add(upstreamBusyWait)
 	if !deadline.IsZero() && deadline.Before(until) {

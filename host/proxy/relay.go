@@ -54,6 +54,9 @@ type srvConn struct {
 	// upCalls is the number of this connection's calls open upstream
 	// (Config.MaxConnectionCalls).
 	upCalls atomic.Int32
+	// batch holds the connections the reader queued frames on; owned by
+	// serve.
+	batch flushBatch
 
 	mu       sync.Mutex
 	calls    map[uint32]*call
@@ -184,8 +187,14 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 
 	readErr := false
 	for err == nil {
-		if err = sc.waitRoom(); err != nil {
-			break
+		if br.Buffered() == 0 {
+			sc.batch.flush() // nothing more to read without waiting
+		}
+		if sc.acct.load() > int64(px.cfg.MaxConnectionBuffer)/8 {
+			sc.batch.flush()
+			if err = sc.waitRoom(); err != nil {
+				break
+			}
 		}
 		var f http2.Frame
 		f, err = sc.fr.ReadFrame()
@@ -209,8 +218,15 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 			readErr = true
 			break
 		}
-		err = sc.handle(f)
+		switch f.(type) {
+		case *http2.SettingsFrame, *http2.PingFrame, *http2.WindowUpdateFrame:
+			// Answers that never block: sent with what else is due.
+			sc.ep.corked(&sc.batch, func() { err = sc.handle(f) })
+		default:
+			err = sc.handle(f)
+		}
 	}
+	sc.batch.flush()
 	close(keeperDone)
 
 	var ce http2.ConnectionError
