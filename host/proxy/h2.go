@@ -300,9 +300,21 @@ func (e *endpoint) corked(b *flushBatch, fn func()) {
 // out, so frames that arrived together leave together, in one write and
 // without waking a flusher (a syscall and a wake-up per frame are most of
 // what a relayed call costs at low load).
-type flushBatch struct{ eps []*endpoint }
+//
+// own is the reader's own connection: what goes back on it (PING and
+// SETTINGS acknowledgements, window updates) is written after what it
+// relays to the others, which is what a caller waits for.
+type flushBatch struct {
+	own    *endpoint
+	ownDue bool
+	eps    []*endpoint
+}
 
 func (b *flushBatch) add(e *endpoint) {
+	if e == b.own {
+		b.ownDue = true
+		return
+	}
 	for _, x := range b.eps {
 		if x == e {
 			return
@@ -317,6 +329,10 @@ func (b *flushBatch) flush() {
 		b.eps[i] = nil
 	}
 	b.eps = b.eps[:0]
+	if b.ownDue {
+		b.ownDue = false
+		b.own.flushNow()
+	}
 }
 
 // rawConnOf is nc's raw connection for writes that never block, or nil

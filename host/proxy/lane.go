@@ -280,6 +280,7 @@ func (l *lane) serve() (err error) {
 			s.lost(l, msg, false)
 		}
 	}()
+	l.batch.own = l.ep
 	defer l.batch.flush()
 	for {
 		f, err := l.fr.ReadFrame()

@@ -111,6 +111,7 @@ func (p *Proxy) serveConn(nc net.Conn) {
 	ep.limit = maxWriteBuffer
 	ep.sendCap = clientSendCap
 	sc.ep = ep
+	sc.batch.own = ep
 	if !p.track(sc, true) {
 		close(handshaking)
 		_ = nc.Close()
