@@ -27,7 +27,7 @@ TARGET    ?= tcp://$(LISTEN)
 
 BINARIES := nitrosign-enclave nitrosign-proxy nitrosign
 
-.PHONY: build test test-unit fuzz lint buf-lint proto proto-check check-deploy reproducible eif soak faults-long e2e demo benchmark \
+.PHONY: build test test-unit fuzz lint buf-lint proto proto-check check-deploy reproducible eif soak faults-long isolation-long e2e demo benchmark \
         run-server run-proxy run-client clean tools
 
 build: ## Build every binary into bin/
@@ -36,8 +36,12 @@ build: ## Build every binary into bin/
 
 test: lint proto-check check-deploy test-unit fuzz reproducible ## Lint, generated code, deploy files, unit and integration tests with -race, bounded fuzzing, reproducible build
 
+# The client-isolation attacks (internal/reliability/isolation_test.go) time a
+# well-behaved client beside each attack: they run alone, after the rest,
+# so that other packages' tests do not share the two cores with them.
 test-unit:
-	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m -skip '^TestIsolation' ./...
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 10m -run '^TestIsolation' ./internal/reliability/
 
 # Each fuzz target runs for FUZZTIME; its seed corpus runs in test-unit too.
 FUZZTIME ?= 10s
@@ -86,6 +90,9 @@ soak: ## One million mixed Echo and Sign calls through the proxy graph to the en
 faults-long: ## Longer fault injection: 50 kill/restart cycles in process, then 20 over real vsock
 	NITROSIGN_FAULT_CYCLES=50 $(GO) test -count=1 -run 'TestEnclaveKilledUnderLoad|TestProxyRestartUnderLoad' -v ./internal/reliability/
 	NITROSIGN_E2E_LONG=1 ./scripts/e2e.sh -test.run 'TestEnclaveKilledRepeatedly|TestProxyKilledUnderLoad'
+
+isolation-long: ## Longer client-isolation attacks: more connections, longer floods, 1000 health watches, 5000 concurrent 64 KiB Echo calls a side
+	NITROSIGN_ISOLATION_LONG=1 $(GO) test -count=1 -run '^TestIsolation' -timeout 30m -v ./internal/reliability/
 
 e2e: ## Real AF_VSOCK end to end (natively, or in a qemu micro-VM when the kernel lacks vsock_loopback)
 	./scripts/e2e.sh

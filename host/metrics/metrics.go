@@ -71,11 +71,15 @@ const (
 	// ShedReadPaused: a client connection's reader paused because the
 	// connection had more queued than --max-connection-buffer.
 	ShedReadPaused = "read_paused"
+	// ShedAbuse: a client connection was sent GOAWAY ENHANCE_YOUR_CALM for
+	// a flood of SETTINGS, of malformed requests, or a header block in
+	// endless CONTINUATION frames.
+	ShedAbuse = "abuse"
 )
 
 // shedReasons are the valid Shed reasons.
 var shedReasons = []string{ShedMaxConnections, ShedMaxInFlight, ShedConnectionShare, ShedMemoryBudget,
-	ShedUpstreamBusy, ShedTooManyResets, ShedReadPaused}
+	ShedUpstreamBusy, ShedTooManyResets, ShedReadPaused, ShedAbuse}
 
 // LatencyBuckets are the call duration histogram's upper bounds, in
 // seconds: from 100 µs (a vsock round trip is about 124 µs p50, an ECDSA
@@ -121,7 +125,7 @@ func New() *Metrics {
 		}, []string{"reason"}),
 		shed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Subsystem: "proxy", Name: "shed_total",
-			Help: "Load the proxy shed or held back: client connections closed beyond --max-connections (max_connections); calls answered ResourceExhausted beyond --max-in-flight (max_in_flight), beyond their connection's share (connection_share), over the memory budget (memory_budget) or with every upstream connection full (upstream_busy); connections sent GOAWAY for resetting too many streams (too_many_resets); client readers paused for queuing too much (read_paused).",
+			Help: "Load the proxy shed or held back: client connections closed beyond --max-connections (max_connections); calls answered ResourceExhausted beyond --max-in-flight (max_in_flight), beyond their connection's share (connection_share), over the memory budget (memory_budget) or with every upstream connection full (upstream_busy); connections sent GOAWAY for resetting too many streams (too_many_resets) or for floods of SETTINGS, malformed requests or CONTINUATION frames (abuse); client readers paused for queuing too much (read_paused).",
 		}, []string{"reason"}),
 	}
 	// Pre-create the reasons so that rate() works from the first scrape.

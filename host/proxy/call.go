@@ -95,8 +95,10 @@ const maxAttempts = 3
 // openCall takes a new stream. Calls whose request is one message (unary
 // and server-streaming methods) wait in the proxy until the request is
 // complete: a stream that is reset or never finished costs the enclave
-// nothing. Client-streaming and unknown methods are launched at once.
-func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
+// nothing. Client-streaming and unknown methods are launched at once. A
+// malformed request is a strike against the connection; the error
+// returned is the GOAWAY that ends it.
+func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) error {
 	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now()}
 	c.reqRecv.Store(streamWindow)
 	c.respRecv.Store(streamWindow)
@@ -115,11 +117,11 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 	case sc.goAway:
 		sc.mu.Unlock()
 		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
-		return
+		return nil
 	case len(sc.calls) >= int(p.cfg.MaxConcurrentStreams):
 		sc.mu.Unlock()
 		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
-		return
+		return nil
 	}
 	sc.calls[c.sid] = c
 	sc.mu.Unlock()
@@ -131,10 +133,10 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 			c.code.Store(int32(codes.Internal))
 			c.clientReset(err.rst)
 			sc.resetStream(c.sid, err.rst)
-			return
+		} else {
+			c.answerHTTP(err.code, err.msg, err.http)
 		}
-		c.answerHTTP(err.code, err.msg, err.http)
-		return
+		return sc.strike("too_many_malformed_requests")
 	}
 	c.fields = fields
 	if timeout > 0 {
@@ -145,9 +147,10 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) {
 	}
 	if p.oneRequest[c.method] && !c.reqEnded.Load() {
 		c.waiting = true
-		return
+		return nil
 	}
 	c.launch()
+	return nil
 }
 
 // launch routes the call to a lane and opens it there with what the

@@ -43,8 +43,11 @@ type srvConn struct {
 	recvUnacked uint32        // connection credit not yet returned
 	pingStrikes int
 	lastPing    time.Time
-	resetTokens float64   // reset budget left (see spendReset)
-	resetLast   time.Time // when resetTokens was last refilled
+	resets      tokenBucket // streams the client may reset (Config.MaxClientResets)
+	strikes     tokenBucket // what no well-behaved client sends often (maxStrikes)
+	// frameBytes is what the current ReadFrame may read (a header block
+	// and its CONTINUATIONs included): a CONTINUATION flood ends there.
+	frameBytes frameBudget
 
 	// acct holds what this connection makes the proxy queue that drains
 	// without reading more from it: frames for the client, and request
@@ -165,7 +168,9 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 	px := sc.px
 	defer close(sc.done)
 	br := bufio.NewReaderSize(readTracker{sc.nc, &sc.lastRead}, 32<<10)
-	sc.fr = http2.NewFramer(nil, br)
+	sc.frameBytes.r = br
+	sc.frameBytes.left = maxFrameRead(px.cfg.MaxHeaderListSize)
+	sc.fr = http2.NewFramer(nil, &sc.frameBytes)
 	sc.fr.SetMaxReadFrameSize(maxFrameSize)
 	sc.fr.MaxHeaderListSize = px.cfg.MaxHeaderListSize
 	sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -198,7 +203,13 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 			}
 		}
 		var f http2.Frame
+		sc.frameBytes.left = maxFrameRead(px.cfg.MaxHeaderListSize)
 		f, err = sc.fr.ReadFrame()
+		if errors.Is(err, errFrameTooLong) {
+			px.log.Info("client sends a header block in endless CONTINUATION frames: GOAWAY ENHANCE_YOUR_CALM", zap.String("peer", sc.peer))
+			err = &goAwayError{http2.ErrCodeEnhanceYourCalm, "header block too long"}
+			break
+		}
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
@@ -213,7 +224,7 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 					c.clientReset(se.Code)
 				}
 				sc.resetStream(se.StreamID, se.Code)
-				err = nil
+				err = sc.strike("too_many_malformed_requests")
 				continue
 			}
 			readErr = true
@@ -311,7 +322,7 @@ func (sc *srvConn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		if c := sc.call(f.StreamID); c != nil {
 			c.clientReset(f.ErrCode)
-			if !sc.spendReset() {
+			if !sc.resets.take(float64(sc.px.cfg.MaxClientResets)) {
 				sc.px.log.Info("client resets too many streams: GOAWAY ENHANCE_YOUR_CALM",
 					zap.String("peer", sc.peer), zap.Int("budget", sc.px.cfg.MaxClientResets))
 				sc.px.shed(metrics.ShedTooManyResets)
@@ -323,6 +334,9 @@ func (sc *srvConn) handle(f http2.Frame) error {
 	case *http2.SettingsFrame:
 		if f.IsAck() {
 			return nil
+		}
+		if err := sc.strike("too_many_settings"); err != nil {
+			return err
 		}
 		return sc.ep.settings(f, sc.eachResp)
 	case *http2.PingFrame:
@@ -346,22 +360,78 @@ func (sc *srvConn) handle(f http2.Frame) error {
 	return nil
 }
 
-// spendReset takes one reset from the connection's budget: a client may
-// reset Config.MaxClientResets streams it opened at once, and earns one
-// back every 1/(MaxClientResets/10) s. A client over it is answered with
-// GOAWAY ENHANCE_YOUR_CALM: resetting streams as fast as they are opened
-// (CVE-2023-44487, "rapid reset") is an attack, never a client's need.
-func (sc *srvConn) spendReset() bool {
-	burst := float64(sc.px.cfg.MaxClientResets)
+// tokenBucket is a budget of events: burst at once, a tenth of it earned
+// back each second. A client may reset Config.MaxClientResets streams it
+// opened at once (resetting streams as fast as they are opened,
+// CVE-2023-44487 "rapid reset", is an attack, never a client's need), and
+// make maxStrikes of the frames no well-behaved client sends more than a
+// few of: SETTINGS, and requests the proxy refuses as malformed. Over
+// either, the connection gets GOAWAY ENHANCE_YOUR_CALM.
+type tokenBucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// take spends one event of a budget of burst; false: over budget.
+func (b *tokenBucket) take(burst float64) bool {
 	now := time.Now()
-	if sc.resetLast.IsZero() {
-		sc.resetTokens = burst
+	if b.last.IsZero() {
+		b.tokens = burst
 	} else {
-		sc.resetTokens = min(burst, sc.resetTokens+now.Sub(sc.resetLast).Seconds()*burst/10)
+		b.tokens = min(burst, b.tokens+now.Sub(b.last).Seconds()*burst/10)
 	}
-	sc.resetLast = now
-	sc.resetTokens--
-	return sc.resetTokens >= 0
+	b.last = now
+	b.tokens--
+	return b.tokens >= 0
+}
+
+// maxStrikes is the strike budget of a connection (see tokenBucket): 100
+// at once, 10 a second. grpc-go clients send a few SETTINGS in a
+// connection's life (its BDP estimator's window changes) and no
+// malformed request.
+const maxStrikes = 100
+
+// strike spends a strike; over budget it returns the GOAWAY that ends the
+// connection. Called by the reader.
+func (sc *srvConn) strike(reason string) error {
+	if sc.strikes.take(maxStrikes) {
+		return nil
+	}
+	sc.px.log.Info("client connection abuses the protocol: GOAWAY ENHANCE_YOUR_CALM", zap.String("peer", sc.peer), zap.String("reason", reason))
+	sc.px.shed(metrics.ShedAbuse)
+	return &goAwayError{http2.ErrCodeEnhanceYourCalm, reason}
+}
+
+// errFrameTooLong: a frame (a header block with its CONTINUATIONs) is
+// longer than maxFrameRead.
+var errFrameTooLong = errors.New("frame longer than the proxy reads")
+
+// maxFrameRead is the most one ReadFrame may read: a DATA frame, or a
+// header block of at most maxHeaderList bytes (HPACK never makes it
+// longer than twice that) in frames of at least 1 KiB. Empty
+// CONTINUATION frames (CVE-2024-27316) run into it.
+func maxFrameRead(maxHeaderList uint32) int {
+	block := 2 * int(maxHeaderList)
+	return max(maxFrameSize, block) + 9*(block/1024+2)
+}
+
+// frameBudget is the reader under a client's framer; it fails a read past
+// left bytes.
+type frameBudget struct {
+	r    io.Reader
+	left int
+}
+
+func (b *frameBudget) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, errFrameTooLong
+	}
+	if len(p) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.r.Read(p)
+	b.left -= n
+	return n, err
 }
 
 // waitRoom pauses the connection's reader while it has more queued than
@@ -567,10 +637,9 @@ func (sc *srvConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		sc.lastID.Store(id)
 		sc.mu.Unlock()
 		sc.resetStream(id, http2.ErrCodeFrameSize)
-		return nil
+		return sc.strike("too_many_malformed_requests")
 	}
-	sc.px.openCall(sc, f)
-	return nil
+	return sc.px.openCall(sc, f)
 }
 
 // keeper runs the connection's timers: keepalive pings, idle and age.
