@@ -1,6 +1,8 @@
 package enclave
 
 import (
+	"fmt"
+
 	"go.uber.org/fx"
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
@@ -11,12 +13,24 @@ import (
 // attestModule wires attestation into the graph: the NSM seeds the kernel
 // entropy pool before the signer makes its keys, and the attester commits
 // to the signer's keys and serves through the gRPC server.
+//
+// It also keeps deterministic development keys out of real enclaves: the
+// signer's Seeder is the NSM, so before any key is made it is known
+// whether the NSM is the real device (the simulated-NSM flag is then
+// ignored) or the simulation; with a real one a dev key seed is refused
+// and the enclave does not start.
 func attestModule(c Config) fx.Option {
+	seeded := c.Signer.DevKeySeed != nil
 	return fx.Options(
 		fx.Supply(c.Attest),
 		attest.Module,
 		fx.Provide(
-			func(s attest.Seeder) signer.Seeder { return s },
+			func(s attest.Seeder, n attest.NSM) (signer.Seeder, error) {
+				if _, simulated := n.(attest.Simulation); seeded && !simulated {
+					return nil, fmt.Errorf("%w (an NSM device exists: this is a real enclave)", errDevKeySeed)
+				}
+				return s, nil
+			},
 			func(s *signer.Signer) attest.KeySource { return s },
 			func(a *attest.Attester) server.Attester { return a },
 		),

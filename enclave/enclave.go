@@ -28,7 +28,22 @@ type Config struct {
 
 // Validate checks every part and names the first one that is wrong.
 func (c Config) Validate() error {
-	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate())
+	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
+}
+
+// errDevKeySeed refuses a dev key seed outside development.
+var errDevKeySeed = errors.New("--dev-key-seed is for development only and needs --dev-simulated-nsm: " +
+	"anyone who knows the seed has the keys, and a real enclave never derives its keys from one")
+
+// devOnly refuses development-only settings where the simulated NSM is not
+// asked for: deterministic keys (signer.Config.DevKeySeed). Where a real
+// NSM exists the simulated one is ignored, and so the seed is refused at
+// start-up too (attestModule).
+func (c Config) devOnly() error {
+	if c.Signer.DevKeySeed != nil && !c.Attest.DevSimulatedNSM {
+		return errDevKeySeed
+	}
+	return nil
 }
 
 // Options is the enclave's graph without a listener: the binary adds

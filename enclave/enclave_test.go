@@ -1,11 +1,17 @@
 package enclave
 
 import (
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"go.uber.org/fx"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // TestValidateApp checks the graph the shipped binary runs.
@@ -38,3 +44,57 @@ func TestConfigValidate(t *testing.T) {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// Deterministic development keys (--dev-key-seed) run only with the
+// simulated NSM: refused by Validate without --dev-simulated-nsm, and at
+// start-up wherever a real NSM device exists (the simulated-NSM flag is
+// then ignored), before any key is derived. Neither refusal prints the seed.
+func TestDevKeySeedDevelopmentOnly(t *testing.T) {
+	seed := make([]byte, 32)
+	for i := range seed {
+		seed[i] = 0xc3
+	}
+	var c Config
+	c.Listener.CID, c.Listener.Port = 1, 5005
+	c.Signer.Ed25519 = true
+	c.Signer.DevKeySeed = seed
+	err := c.Validate()
+	if !errors.Is(err, errDevKeySeed) || !contains(err.Error(), "--dev-simulated-nsm") {
+		t.Fatalf("seed without the simulated NSM: %v", err)
+	}
+
+	c.Attest.DevSimulatedNSM = true
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if err := fx.ValidateApp(VsockOptions(c, zap.NewNop())); err != nil {
+		t.Fatal(err)
+	}
+
+	// A real enclave: the NSM device exists (any file opens as one here;
+	// the guard runs before the NSM is ever asked anything).
+	dev := filepath.Join(t.TempDir(), "nsm")
+	if err := os.WriteFile(dev, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.Attest.DevicePath = dev
+	core, logs := observer.New(zapcore.DebugLevel)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	app := fx.New(Options(c, zap.New(core)), fx.Supply(fx.Annotate(l, fx.As(new(net.Listener)))), fx.NopLogger)
+	err = app.Err()
+	if !errors.Is(err, errDevKeySeed) || !contains(err.Error(), "real enclave") {
+		t.Fatalf("seed where an NSM device exists: %v", err)
+	}
+	for _, e := range logs.All() {
+		if contains(e.Message, "keys derived") || e.Message == "key ready" {
+			t.Fatalf("a key was made before the refusal: %q", e.Message)
+		}
+	}
+	if contains(strings.ToLower(err.Error()), "c3c3") {
+		t.Fatalf("the error carries the seed: %v", err)
+	}
+}

@@ -124,14 +124,14 @@ func (s *secrets) find(line []byte) (string, bool) {
 
 // run starts the real enclave graph and the binary's proxy graph on TCP
 // loopback, both logging everything at debug level into observers.
-func run(t *testing.T) (sg *signer.Signer, enclaveAddr, proxyAddr string, logs func() []observer.LoggedEntry, stop func()) {
+func run(t *testing.T, c enclave.Config) (sg *signer.Signer, enclaveAddr, proxyAddr string, logs func() []observer.LoggedEntry, stop func()) {
 	t.Helper()
 	encCore, encLogs := observer.New(zapcore.DebugLevel)
 	el, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	encApp := fx.New(enclave.Options(enclavetest.DefaultConfig(), zap.New(encCore)),
+	encApp := fx.New(enclave.Options(c, zap.New(encCore)),
 		fx.Supply(fx.Annotate(el, fx.As(new(net.Listener)))), fx.Populate(&sg))
 	pxCore, pxLogs := observer.New(zapcore.DebugLevel)
 	pl, err := net.Listen("tcp", "127.0.0.1:0")
@@ -190,9 +190,35 @@ func marker(what string) []byte {
 // on both: no log line carries key material, message bytes, digests,
 // signatures, nonces, user data or metadata values, in any encoding; no
 // error message carries message bytes; no answer carries key material.
+// It runs with random keys and with keys derived from a development seed
+// (--dev-key-seed), which must not appear anywhere either.
 func TestNoSecretsInLogsOrAnswers(t *testing.T) {
-	sg, enclaveAddr, proxyAddr, logs, stop := run(t)
+	for _, seeded := range []bool{false, true} {
+		name := "random keys"
+		if seeded {
+			name = "dev key seed"
+		}
+		t.Run(name, func(t *testing.T) { testNoSecrets(t, seeded) })
+	}
+}
+
+func testNoSecrets(t *testing.T, seeded bool) {
+	c := enclavetest.DefaultConfig()
+	var seed []byte
+	if seeded {
+		seed = make([]byte, signer.DevKeySeedSize)
+		_, _ = rand.Read(seed)
+		c.Signer.DevKeySeed = seed
+	}
+	sg, enclaveAddr, proxyAddr, logs, stop := run(t, c)
 	var sec secrets
+	if seeded {
+		// Key material too: no answer may carry the seed.
+		sec.addForms("dev key seed", seed)
+		for i := 0; i+8 <= len(seed); i += 4 {
+			sec.add(fmt.Sprintf("dev key seed bytes %d-%d (hex)", i, i+8), []byte(hex.EncodeToString(seed[i:i+8])))
+		}
+	}
 	for id, k := range signer.PrivateKeys(sg) {
 		if err := sec.addPrivateKey(id, k); err != nil {
 			t.Fatal(err)
@@ -338,6 +364,15 @@ func TestNoSecretsInLogsOrAnswers(t *testing.T) {
 	// (the enclave's and the proxy's call lines).
 	if debugCalls < 2*calls {
 		t.Fatalf("%d debug call lines for %d signatures through two ends: was debug logging on?", debugCalls, calls)
+	}
+	if seeded {
+		warned := false
+		for _, e := range entries {
+			warned = warned || (e.Level == zapcore.WarnLevel && strings.Contains(e.Message, "DEVELOPMENT ONLY: keys derived from --dev-key-seed"))
+		}
+		if !warned {
+			t.Fatal("no development warning for the seeded keys")
+		}
 	}
 	t.Logf("%d log lines from the enclave and the proxy (%d debug call lines), %d signatures, %d secret forms searched: none found",
 		len(entries), debugCalls, calls, len(sec.values))

@@ -1,5 +1,6 @@
 // Package signer holds the enclave's signing keys. They are generated at
-// start-up, self-tested, and never leave the process: nothing in this package
+// start-up (or, for development only, derived from Config.DevKeySeed),
+// self-tested, and never leave the process: nothing in this package
 // returns, logs or serialises private key material.
 package signer
 
@@ -45,6 +46,15 @@ type Config struct {
 	// Ed25519 also generates an Ed25519 key. Default true (set by the
 	// binary's flag; the zero Config has it off).
 	Ed25519 bool
+	// DevKeySeed, DEVELOPMENT ONLY, derives every key deterministically
+	// from this 32-byte secret instead of generating it at random
+	// (devkeys.go): the same seed gives the same keys, and so the same key
+	// ids, in every enclave and at every start, which lets several
+	// enclaves serve one keyset behind one proxy in tests. Anyone who knows
+	// the seed has the keys. The enclave refuses it without the simulated
+	// NSM and wherever a real NSM exists (package enclave); it is never
+	// printed (DevKeySeed). Default none: random keys.
+	DevKeySeed DevKeySeed
 }
 
 // Validate reports a precise error for an unsupported key size or curve.
@@ -59,8 +69,15 @@ func (c Config) Validate() error {
 	default:
 		return fmt.Errorf("ECC curve %q: want P-256 or P-384", c.ECCCurve)
 	}
+	// The length only: the seed itself never goes into an error.
+	if c.DevKeySeed != nil && len(c.DevKeySeed) != DevKeySeedSize {
+		return fmt.Errorf("dev key seed is %d bytes: want %d (%d hex characters)", len(c.DevKeySeed), DevKeySeedSize, 2*DevKeySeedSize)
+	}
 	return nil
 }
+
+// seeded reports whether the keys are derived from DevKeySeed.
+func (c Config) seeded() bool { return len(c.DevKeySeed) > 0 }
 
 func (c Config) rsaBits() int {
 	if c.RSABits == 0 {
@@ -126,22 +143,38 @@ func New(p Params) (*Signer, error) {
 			return nil, fmt.Errorf("seed entropy: %w", err)
 		}
 	}
+	seed := p.Config.DevKeySeed
+	if p.Config.seeded() {
+		log.Warn("DEVELOPMENT ONLY: keys derived from --dev-key-seed: anyone who knows the seed has the keys. " +
+			"Never use it outside development; a real enclave refuses it.")
+	}
+	curve, curveName := elliptic.P256(), p.Config.eccCurve()
+	if curveName == "P-384" {
+		curve = elliptic.P384()
+	}
 	type gen struct {
 		typ pb.KeyType
 		fn  func() (crypto.Signer, error)
 	}
 	gens := []gen{
-		{pb.KeyType_KEY_TYPE_RSA, func() (crypto.Signer, error) { return rsa.GenerateKey(rand.Reader, p.Config.rsaBits()) }},
-		{pb.KeyType_KEY_TYPE_ECC, func() (crypto.Signer, error) {
-			c := elliptic.P256()
-			if p.Config.eccCurve() == "P-384" {
-				c = elliptic.P384()
+		{pb.KeyType_KEY_TYPE_RSA, func() (crypto.Signer, error) {
+			if p.Config.seeded() {
+				return deriveRSA(seed, p.Config.rsaBits())
 			}
-			return ecdsa.GenerateKey(c, rand.Reader)
+			return rsa.GenerateKey(rand.Reader, p.Config.rsaBits())
+		}},
+		{pb.KeyType_KEY_TYPE_ECC, func() (crypto.Signer, error) {
+			if p.Config.seeded() {
+				return deriveECDSA(seed, curve, curveName)
+			}
+			return ecdsa.GenerateKey(curve, rand.Reader)
 		}},
 	}
 	if p.Config.Ed25519 {
 		gens = append(gens, gen{pb.KeyType_KEY_TYPE_ED25519, func() (crypto.Signer, error) {
+			if p.Config.seeded() {
+				return deriveEd25519(seed)
+			}
 			_, k, err := ed25519.GenerateKey(rand.Reader)
 			return k, err
 		}})
@@ -164,10 +197,15 @@ func New(p Params) (*Signer, error) {
 		s.keys = append(s.keys, k)
 		s.byType[g.typ] = k
 		s.byID[k.info.KeyId] = k
-		log.Info("key ready",
+		fields := []zap.Field{
 			zap.String("key_id", k.info.KeyId),
 			zap.String("key_spec", sigalg.SpecName(k.info.KeySpec)),
-			zap.Duration("generate_and_self_test", k.took))
+			zap.Duration("generate_and_self_test", k.took),
+		}
+		if p.Config.seeded() {
+			fields = append(fields, zap.String("origin", "dev-key-seed"))
+		}
+		log.Info("key ready", fields...)
 	}
 	sort.Slice(s.keys, func(i, j int) bool { return s.keys[i].info.KeyId < s.keys[j].info.KeyId })
 	return s, nil

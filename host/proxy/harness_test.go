@@ -27,7 +27,6 @@ func TestMain(m *testing.M) {
 type harnessOpts struct {
 	poolSize int
 	upOpts   []grpc.ServerOption // upstream server
-	dialOpts []grpc.DialOption   // pool connections
 	mutate   func(*proxy.Config)
 	log      *zap.Logger
 	// proxyOpts are more options for proxy.New (an observer).

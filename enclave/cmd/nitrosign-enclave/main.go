@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,6 +25,7 @@ import (
 	"github.com/nitrosign/nitrosign/enclave"
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/enclave/server"
+	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/internal/logging"
 )
 
@@ -37,6 +39,10 @@ Examples:
   nitrosign-enclave --port 5005
   # on a machine with vsock_loopback, for development
   nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --log-format console
+  # two development enclaves serving one keyset (behind one proxy)
+  seed=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --dev-key-seed "$seed" &
+  nitrosign-enclave --cid 1 --port 5006 --dev-simulated-nsm --dev-key-seed "$seed" &
 
 Flags:
 `
@@ -100,6 +106,14 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	fs.DurationVar(&c.Server.MaxConnectionAge, "max-connection-age", 0, "close a connection this old (0: never)")
 	fs.DurationVar(&c.Server.MaxConnectionAgeGrace, "max-connection-age-grace", 0, "let calls on an aged-out connection finish for this long (0: as long as they take)")
 	fs.BoolVar(&c.Attest.DevSimulatedNSM, "dev-simulated-nsm", false, "DEVELOPMENT ONLY: without /dev/nsm, attest with a simulated NSM whose documents chain to a throwaway dev root, never to AWS")
+	// Read as text and decoded below: the flag package would print a
+	// malformed value back, and the seed must never reach an output.
+	var seedHex string
+	seedGiven := false
+	fs.Func("dev-key-seed", "DEVELOPMENT ONLY: derive every key from this 32-byte `seed` (64 hex characters) instead of generating it, so that enclaves given the same seed serve the same keyset (several enclaves behind one proxy); anyone who knows the seed has the keys. Needs --dev-simulated-nsm; refused where /dev/nsm exists", func(s string) error {
+		seedHex, seedGiven = s, true
+		return nil
+	})
 	fs.StringVar(&c.Log.Level, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&c.Log.Format, "log-format", "json", "log format: json or console")
 	if err := fs.Parse(args); err != nil {
@@ -123,6 +137,16 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	}
 	c.Server.MaxConcurrentStreams, c.Server.MaxHeaderListSize = uint32(*maxStreams), uint32(*maxHeaders)
 	c.Listener = listener.Config{CID: uint32(cid), Port: uint32(*port)}
+	if seedGiven {
+		seed, err := hex.DecodeString(strings.TrimSpace(seedHex))
+		if err != nil || len(seed) != signer.DevKeySeedSize {
+			// Neither the value nor the decoder's error (it quotes the
+			// offending character) is printed.
+			return fail(fmt.Errorf("--dev-key-seed: want %d hex characters (%d bytes), got %d characters",
+				2*signer.DevKeySeedSize, signer.DevKeySeedSize, len(strings.TrimSpace(seedHex))))
+		}
+		c.Signer.DevKeySeed = seed
+	}
 	if err := c.Validate(); err != nil {
 		return fail(err)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -48,6 +49,47 @@ func TestParseFlags(t *testing.T) {
 	}
 }
 
+// --dev-key-seed: 64 hex characters, only with --dev-simulated-nsm; a
+// refused value is never printed back (the flag package would quote it).
+func TestDevKeySeedFlag(t *testing.T) {
+	const seed = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+	var stderr bytes.Buffer
+	c, err := parseFlags([]string{"--dev-simulated-nsm", "--dev-key-seed", seed}, &stderr)
+	if err != nil {
+		t.Fatalf("%v (%s)", err, stderr.String())
+	}
+	if got := hex.EncodeToString(c.Signer.DevKeySeed); got != seed {
+		t.Fatalf("seed %s, want %s", got, seed)
+	}
+	if c, err := parseFlags([]string{"--dev-simulated-nsm"}, &stderr); err != nil || c.Signer.DevKeySeed != nil {
+		t.Fatalf("no --dev-key-seed: seed %d bytes, %v", len(c.Signer.DevKeySeed), err)
+	}
+	for _, tt := range []struct {
+		name, value string
+		extra       []string
+		want        string
+	}{
+		{"without the simulated NSM", seed, nil, "needs --dev-simulated-nsm"},
+		{"short", seed[:62], []string{"--dev-simulated-nsm"}, "want 64 hex characters (32 bytes), got 62"},
+		{"long", seed + "00", []string{"--dev-simulated-nsm"}, "got 66"},
+		{"not hex", "zz" + seed[2:], []string{"--dev-simulated-nsm"}, "want 64 hex characters"},
+		{"empty", "", []string{"--dev-simulated-nsm"}, "got 0"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			_, err := parseFlags(append(tt.extra, "--dev-key-seed", tt.value), &stderr)
+			if err == nil || !strings.Contains(stderr.String(), tt.want) {
+				t.Fatalf("err %v, stderr %q; want %q", err, stderr.String(), tt.want)
+			}
+			for _, part := range []string{seed[2:18], seed[40:56]} {
+				if strings.Contains(stderr.String()+err.Error(), part) {
+					t.Fatalf("the refusal prints the seed: %q", stderr.String())
+				}
+			}
+		})
+	}
+}
+
 // dockerfile reads Dockerfile.enclave from the repository root.
 func dockerfile(t *testing.T) string {
 	t.Helper()
@@ -80,6 +122,9 @@ func TestDockerfileEntrypoint(t *testing.T) {
 	}
 	if c.Attest.DevSimulatedNSM {
 		t.Fatal("ENTRYPOINT enables the simulated NSM: documents would not be genuine")
+	}
+	if c.Signer.DevKeySeed != nil {
+		t.Fatal("ENTRYPOINT derives the keys from a development seed: anyone who knows it has the keys")
 	}
 	if c.Listener.CID != listener.CIDAny || c.Listener.Port != listener.DefaultPort {
 		t.Fatalf("ENTRYPOINT listens on %d:%d, want any:%d", c.Listener.CID, c.Listener.Port, listener.DefaultPort)
