@@ -29,13 +29,6 @@ import (
 // nitrosign-enclave processes on two ports of CID 1 derive one keyset from
 // the same --dev-key-seed, the proxy has an --upstream for each.
 
-// knownProxyBug is the one failure a killed enclave may still cause, a
-// proxy bug (internal/reliability's TestMultiEnclaveKilledWithDefaultPool):
-// a call given a connection of the dying enclave is answered Unavailable
-// instead of being tried on another connection. NITROSIGN_E2E_KNOWN_BUGS=1
-// fails on it.
-const knownProxyBug = "upstream connection lost before the call could start"
-
 // enclaveSigns is the enclave's own count of Sign calls, asked over vsock
 // directly (StatsService/GetStats), not through the proxy.
 func enclaveSigns(t *testing.T, vsockTarget string) uint64 {
@@ -261,16 +254,8 @@ func TestMultiEnclaveOverVsock(t *testing.T) {
 	if load.wrong.Load() != 0 {
 		t.Fatalf("%d wrong signatures (first: %s)", load.wrong.Load(), load.firstBad)
 	}
-	tolerated := 0
-	for msg, n := range load.failures() {
-		if os.Getenv("NITROSIGN_E2E_KNOWN_BUGS") == "1" || !strings.Contains(msg, knownProxyBug) ||
-			!strings.Contains(msg, "code = Unavailable") {
-			t.Fatalf("calls failed: %s", load)
-		}
-		tolerated += n
-	}
-	if tolerated > 0 {
-		t.Logf("KNOWN PROXY BUG: %d call(s) failed Unavailable %q when B was killed (NITROSIGN_E2E_KNOWN_BUGS=1 fails on them)", tolerated, knownProxyBug)
+	if len(load.failures()) > 0 {
+		t.Fatalf("calls failed: %s", load)
 	}
 
 	// The proxy's logs name both upstreams.
@@ -286,6 +271,6 @@ func TestMultiEnclaveOverVsock(t *testing.T) {
 		}
 	}
 	relaunched := len(p.logLines("call relaunched on another upstream connection"))
-	t.Logf("%d calls signed and verified, %d failed; the proxy relaunched %d calls; its health lines name %v",
-		load.ok.Load(), tolerated, relaunched, seen)
+	t.Logf("%d calls signed and verified, none failed; the proxy relaunched %d calls; its health lines name %v",
+		load.ok.Load(), relaunched, seen)
 }

@@ -198,66 +198,82 @@ func (c *call) launch() {
 			used>>20, p.cfg.MemoryBudget>>20))
 		return
 	}
-	c.open(&sc.batch, p.routeSet(c.method, pending), nil, pending, c.reqEnded.Load())
+	c.open(&sc.batch, p.routeSet(c.method, pending), avoid{}, pending, c.reqEnded.Load())
 }
 
 // open routes the call to a lane of set (not avoid) and starts it there
 // with data (and the end of the request when end); b is the caller's
 // reader's batch (nil: flush at once). It reports whether the call is
 // open upstream; if not, it has been answered.
-func (c *call) open(b *flushBatch, set *Upstreams, avoid *lane, data []byte, end bool) bool {
+func (c *call) open(b *flushBatch, set *Upstreams, av avoid, data []byte, end bool) bool {
 	p := c.px
-	ln, err := p.route(b, set, avoid, c.deadline)
-	if err != nil {
-		if errors.Is(err, errUpstreamBusy) {
-			p.shed(metrics.ShedUpstreamBusy)
-			c.answer(codes.ResourceExhausted, err.Error())
-			return false
-		}
-		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
-		c.upErr.Store(true)
-		c.answer(codes.Unavailable, err.Error())
-		return false
-	}
-	fields := c.fields
-	if !c.deadline.IsZero() {
-		left := time.Until(c.deadline)
-		if left <= 0 {
-			c.answer(codes.DeadlineExceeded, "deadline exceeded (proxy)")
-			return false
-		}
-		fields = append(fields[:len(fields):len(fields)], hpack.HeaderField{Name: "grpc-timeout", Value: formatTimeout(left), Sensitive: true})
-	}
-	if size, max := headerListSize(fields), ln.maxHeaderList(); size > max {
-		c.answer(codes.ResourceExhausted, fmt.Sprintf(
-			"request headers are %d bytes as forwarded, over the enclave's limit of %d (SETTINGS_MAX_HEADER_LIST_SIZE)", size, max))
-		return false
-	}
-	opened := false
-	ln.ep.corked(b, func() {
-		c.mu.Lock()
-		if c.expired || c.cancelled || c.finished.Load() {
-			c.mu.Unlock()
-			return
-		}
-		c.attempts++
-		err = ln.open(c, fields, end && len(data) == 0)
-		c.mu.Unlock()
+	for {
+		ln, err := p.route(b, set, av, c.deadline)
 		if err != nil {
-			return
+			if errors.Is(err, errUpstreamBusy) {
+				p.shed(metrics.ShedUpstreamBusy)
+				c.answer(codes.ResourceExhausted, err.Error())
+				return false
+			}
+			p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
+			c.upErr.Store(true)
+			c.answer(codes.Unavailable, err.Error())
+			return false
 		}
-		opened = true
-		if len(data) > 0 {
-			c.sendUpstream(ln, data, end)
+		fields := c.fields
+		if !c.deadline.IsZero() {
+			left := time.Until(c.deadline)
+			if left <= 0 {
+				c.answer(codes.DeadlineExceeded, "deadline exceeded (proxy)")
+				return false
+			}
+			fields = append(fields[:len(fields):len(fields)], hpack.HeaderField{Name: "grpc-timeout", Value: formatTimeout(left), Sensitive: true})
 		}
-	})
-	if err != nil {
-		p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
-		c.upErr.Store(true)
-		c.answer(codes.Unavailable, err.Error())
+		if size, max := headerListSize(fields), ln.maxHeaderList(); size > max {
+			c.answer(codes.ResourceExhausted, fmt.Sprintf(
+				"request headers are %d bytes as forwarded, over the enclave's limit of %d (SETTINGS_MAX_HEADER_LIST_SIZE)", size, max))
+			return false
+		}
+		opened, gone := false, false
+		ln.ep.corked(b, func() {
+			c.mu.Lock()
+			if c.expired || c.cancelled || c.finished.Load() {
+				c.mu.Unlock()
+				gone = true
+				return
+			}
+			err = ln.open(c, fields, end && len(data) == 0)
+			if err == nil {
+				c.attempts++
+			}
+			c.mu.Unlock()
+			if err != nil {
+				return
+			}
+			opened = true
+			if len(data) > 0 {
+				c.sendUpstream(ln, data, end)
+			}
+		})
+		if opened || gone {
+			return opened
+		}
+		// The connection picked went away (lost, draining, full) between
+		// the pick and the open: the enclave never saw the call, so it
+		// goes on another connection (the next pick passes this one by).
+		if len(av.lanes) >= maxOpenTries {
+			p.obs.UpstreamError(metrics.ReasonNoReadyConnection)
+			c.upErr.Store(true)
+			c.answer(codes.Unavailable, err.Error())
+			return false
+		}
+		av.lanes = append(av.lanes, ln)
 	}
-	return opened
 }
+
+// maxOpenTries bounds how many connections a call is opened on when each
+// goes away between its pick and the open.
+const maxOpenTries = 8
 
 // attach is the call's stream id on l (upStream); under c.mu, l.ep.mu and
 // l.mu.
@@ -569,7 +585,9 @@ func (c *call) relaunch(failed *lane, reason string, refused bool) {
 		c.px.log.Debug("call relaunched on another upstream connection", zap.String("method", c.method),
 			zap.String("reason", reason), zap.Bool("refused", refused), zap.String(requestid.LogField, c.reqID))
 	}
-	c.open(nil, c.px.routeSet(c.method, body), failed, body, true)
+	// Another enclave first: the one that lost or refused the call is
+	// likely going away as a whole.
+	c.open(nil, c.px.routeSet(c.method, body), avoid{lanes: []*lane{failed}, up: failed.slot.up}, body, true)
 }
 
 // finish does the bookkeeping of a call that ended, once.

@@ -440,6 +440,13 @@ func (e *endpoint) waitRoom(max int, timeout time.Duration) error {
 	}
 }
 
+// status is what is queued and whether the connection failed.
+func (e *endpoint) status() (queued int, failed bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.queuedLocked(), e.err != nil
+}
+
 // queued is queuedLocked for callers without mu.
 func (e *endpoint) queued() int {
 	e.mu.Lock()

@@ -321,11 +321,11 @@ func (p *Proxy) routeSet(method string, req []byte) *Upstreams {
 	return p.ups
 }
 
-// route picks a lane of set other than avoid, waiting up to
-// upstreamBusyWait (and never past deadline) while every lane is busy;
-// b, the waiting reader's batch, is flushed first.
-func (p *Proxy) route(b *flushBatch, set *Upstreams, avoid *lane, deadline time.Time) (*lane, error) {
-	ln, err := set.pick(avoid)
+// route picks a lane of set not in av, waiting up to upstreamBusyWait
+// (and never past deadline) while every lane is busy; b, the waiting
+// reader's batch, is flushed first.
+func (p *Proxy) route(b *flushBatch, set *Upstreams, av avoid, deadline time.Time) (*lane, error) {
+	ln, err := set.pick(av)
 	if !errors.Is(err, errUpstreamBusy) {
 		return ln, err
 	}
@@ -338,7 +338,7 @@ func (p *Proxy) route(b *flushBatch, set *Upstreams, avoid *lane, deadline time.
 	}
 	for time.Now().Before(until) {
 		time.Sleep(time.Millisecond)
-		if ln, err = set.pick(avoid); !errors.Is(err, errUpstreamBusy) {
+		if ln, err = set.pick(av); !errors.Is(err, errUpstreamBusy) {
 			return ln, err
 		}
 	}

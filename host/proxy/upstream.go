@@ -80,10 +80,13 @@ type upstream struct {
 
 // slot is one upstream connection; see Upstreams.
 type slot struct {
-	up      *upstream
-	idx     int
-	lane    atomic.Pointer[lane]
-	serving atomic.Bool  // the enclave said SERVING on the current lane
+	up   *upstream
+	idx  int
+	lane atomic.Pointer[lane]
+	// health: the enclave said SERVING on the current lane; serving: the
+	// slot takes calls (health, and the upstream's keyset compared).
+	health  atomic.Bool
+	serving atomic.Bool
 	state   atomic.Int32 // connectivity.State, for metrics
 
 	calls      atomic.Uint64 // streams opened, ever
@@ -327,7 +330,8 @@ func (s *slot) keep() {
 		}
 		backoff = u.cfg.BackoffBase
 		u.track(l, true)
-		s.serving.Store(!s.up.health)
+		s.health.Store(false)
+		s.serving.Store(false)
 		s.lane.Store(l)
 		s.state.Store(int32(connectivity.Ready))
 		s.readies.Add(1)
@@ -342,10 +346,12 @@ func (s *slot) keep() {
 			defer u.wg.Done()
 			err := l.serve()
 			if s.lane.CompareAndSwap(l, nil) {
+				s.health.Store(false)
 				s.serving.Store(false)
 				s.state.Store(int32(connectivity.TransientFailure))
 			}
 			u.track(l, false)
+			s.up.forgetKeysetWhenDown()
 			u.changed()
 			served <- err
 		}()
@@ -355,9 +361,29 @@ func (s *slot) keep() {
 				defer u.wg.Done()
 				s.watchHealth(l)
 			}()
+		} else {
+			s.setServing(l, true)
 		}
+		lost := false
 		select {
 		case err = <-served:
+			lost = true
+		case <-l.draining:
+			l.mu.Lock()
+			dead := l.dead
+			l.mu.Unlock()
+			if dead {
+				err, lost = <-served, true
+			} else {
+				// The connection takes no new calls but finishes its own:
+				// its replacement is dialled now, so one long call on a
+				// draining connection never keeps the slot unusable.
+				u.log.Debug("upstream connection draining: dialling its replacement", zap.String("upstream", s.up.name), zap.Int("slot", s.idx))
+			}
+		case <-u.ctx.Done():
+			return
+		}
+		if lost {
 			if u.ctx.Err() == nil {
 				u.log.Info("upstream connection lost", zap.String("upstream", s.up.name), zap.Int("slot", s.idx), zap.String("reason", rootMessage(err)))
 			}
@@ -370,14 +396,24 @@ func (s *slot) keep() {
 					return
 				}
 			}
-		case <-l.draining:
-			// The connection takes no new calls but finishes its own: its
-			// replacement is dialled now, so one long call on a draining
-			// connection never keeps the slot unusable.
-			u.log.Debug("upstream connection draining: dialling its replacement", zap.String("upstream", s.up.name), zap.Int("slot", s.idx))
-		case <-u.ctx.Done():
+		}
+	}
+}
+
+// forgetKeysetWhenDown forgets the upstream's keyset once none of its
+// slots is connected (it may come back with another), and compares the
+// others again: a keyset is in rotation only while an upstream serves it.
+func (up *upstream) forgetKeysetWhenDown() {
+	if !up.keysets {
+		return
+	}
+	for _, s := range up.slots {
+		if s.lane.Load() != nil {
 			return
 		}
+	}
+	if up.keyset.Swap(nil) != nil {
+		up.set.compareKeysets()
 	}
 }
 
@@ -424,23 +460,32 @@ func (s *slot) watchHealth(l *lane) {
 }
 
 // setServing records the enclave's health on lane l (if l is still the
-// slot's); on SERVING the upstream's keyset is read.
-func (s *slot) setServing(l *lane, serving bool) {
+// slot's). On SERVING the slot takes calls once the upstream's keyset has
+// been read on l and compared with the others (so that no call lands on
+// an enclave with another keyset in between).
+func (s *slot) setServing(l *lane, healthy bool) {
 	if s.lane.Load() != l {
 		return
 	}
-	if s.serving.Swap(serving) == serving {
+	if s.health.Swap(healthy) == healthy {
 		return
 	}
-	s.up.set.log.Info("upstream health", zap.String("upstream", s.up.name), zap.Int("slot", s.idx), zap.Bool("serving", serving))
-	if serving && s.up.keysets {
-		s.up.set.wg.Add(1)
-		go func() {
-			defer s.up.set.wg.Done()
-			s.up.readKeyset(l)
-		}()
+	u := s.up.set
+	u.log.Info("upstream health", zap.String("upstream", s.up.name), zap.Int("slot", s.idx), zap.Bool("serving", healthy))
+	if !healthy || !s.up.keysets {
+		s.serving.Store(healthy)
+		u.changed()
+		return
 	}
-	s.up.set.changed()
+	u.wg.Add(1)
+	go func() {
+		defer u.wg.Done()
+		s.up.readKeyset(l)
+		if s.lane.Load() == l && s.health.Load() {
+			s.serving.Store(true)
+			u.changed()
+		}
+	}()
 }
 
 // readKeyset reads the enclave's key ids over l and compares them with
@@ -525,11 +570,38 @@ func (u *Upstreams) compareKeysets() {
 // SETTINGS_MAX_CONCURRENT_STREAMS) or congested (laneBusy).
 var errUpstreamBusy = errors.New("enclave busy: every upstream connection is full or congested; retry with backoff")
 
+// avoid is what a retry passes over: the connections that failed it, and
+// preferably the whole upstream whose connection was lost or refused it
+// (its other connections are likely going too).
+type avoid struct {
+	lanes []*lane
+	up    *upstream
+}
+
+func (a avoid) has(l *lane) bool {
+	for _, x := range a.lanes {
+		if x == l {
+			return true
+		}
+	}
+	return false
+}
+
 // pick returns the least-loaded lane that can take a call, across every
 // upstream in rotation (round-robin among equals): ready, below the
-// upstream's stream limit and not congested. avoid, when not nil, is
-// passed over (a retry).
-func (u *Upstreams) pick(avoid *lane) (*lane, error) {
+// upstream's stream limit and not congested, and not in av (av.up only
+// while another upstream can take it).
+func (u *Upstreams) pick(av avoid) (*lane, error) {
+	l, err := u.pickFrom(nil, av)
+	if l == nil && av.up != nil && !errors.Is(err, errUpstreamBusy) {
+		av.up = nil
+		return u.pickFrom(nil, av)
+	}
+	return l, err
+}
+
+// pickFrom is pick among the slots of only (nil: every upstream).
+func (u *Upstreams) pickFrom(only *upstream, av avoid) (*lane, error) {
 	var best *lane
 	bestLoad := int(^uint(0) >> 1)
 	busy := false
@@ -541,7 +613,8 @@ func (u *Upstreams) pick(avoid *lane) (*lane, error) {
 	for k := range n {
 		s := u.slotAt((start + k) % n)
 		l := s.lane.Load()
-		if l == nil || l == avoid || !s.serving.Load() || s.up.excluded.Load() {
+		if l == nil || (only != nil && s.up != only) || s.up == av.up || av.has(l) ||
+			!s.serving.Load() || s.up.excluded.Load() {
 			continue
 		}
 		l.mu.Lock()
@@ -551,7 +624,11 @@ func (u *Upstreams) pick(avoid *lane) (*lane, error) {
 		if !ok {
 			continue
 		}
-		if full || l.ep.queued() > laneBusy {
+		queued, failed := l.ep.status()
+		if failed {
+			continue // its reader has not seen it end yet
+		}
+		if full || queued > laneBusy {
 			busy = true
 			continue
 		}
@@ -597,8 +674,17 @@ func (u *Upstreams) Invoke(ctx context.Context, method string, args, reply any, 
 	if err != nil {
 		return status.Errorf(codes.Internal, "proxy: marshal %s request: %v", method, err)
 	}
-	l, err := u.pick(nil)
-	if err != nil {
+	// The first upstream (in --upstream order) that can take it, so that
+	// the enclave's metrics, scraped this way, come from one enclave
+	// while it serves, not from whichever a scrape happens to reach.
+	var l *lane
+	err = errors.New("no upstream")
+	for _, up := range u.all {
+		if l, err = u.pickFrom(up, avoid{}); l != nil {
+			break
+		}
+	}
+	if l == nil {
 		return status.Error(codes.Unavailable, err.Error())
 	}
 	var decodeErr error

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"os"
 	"regexp"
 	"strings"
 	"sync"
@@ -376,15 +375,8 @@ func TestMultiEnclaveSameKeyset(t *testing.T) {
 		t.Fatalf("%d calls answered wrongly (first: %v)", st.wrong.Load(), st.firstWrong.Load())
 	}
 	tolerated := 0
-	for msg, n := range ks.failures() {
-		if strict() || !strings.Contains(msg, knownKillFailure) {
-			t.Fatalf("calls failed: %s; by message: %v", st, ks.failures())
-		}
-		tolerated += n
-	}
-	if tolerated > 0 {
-		t.Logf("KNOWN PROXY BUG: %d call(s) failed Unavailable %q when B was killed (see TestMultiEnclaveKilledWithDefaultPool; NITROSIGN_KNOWN_BUGS=1 fails on them)",
-			tolerated, knownKillFailure)
+	if f := ks.failures(); len(f) > 0 {
+		t.Fatalf("calls failed: %s; by message: %v", st, f)
 	}
 	if st.overDeadline.Load() != 0 {
 		t.Fatalf("%d calls hung past their deadline", st.overDeadline.Load())
@@ -410,25 +402,6 @@ func TestMultiEnclaveSameKeyset(t *testing.T) {
 		st.ok.Load(), tolerated, retriesDrain, retriesKill, cCalls)
 }
 
-// strict: NITROSIGN_KNOWN_BUGS=1 runs the tests of proxy bugs not fixed
-// yet, and fails on the failures they let through.
-func strict() bool { return os.Getenv("NITROSIGN_KNOWN_BUGS") == "1" }
-
-// knownKillFailure is the one failure a killed enclave still causes:
-// the proxy picked a connection of the dying enclave and found it dead
-// when it opened the stream, and answered Unavailable instead of trying
-// another connection (TestMultiEnclaveKilledWithDefaultPool).
-const knownKillFailure = "upstream connection lost before the call could start"
-
-// knownBug skips a test that shows a proxy bug not fixed yet, unless
-// NITROSIGN_KNOWN_BUGS=1.
-func knownBug(t *testing.T, what string) {
-	t.Helper()
-	if !strict() {
-		t.Skipf("known proxy bug (%s); NITROSIGN_KNOWN_BUGS=1 runs it", what)
-	}
-}
-
 // An enclave with another keyset that comes up while calls flow must never
 // get one: not even between its health turning SERVING and the proxy
 // reading its key ids.
@@ -439,7 +412,6 @@ func knownBug(t *testing.T, what string) {
 // are the least loaded and win calls, which are signed with another
 // keyset's key (2 runs in 5 here).
 func TestMultiEnclaveMismatchJoinsUnderLoad(t *testing.T) {
-	knownBug(t, "an upstream takes calls before its keyset is compared")
 	log := testLogger(t, nil)
 	seed := newDevSeed(t)
 	a := startEnclave(t, seededConfig(seed), 0, log)
@@ -481,7 +453,6 @@ func TestMultiEnclaveMismatchJoinsUnderLoad(t *testing.T) {
 // a keyset is read, so the dead enclave's keyset stays "in rotation" and
 // the proxy serves nothing although two healthy enclaves could serve.
 func TestMultiEnclaveRotationAfterMinorityDies(t *testing.T) {
-	knownBug(t, "a dead upstream's keyset stays in rotation")
 	log := testLogger(t, nil)
 	seed := newDevSeed(t)
 	aPort, bPort := freePort(t), freePort(t)
@@ -527,7 +498,6 @@ func TestMultiEnclaveRotationAfterMinorityDies(t *testing.T) {
 //     by the enclave", relaunched, lost with "connection reset by peer" on
 //     another of B's connections (the proxy's debug relaunch lines).
 func TestMultiEnclaveKilledWithDefaultPool(t *testing.T) {
-	knownBug(t, "a call on a dying enclave's connection fails instead of trying another")
 	log := testLogger(t, nil)
 	seed := newDevSeed(t)
 	a := startEnclave(t, seededConfig(seed), 0, log)
@@ -584,7 +554,6 @@ func TestMultiEnclaveKilledWithDefaultPool(t *testing.T) {
 // is "upstream health" serving=false, as setServing ignores a lane that is
 // no longer the slot's.
 func TestMultiEnclaveLostConnectionLogged(t *testing.T) {
-	knownBug(t, "a lost upstream connection is logged at debug only")
 	log := testLogger(t, nil)
 	obsCore, logs := observer.New(zapcore.InfoLevel)
 	seed := newDevSeed(t)
@@ -616,7 +585,6 @@ func TestMultiEnclaveLostConnectionLogged(t *testing.T) {
 // the series carry no upstream label, so counters jump between the
 // enclaves' values (a counter reset to Prometheus) and start_time flips.
 func TestMultiEnclaveMetricsDoNotMixEnclaves(t *testing.T) {
-	knownBug(t, "nitrosign_enclave_* comes from a random upstream per scrape")
 	log := testLogger(t, nil)
 	seed := newDevSeed(t)
 	a := startEnclave(t, seededConfig(seed), 0, log)
