@@ -88,6 +88,13 @@ var _ upStream = (*call)(nil)
 // never waits for credit to complete a buffered request.
 const launchWhenComplete = streamWindow / 2
 
+// maxHeldResponses bounds the response bytes the proxy holds for one
+// client connection that does not read them before that connection gets
+// no new call: a client granting no window, or not reading its socket,
+// would otherwise make the enclave send, and the proxy keep, a response
+// for every call it makes.
+const maxHeldResponses = 4 << 20
+
 // maxAttempts bounds how often a call is launched: the first time and a
 // retry on another connection after each refusal or loss.
 const maxAttempts = 3
@@ -102,7 +109,7 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) error {
 	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now()}
 	c.reqRecv.Store(streamWindow)
 	c.respRecv.Store(streamWindow)
-	c.resp = half{dst: sc.ep, id: f.StreamID, onSent: c.respSent, acct: &p.mem}
+	c.resp = half{dst: sc.ep, id: f.StreamID, onSent: c.respSent, acct: &sc.held}
 	sc.ep.mu.Lock()
 	c.resp.window = sc.ep.initWin
 	sc.ep.mu.Unlock()
@@ -191,6 +198,12 @@ func (c *call) launch() {
 		return
 	}
 	c.share = true
+	if held := sc.held.load(); held > maxHeldResponses {
+		p.shed(metrics.ShedConnectionShare)
+		c.answer(codes.ResourceExhausted, fmt.Sprintf(
+			"%d KiB of responses to this connection wait for it to read them (its flow-control window or its socket); no new call until it reads", held>>10))
+		return
+	}
 	if used := p.mem.load(); used > p.cfg.MemoryBudget {
 		p.shed(metrics.ShedMemoryBudget)
 		c.answer(codes.ResourceExhausted, fmt.Sprintf(

@@ -169,6 +169,13 @@ func New(cfg Config, ups *Upstreams, log *zap.Logger, opts ...Option) (*Proxy, e
 	p.local.add("proxy health service", "proxy-local", p.localL.dial, 1, 0, false, false)
 	p.local.start(&p.mem)
 	ups.start(&p.mem)
+	// The in-memory connection is up at once; a health List or Watch that
+	// arrives first must not find it missing.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := p.local.WaitReady(ctx); err != nil {
+		log.Error("the proxy's own health service did not start", zap.Error(err))
+	}
 	ups.OnStateChange(p.health.setReady)
 
 	switch {

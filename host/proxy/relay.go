@@ -54,6 +54,10 @@ type srvConn struct {
 	// bytes waiting for the enclave's window. Above
 	// Config.MaxConnectionBuffer its reader pauses.
 	acct account
+	// held counts the response bytes waiting in the proxy for this
+	// client to read them (its streams' windows, or its socket): over
+	// maxHeldResponses it gets no new call until it reads.
+	held account
 	// upCalls is the number of this connection's calls open upstream
 	// (Config.MaxConnectionCalls).
 	upCalls atomic.Int32
@@ -109,6 +113,7 @@ func (p *Proxy) serveConn(nc net.Conn) {
 		done:  make(chan struct{}),
 	}
 	sc.acct.parent = &p.mem
+	sc.held.parent = &p.mem
 	ep := newEndpoint(nc, &sc.acct)
 	ep.closer = raw
 	ep.limit = maxWriteBuffer
