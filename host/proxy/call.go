@@ -64,12 +64,9 @@ type call struct {
 	// relaunch it on another upstream connection if its own is lost or
 	// refuses it.
 	body []byte
-	// Receive windows the proxy gave each sender on this stream.
-	reqRecv  atomic.Int64
-	respRecv atomic.Int64
-	// Credit owed to each sender, returned in batches.
-	reqOwed  atomic.Int64
-	respOwed atomic.Int64
+	// The receive windows the proxy gives each sender on this stream:
+	// the client (requests) and the enclave (responses).
+	reqIn, respIn inflow
 
 	headersSent bool // response headers went to the client; under sc.ep.mu
 
@@ -107,8 +104,9 @@ const maxAttempts = 3
 // returned is the GOAWAY that ends it.
 func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) error {
 	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now()}
-	c.reqRecv.Store(streamWindow)
-	c.respRecv.Store(streamWindow)
+	c.reqIn.size, c.respIn.size = streamWindow, streamWindow
+	c.reqIn.reset()
+	c.respIn.reset()
 	c.resp = half{dst: sc.ep, id: f.StreamID, onSent: c.respSent, acct: &sc.held}
 	sc.ep.mu.Lock()
 	c.resp.window = sc.ep.initWin
@@ -293,8 +291,7 @@ const maxOpenTries = 8
 func (c *call) attach(l *lane, id uint32) {
 	c.ln, c.uid = l, id
 	c.req = half{dst: l.ep, id: id, window: l.ep.initWin, onSent: c.reqSent, acct: &c.sc.acct}
-	c.respRecv.Store(streamWindow)
-	c.respOwed.Store(0)
+	c.respIn.reset()
 	c.respMsg = msgLimit{}
 }
 
@@ -436,12 +433,7 @@ func (c *call) credit(n int) {
 	if n <= 0 || c.reqEnded.Load() {
 		return
 	}
-	if owed := c.reqOwed.Add(int64(n)); owed >= streamWindow/4 {
-		if c.reqOwed.CompareAndSwap(owed, 0) {
-			c.reqRecv.Add(owed)
-			c.sc.ep.windowUpdate(c.sid, uint32(owed))
-		}
-	}
+	c.sc.ep.windowUpdate(c.sid, c.reqIn.give(n))
 }
 
 // respSent: n response bytes reached the client; return the credit
@@ -449,12 +441,7 @@ func (c *call) credit(n int) {
 func (c *call) respSent(n int, ended bool) {
 	if n > 0 && !ended {
 		if ln, uid := c.lane(); ln != nil {
-			if owed := c.respOwed.Add(int64(n)); owed >= streamWindow/4 {
-				if c.respOwed.CompareAndSwap(owed, 0) {
-					c.respRecv.Add(owed)
-					ln.ep.windowUpdate(uid, uint32(owed))
-				}
-			}
+			ln.ep.windowUpdate(uid, c.respIn.give(n))
 		}
 	}
 	if ended {
@@ -737,7 +724,7 @@ func (c *call) upDone(l *lane) {
 
 // onData relays response bytes (upStream).
 func (c *call) onData(l *lane, f *http2.DataFrame) {
-	if c.respRecv.Add(-int64(f.Length)) < 0 {
+	if !c.respIn.take(f.Length) {
 		c.fail(codes.Internal, "upstream exceeded the stream's flow-control window")
 		return
 	}

@@ -212,3 +212,29 @@ func TestQueueOfTinyFrames(t *testing.T) {
 		t.Fatalf("after reset: connection %d, proxy %d; want %d (the RST_STREAM frame)", got, global.load(), want)
 	}
 }
+
+// A receive window: what the peer sends is taken from it, what the proxy
+// consumed goes back in batches of a quarter window, and a peer that
+// sends more than it was given is caught.
+func TestInflow(t *testing.T) {
+	w := newInflow(1000)
+	if !w.take(600) || !w.take(400) {
+		t.Fatal("1000 bytes within a 1000-byte window refused")
+	}
+	if got := w.give(249); got != 0 {
+		t.Fatalf("credit for 249 bytes returned at once (%d): batches are a quarter window", got)
+	}
+	if got := w.give(1); got != 250 {
+		t.Fatalf("credit after 250 bytes consumed = %d, want 250", got)
+	}
+	if !w.take(250) {
+		t.Fatal("the 250 bytes given back could not be sent")
+	}
+	if w.take(1) {
+		t.Fatal("a byte beyond the window was accepted")
+	}
+	w.reset()
+	if !w.take(1000) || w.give(0) != 0 {
+		t.Fatal("reset did not restore the whole window")
+	}
+}

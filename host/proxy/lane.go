@@ -62,9 +62,9 @@ type lane struct {
 	draining     chan struct{}
 	drainingOnce sync.Once
 
-	recvUnacked uint32 // owned by the reader
-	lastRead    atomic.Int64
-	pingAcked   atomic.Bool
+	in        *inflow // the connection's receive window
+	lastRead  atomic.Int64
+	pingAcked atomic.Bool
 }
 
 // dialLane dials and does the HTTP/2 handshake.
@@ -76,7 +76,7 @@ func dialLane(ctx context.Context, s *slot) (*lane, error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &lane{slot: s, ep: newEndpoint(nc, s.up.set.mem), streams: map[uint32]upStream{}, nextID: 1,
+	l := &lane{slot: s, ep: newEndpoint(nc, s.up.set.mem), in: newInflow(connWindow), streams: map[uint32]upStream{}, nextID: 1,
 		maxStreams: 100, maxHeaders: 1<<32 - 1, draining: make(chan struct{})}
 	ep := l.ep
 	// The preface and settings go out first; the server's SETTINGS must
@@ -316,11 +316,13 @@ func (l *lane) handle(f http2.Frame) error {
 			s.sink().corked(&l.batch, func() { s.onHeaders(l, f) })
 		}
 	case *http2.DataFrame:
-		l.recvUnacked += f.Length
-		if l.recvUnacked >= connWindow/4 {
-			l.ep.windowUpdate(0, l.recvUnacked)
-			l.recvUnacked = 0
+		if !l.in.take(f.Length) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
+		// Connection credit goes back as soon as the bytes are read:
+		// each stream's own window bounds what the proxy holds for it,
+		// so one stalled stream never holds up the others.
+		l.ep.windowUpdate(0, l.in.give(int(f.Length)))
 		if s := l.lookup(f.StreamID); s != nil {
 			s.sink().corked(&l.batch, func() { s.onData(l, f) })
 		}

@@ -40,7 +40,7 @@ type srvConn struct {
 
 	// Read side, owned by serve.
 	lastID      atomic.Uint32 // highest stream id the client opened; written by serve under mu
-	recvUnacked uint32        // connection credit not yet returned
+	in          *inflow       // the connection's receive window
 	pingStrikes int
 	lastPing    time.Time
 	resets      tokenBucket // streams the client may reset (Config.MaxClientResets)
@@ -110,6 +110,7 @@ func (p *Proxy) serveConn(nc net.Conn) {
 		nc:    nc,
 		peer:  nc.RemoteAddr().String(),
 		calls: map[uint32]*call{},
+		in:    newInflow(connWindow),
 		done:  make(chan struct{}),
 	}
 	sc.acct.parent = &p.mem
@@ -559,18 +560,16 @@ func (sc *srvConn) resetStream(id uint32, code http2.ErrCode) {
 	sc.ep.mu.Unlock()
 }
 
-// connCredit returns connection-level credit for n bytes read, in batches.
-func (sc *srvConn) connCredit(n uint32) {
-	sc.recvUnacked += n
-	if sc.recvUnacked >= connWindow/4 {
-		sc.ep.windowUpdate(0, sc.recvUnacked)
-		sc.recvUnacked = 0
-	}
-}
-
 func (sc *srvConn) onData(f *http2.DataFrame) error {
 	id := f.StreamID
-	sc.connCredit(f.Length)
+	if !sc.in.take(f.Length) {
+		// More than the connection's window: a connection error
+		// (RFC 9113 section 6.9.1).
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
+	// Connection credit goes back as soon as the bytes are read: each
+	// stream's own window bounds what the proxy holds for it.
+	sc.ep.windowUpdate(0, sc.in.give(int(f.Length)))
 	c := sc.call(id)
 	if c == nil {
 		if id > sc.lastID.Load() || id%2 == 0 {
@@ -578,7 +577,7 @@ func (sc *srvConn) onData(f *http2.DataFrame) error {
 		}
 		return nil // a stream the proxy already ended: dropped
 	}
-	if c.reqRecv.Add(-int64(f.Length)) < 0 {
+	if !c.reqIn.take(f.Length) {
 		c.clientReset(http2.ErrCodeFlowControl)
 		sc.resetStream(id, http2.ErrCodeFlowControl)
 		return nil
