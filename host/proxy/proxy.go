@@ -411,17 +411,22 @@ func (p *Proxy) Addr() net.Addr {
 	return p.addr
 }
 
-// endEnclaveWatches ends every health Watch relayed to an enclave with
-// Unavailable, as the proxy's own watches end: a Watch never ends by
-// itself, and a graceful stop must not wait for it.
-func (p *Proxy) endEnclaveWatches() {
+// clientConns is the client connections open now.
+func (p *Proxy) clientConns() []*srvConn {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	conns := make([]*srvConn, 0, len(p.conns))
 	for sc := range p.conns {
 		conns = append(conns, sc)
 	}
-	p.mu.Unlock()
-	for _, sc := range conns {
+	return conns
+}
+
+// endEnclaveWatches ends every health Watch relayed to an enclave with
+// Unavailable, as the proxy's own watches end: a Watch never ends by
+// itself, and a graceful stop must not wait for it.
+func (p *Proxy) endEnclaveWatches() {
+	for _, sc := range p.clientConns() {
 		sc.mu.Lock()
 		var watches []*call
 		for _, c := range sc.calls {
@@ -466,13 +471,7 @@ func (p *Proxy) Stop(ctx context.Context) error {
 		case <-done:
 		case <-ctx.Done():
 			p.log.Warn("graceful stop timed out: cutting calls still in flight", zap.Error(ctx.Err()))
-			p.mu.Lock()
-			conns := make([]*srvConn, 0, len(p.conns))
-			for sc := range p.conns {
-				conns = append(conns, sc)
-			}
-			p.mu.Unlock()
-			for _, sc := range conns {
+			for _, sc := range p.clientConns() {
 				sc.ep.fail(errors.New("proxy stopped"))
 			}
 			<-done
