@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/credentials"
@@ -28,6 +29,20 @@ import (
 // MinVersion is TLS 1.2, the minimum HTTP/2 allows (RFC 7540 section 9.2);
 // Go negotiates TLS 1.3 whenever the peer can.
 const MinVersion = tls.VersionTLS12
+
+// CipherSuites are the TLS 1.2 suites offered and accepted: ECDHE with an
+// AEAD only (AES-GCM, ChaCha20-Poly1305). Go's defaults also allow CBC
+// suites, which HTTP/2 forbids (RFC 9113 appendix A): a client that
+// negotiated one would be sent INADEQUATE_SECURITY or fail obscurely. TLS
+// 1.3 suites are all AEAD and not configurable.
+var CipherSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+}
 
 // ServerConfig names the PEM files of a TLS server. The zero value means no
 // TLS.
@@ -43,7 +58,15 @@ type ServerConfig struct {
 	// that chains to one of them (mutual TLS). Requires CertFile. Default
 	// empty (no client certificate asked for).
 	ClientCAFile string
+	// OnLoad, when set, is called with the leaf certificate after every
+	// successful load (NewServer, Reload): the proxy's binary exports its
+	// expiry as a metric this way. Not a flag. Default nil.
+	OnLoad func(leaf *x509.Certificate)
 }
+
+// ExpiryWarning is how long before its NotAfter a certificate being loaded
+// is logged at WARN level, not INFO.
+const ExpiryWarning = 14 * 24 * time.Hour
 
 // Enabled reports whether TLS is configured.
 func (c ServerConfig) Enabled() bool { return c.CertFile != "" || c.KeyFile != "" }
@@ -98,7 +121,7 @@ func NewServer(cfg ServerConfig, log *zap.Logger) (*Server, error) {
 		return nil, err
 	}
 	s.state.Store(st)
-	s.log.Info("TLS certificate loaded", certFields(st, cfg)...)
+	s.loaded("loaded", st)
 	return s, nil
 }
 
@@ -110,7 +133,7 @@ func (s *Server) Reload() error {
 		return fmt.Errorf("TLS reload (previous certificate kept): %w", err)
 	}
 	s.state.Store(st)
-	s.log.Info("TLS certificate reloaded", certFields(st, s.cfg)...)
+	s.loaded("reloaded", st)
 	return nil
 }
 
@@ -121,11 +144,13 @@ func (s *Server) Leaf() *x509.Certificate { return s.state.Load().cert.Leaf }
 // current at that moment.
 func (s *Server) TLSConfig() *tls.Config {
 	return &tls.Config{
-		MinVersion: MinVersion,
+		MinVersion:   MinVersion,
+		CipherSuites: CipherSuites,
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 			st := s.state.Load()
 			c := &tls.Config{
 				MinVersion:   MinVersion,
+				CipherSuites: CipherSuites,
 				Certificates: []tls.Certificate{*st.cert},
 			}
 			if st.clientCAs != nil {
@@ -160,6 +185,30 @@ func loadServer(cfg ServerConfig) (*serverState, error) {
 		}
 	}
 	return st, nil
+}
+
+// loaded logs the certificate just loaded (verb: loaded, reloaded): at
+// ERROR level when it has expired (it is served anyway: refusing to start
+// would not help clients, which refuse it either way), at WARN level when it
+// expires within ExpiryWarning, else at INFO level. Then it calls OnLoad.
+func (s *Server) loaded(verb string, st *serverState) {
+	leaf := st.cert.Leaf
+	fields := certFields(st, s.cfg)
+	left := time.Until(leaf.NotAfter)
+	const todo = "renew it, then reload: systemctl reload nitrosign-proxy (SIGHUP); the proxy keeps serving the new files without dropping connections"
+	switch {
+	case left <= 0:
+		s.log.Error("TLS certificate "+verb+" HAS EXPIRED: clients will refuse it; still serving it, "+todo,
+			append(fields, zap.Duration("expired_for", -left.Round(time.Second)))...)
+	case left < ExpiryWarning:
+		s.log.Warn("TLS certificate "+verb+" expires soon: "+todo,
+			append(fields, zap.Duration("expires_in", left.Round(time.Second)))...)
+	default:
+		s.log.Info("TLS certificate "+verb, fields...)
+	}
+	if s.cfg.OnLoad != nil {
+		s.cfg.OnLoad(leaf)
+	}
 }
 
 func certFields(st *serverState, cfg ServerConfig) []zap.Field {
@@ -238,7 +287,7 @@ func (c ClientConfig) TLSConfig() (*tls.Config, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	tc := &tls.Config{MinVersion: MinVersion, ServerName: c.ServerName}
+	tc := &tls.Config{MinVersion: MinVersion, CipherSuites: CipherSuites, ServerName: c.ServerName}
 	if c.CAFile != "" {
 		p, err := loadPool(c.CAFile)
 		if err != nil {

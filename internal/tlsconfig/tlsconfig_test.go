@@ -2,6 +2,7 @@ package tlsconfig_test
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -11,7 +12,10 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig/tlstest"
@@ -240,5 +244,128 @@ func TestClientConfig(t *testing.T) {
 	}
 	if _, err := (tlsconfig.ClientConfig{CAFile: "/nonexistent"}).TLSConfig(); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("missing CA file: %v", err)
+	}
+}
+
+// TLS 1.2 offers only ECDHE AEAD suites: HTTP/2 forbids the CBC ones (RFC
+// 9113 appendix A), so a client offering only CBC is refused.
+func TestCipherSuitesAEADOnly(t *testing.T) {
+	for _, id := range tlsconfig.CipherSuites {
+		name := tls.CipherSuiteName(id)
+		if !strings.HasPrefix(name, "TLS_ECDHE_") || !(strings.Contains(name, "_GCM_") || strings.Contains(name, "CHACHA20_POLY1305")) {
+			t.Errorf("suite %s is not ECDHE with an AEAD", name)
+		}
+	}
+	ca := tlstest.NewCA(t, "ca")
+	srv := ca.Server(t, "server")
+	s, err := tlsconfig.NewServer(tlsconfig.ServerConfig{CertFile: srv.CertFile, KeyFile: srv.KeyFile}, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := serve(t, s)
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	handshake := func(suite uint16) (tls.ConnectionState, error) {
+		d := &net.Dialer{Timeout: 5 * time.Second}
+		c, err := tls.DialWithDialer(d, "tcp", addr, &tls.Config{
+			RootCAs: roots, ServerName: "localhost",
+			MinVersion: tls.VersionTLS12, MaxVersion: tls.VersionTLS12,
+			CipherSuites: []uint16{suite},
+		})
+		if err != nil {
+			return tls.ConnectionState{}, err
+		}
+		defer c.Close()
+		return c.ConnectionState(), nil
+	}
+	for _, suite := range []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA, tls.TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA} {
+		if _, err := handshake(suite); err == nil {
+			t.Errorf("%s accepted, want the handshake refused", tls.CipherSuiteName(suite))
+		}
+	}
+	for _, suite := range []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256} {
+		st, err := handshake(suite)
+		if err != nil {
+			t.Errorf("%s refused: %v", tls.CipherSuiteName(suite), err)
+			continue
+		}
+		if st.CipherSuite != suite {
+			t.Errorf("negotiated %s, want %s", tls.CipherSuiteName(st.CipherSuite), tls.CipherSuiteName(suite))
+		}
+	}
+	// The client side offers the same suites.
+	tc, err := tlsconfig.ClientConfig{Enabled: true}.TLSConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tc.CipherSuites) != len(tlsconfig.CipherSuites) {
+		t.Errorf("client suites %v, want %v", tc.CipherSuites, tlsconfig.CipherSuites)
+	}
+}
+
+// A certificate that has expired is logged at ERROR level (and still
+// served), one expiring within ExpiryWarning at WARN level, both at
+// start-up and on reload, each saying what to do; OnLoad sees every load.
+func TestCertExpiryLogged(t *testing.T) {
+	ca := tlstest.NewCA(t, "ca")
+	fresh := ca.Server(t, "fresh")
+	soon := ca.ServerUntil(t, "soon", time.Now().Add(3*24*time.Hour))
+	expired := ca.ServerUntil(t, "expired", time.Now().Add(-time.Hour))
+	tests := []struct {
+		name  string
+		pair  tlstest.Pair
+		level zapcore.Level
+		msg   string
+	}{
+		{"fresh", fresh, zapcore.InfoLevel, "TLS certificate loaded"},
+		{"soon", soon, zapcore.WarnLevel, "expires soon"},
+		{"expired", expired, zapcore.ErrorLevel, "HAS EXPIRED"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			core, logs := observer.New(zapcore.DebugLevel)
+			var seen []time.Time
+			cfg := tlsconfig.ServerConfig{CertFile: tt.pair.CertFile, KeyFile: tt.pair.KeyFile,
+				OnLoad: func(leaf *x509.Certificate) { seen = append(seen, leaf.NotAfter) }}
+			s, err := tlsconfig.NewServer(cfg, zap.New(core))
+			if err != nil {
+				t.Fatalf("NewServer: %v (an expired certificate is still served)", err)
+			}
+			if err := s.Reload(); err != nil {
+				t.Fatal(err)
+			}
+			entries := logs.All()
+			if len(entries) != 2 {
+				t.Fatalf("%d log entries, want 2 (load, reload): %v", len(entries), entries)
+			}
+			for _, e := range entries {
+				if e.Level != tt.level || !strings.Contains(e.Message, strings.TrimPrefix(tt.msg, "TLS certificate loaded")) {
+					t.Errorf("logged %s %q, want %s containing %q", e.Level, e.Message, tt.level, tt.msg)
+				}
+				if tt.level > zapcore.InfoLevel && !strings.Contains(e.Message, "systemctl reload nitrosign-proxy") {
+					t.Errorf("%q does not say what to do", e.Message)
+				}
+			}
+			if !strings.Contains(entries[0].Message, "loaded") || !strings.Contains(entries[1].Message, "reloaded") {
+				t.Errorf("messages %q, %q: want loaded, then reloaded", entries[0].Message, entries[1].Message)
+			}
+			if len(seen) != 2 || !seen[0].Equal(tt.pair.Cert.NotAfter) || !seen[1].Equal(tt.pair.Cert.NotAfter) {
+				t.Errorf("OnLoad saw %v, want %v twice", seen, tt.pair.Cert.NotAfter)
+			}
+		})
+	}
+	// A reload onto a renewed certificate goes back to INFO.
+	core, logs := observer.New(zapcore.DebugLevel)
+	live := ca.ServerUntil(t, "live", time.Now().Add(-time.Hour))
+	s, err := tlsconfig.NewServer(tlsconfig.ServerConfig{CertFile: live.CertFile, KeyFile: live.KeyFile}, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca.Server(t, "renewed").CopyTo(t, live)
+	if err := s.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if e := logs.All(); len(e) != 2 || e[0].Level != zapcore.ErrorLevel || e[1].Level != zapcore.InfoLevel {
+		t.Fatalf("entries %v: want ERROR (expired), then INFO (renewed)", e)
 	}
 }

@@ -45,7 +45,7 @@ func NewCA(t testing.TB, name string) *CA {
 		SerialNumber:          big.NewInt(serial.Add(1)),
 		Subject:               pkix.Name{CommonName: name},
 		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
+		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
@@ -65,24 +65,36 @@ func NewCA(t testing.TB, name string) *CA {
 // dnsNames), named file-prefix name.
 func (ca *CA) Server(t testing.TB, name string, dnsNames ...string) Pair {
 	t.Helper()
+	return ca.ServerUntil(t, name, time.Now().Add(90*24*time.Hour), dnsNames...)
+}
+
+// ServerUntil is Server with the certificate's NotAfter set to notAfter (in
+// the past for an expired certificate); NotBefore is the earlier of an
+// hour ago and a day before notAfter.
+func (ca *CA) ServerUntil(t testing.TB, name string, notAfter time.Time, dnsNames ...string) Pair {
+	t.Helper()
 	return ca.issue(t, name, x509.ExtKeyUsageServerAuth, append([]string{"localhost"}, dnsNames...),
-		[]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback})
+		[]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}, notAfter)
 }
 
 // Client issues a client certificate with common name name.
 func (ca *CA) Client(t testing.TB, name string) Pair {
 	t.Helper()
-	return ca.issue(t, name, x509.ExtKeyUsageClientAuth, nil, nil)
+	return ca.issue(t, name, x509.ExtKeyUsageClientAuth, nil, nil, time.Now().Add(90*24*time.Hour))
 }
 
-func (ca *CA) issue(t testing.TB, name string, usage x509.ExtKeyUsage, dns []string, ips []net.IP) Pair {
+func (ca *CA) issue(t testing.TB, name string, usage x509.ExtKeyUsage, dns []string, ips []net.IP, notAfter time.Time) Pair {
 	t.Helper()
 	key := newKey(t)
+	notBefore := time.Now().Add(-time.Hour)
+	if nb := notAfter.Add(-24 * time.Hour); nb.Before(notBefore) {
+		notBefore = nb
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(serial.Add(1)),
 		Subject:      pkix.Name{CommonName: name},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
 		DNSNames:     dns,
