@@ -222,3 +222,21 @@ var knownCodes = func() map[string]bool {
 	}
 	return m
 }()
+
+// RegisterTLSCertExpiry adds nitrosign_proxy_tls_cert_expiry_seconds: the
+// NotAfter, as Unix time, of the TLS certificate the proxy serves, read
+// from notAfter at each scrape (the zero time reads as 0). Register it only
+// when the proxy serves TLS. Alert on it, e.g.
+// nitrosign_proxy_tls_cert_expiry_seconds - time() < 14*86400.
+func (m *Metrics) RegisterTLSCertExpiry(notAfter func() time.Time) {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: Namespace, Subsystem: "proxy", Name: "tls_cert_expiry_seconds",
+		Help: "Expiry (NotAfter, Unix time) of the TLS certificate the proxy serves now; updated at start-up and on every reload (SIGHUP).",
+	}, func() float64 {
+		t := notAfter()
+		if t.IsZero() {
+			return 0
+		}
+		return float64(t.Unix())
+	}))
+}

@@ -273,3 +273,17 @@ func TestServerPaths(t *testing.T) {
 		}
 	}
 }
+
+// The certificate expiry gauge reads the current NotAfter at each scrape.
+func TestTLSCertExpiry(t *testing.T) {
+	m := metrics.New()
+	var mu sync.Mutex
+	notAfter := time.Unix(1_900_000_000, 0)
+	m.RegisterTLSCertExpiry(func() time.Time { mu.Lock(); defer mu.Unlock(); return notAfter })
+	url := serve(t, m)
+	want(t, scrape(t, url), "nitrosign_proxy_tls_cert_expiry_seconds", nil, 1_900_000_000)
+	mu.Lock()
+	notAfter = time.Unix(1_950_000_000, 0) // reloaded
+	mu.Unlock()
+	want(t, scrape(t, url), "nitrosign_proxy_tls_cert_expiry_seconds", nil, 1_950_000_000)
+}

@@ -11,31 +11,180 @@
 package main
 
 import (
+	"context"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
 
 	"go.uber.org/fx"
+	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/proxy"
+	"github.com/nitrosign/nitrosign/internal/logging"
 	"github.com/nitrosign/nitrosign/internal/pprofserver"
 )
 
 func main() {
-	cfg, err := parseFlags(os.Args[1:], os.Stderr)
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+// run is the whole binary: it returns the exit status, 0 after -h or a
+// clean drain, 2 for a bad command line, 1 when start-up or shutdown fails.
+// Every failure is logged at error level on stderr, in the configured log
+// format, with what failed and what to do (hint).
+func run(args []string, stderr io.Writer) int {
+	cfg, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(0)
+		return 0
 	}
 	if err != nil {
-		os.Exit(2)
+		// parseFlags printed the details for people; this line is for the
+		// journal and log shippers, in the format asked for when it parsed.
+		log := fallbackLogger(cfg.Log, stderr)
+		log.Error("start-up failed: bad command line", zap.String("error", err.Error()),
+			zap.String("hint", "fix the flag named above; nitrosign-proxy -h lists every flag"))
+		_ = log.Sync()
+		return 2
 	}
-	// Run blocks until SIGINT or SIGTERM, then stops gracefully (drain up
-	// to --graceful-timeout); it exits 1 itself if start-up fails.
-	fx.New(proxy.Options(cfg), pprofserver.Option(pprofserver.Config{Listen: cfg.PprofListen})).Run()
+	log, err := logging.New(cfg.Log, stderr)
+	if err != nil { // parseFlags validated the log config
+		fmt.Fprintf(stderr, "nitrosign-proxy: %v\n", err)
+		return 2
+	}
+	defer func() { _ = log.Sync() }()
+	var px *proxy.Proxy
+	app := fx.New(appOptions(cfg, log), fx.Populate(&px))
+	// runApp blocks until SIGINT or SIGTERM, then stops gracefully (drain
+	// up to --graceful-timeout).
+	return runApp(app, log, cfg.GracefulStopTimeout, func(ctx context.Context) {
+		// The proxy runs its in-process health service and upstream pool
+		// from construction, but fx stops only what started: when a hook
+		// before the proxy's (the metrics listener) fails, stop it here
+		// (Stop is idempotent).
+		if px != nil {
+			_ = px.Stop(ctx)
+		}
+	})
+}
+
+// appOptions is the application run runs: proxy.Options(cfg) logging to
+// log, pprof when asked for, and the TLS certificate's expiry exported as
+// nitrosign_proxy_tls_cert_expiry_seconds.
+func appOptions(cfg proxy.Config, log *zap.Logger) fx.Option {
+	opts := []fx.Option{
+		// One logger, on stderr, for the whole graph and for run's own
+		// lines (proxy.Options would build another on os.Stderr).
+		fx.Replace(log),
+		pprofserver.Option(pprofserver.Config{Listen: cfg.PprofListen}),
+	}
+	if cfg.TLS.Enabled() {
+		// The proxy loads the certificate while the graph is built and
+		// again on every SIGHUP; the gauge reads the last load's NotAfter.
+		var notAfter atomic.Int64
+		next := cfg.TLS.OnLoad
+		cfg.TLS.OnLoad = func(leaf *x509.Certificate) {
+			notAfter.Store(leaf.NotAfter.Unix())
+			if next != nil {
+				next(leaf)
+			}
+		}
+		opts = append(opts, fx.Invoke(func(m *metrics.Metrics) {
+			m.RegisterTLSCertExpiry(func() time.Time {
+				if v := notAfter.Load(); v != 0 {
+					return time.Unix(v, 0)
+				}
+				return time.Time{}
+			})
+		}))
+	}
+	return fx.Options(append([]fx.Option{proxy.Options(cfg)}, opts...)...)
+}
+
+// fallbackLogger is a logger for c when c is valid, else the default one
+// (JSON at info level).
+func fallbackLogger(c logging.Config, w io.Writer) *zap.Logger {
+	if log, err := logging.New(c, w); err == nil {
+		return log
+	}
+	log, _ := logging.New(logging.Config{}, w)
+	return log
+}
+
+// runApp starts app, waits for SIGINT/SIGTERM, and stops it within the
+// graceful timeout plus a margin. It returns the exit status: 0 after a
+// clean drain, 1 when start-up or shutdown failed. fx logs its own errors
+// at debug level only (logging.FxLogger): each failure is logged here, once,
+// at error level, with its root cause and a hint. afterFailedStart, when
+// not nil, releases what construction started once app.Start failed.
+func runApp(app *fx.App, log *zap.Logger, graceful time.Duration, afterFailedStart func(context.Context)) int {
+	if err := app.Err(); err != nil {
+		logStartFailure(log, err)
+		return 1
+	}
+	startCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := app.Start(startCtx); err != nil {
+		logStartFailure(log, err)
+		if afterFailedStart != nil {
+			stopCtx, cancelStop := context.WithTimeout(context.Background(), graceful)
+			defer cancelStop()
+			afterFailedStart(stopCtx)
+		}
+		return 1
+	}
+	sig := <-app.Wait()
+	log.Info("stopping", zap.String("signal", sig.Signal.String()))
+	stopCtx, cancelStop := context.WithTimeout(context.Background(), graceful+10*time.Second)
+	defer cancelStop()
+	if err := app.Stop(stopCtx); err != nil {
+		log.Error("shutdown failed", zap.Error(err),
+			zap.String("hint", "calls in flight may have been cut; raise --graceful-timeout if they need longer"))
+		return 1
+	}
+	log.Info("stopped")
+	return sig.ExitCode
+}
+
+func logStartFailure(log *zap.Logger, err error) {
+	cause := logging.RootCause(err)
+	log.Error("start-up failed", zap.String("error", cause.Error()), zap.String("hint", startHint(cause)))
+}
+
+// startHint says what to do about a start-up error.
+func startHint(err error) string {
+	msg := err.Error()
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return "another process already listens on that address (see: ss -ltnp): stop it, or choose another --listen, --metrics-listen or --pprof-listen"
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return "no interface of this machine has that IP address: fix --listen, --metrics-listen or --pprof-listen"
+	case errors.Is(err, syscall.EACCES) && strings.Contains(msg, "listen"):
+		return "ports below 1024 need CAP_NET_BIND_SERVICE: choose a port >= 1024 or grant the capability"
+	case strings.Contains(msg, "client CA"):
+		return "--client-ca must be a readable PEM file holding the CA certificate(s) that sign client certificates"
+	case errors.Is(err, fs.ErrNotExist):
+		return "a file named by --tls-cert, --tls-key or --client-ca does not exist: fix the path"
+	case errors.Is(err, fs.ErrPermission):
+		return "the proxy's user cannot read a file named by --tls-cert, --tls-key or --client-ca: fix its owner or mode"
+	case strings.Contains(msg, "private key does not match public key"):
+		return "--tls-key is not the private key of --tls-cert's certificate: give the key the certificate was issued for"
+	case strings.Contains(msg, "TLS certificate") || strings.Contains(msg, "tls:") || strings.Contains(msg, "x509"):
+		return "--tls-cert must be a PEM certificate chain (leaf first) and --tls-key its PEM private key: check both files (openssl x509 -in FILE -noout -text)"
+	case strings.Contains(msg, "upstream"):
+		return "check --upstream (vsock://CID:PORT or tcp://HOST:PORT) and that the machine has vsock (/dev/vsock)"
+	default:
+		return "fix the cause above and start again; --log-level debug traces every start-up step"
+	}
 }
 
 const usage = `Usage: nitrosign-proxy [flags]
@@ -137,19 +286,19 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	fs.DurationVar(&cfg.MaxConnectionAge, "max-connection-age", cfg.MaxConnectionAge, "close a client connection this old, so clients re-handshake (0: never)")
 	fs.DurationVar(&cfg.MaxConnectionAgeGrace, "max-connection-age-grace", cfg.MaxConnectionAgeGrace, "let calls on an aged-out connection finish for this long (0: as long as they take)")
 	if err := fs.Parse(args); err != nil {
-		return proxy.Config{}, err // flag already printed it, with the usage
+		return proxy.Config{Log: cfg.Log}, err // flag already printed it, with the usage
 	}
 	if fs.NArg() > 0 {
 		err := fmt.Errorf("unexpected argument %q: every setting is a flag", fs.Arg(0))
 		fmt.Fprintf(stderr, "nitrosign-proxy: %v (see nitrosign-proxy -h)\n", err)
-		return proxy.Config{}, err
+		return proxy.Config{Log: cfg.Log}, err
 	}
 	if err := cfg.Validate(); err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			fmt.Fprintf(stderr, "nitrosign-proxy: %s\n", line)
 		}
 		fmt.Fprintln(stderr, "see nitrosign-proxy -h")
-		return proxy.Config{}, err
+		return proxy.Config{Log: cfg.Log}, err
 	}
 	return cfg, nil
 }
