@@ -195,6 +195,14 @@ func (c *cmd) connect(ctx context.Context) (_ context.Context, _ *client.Client,
 		return nil, nil, nil, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	// A TLS mismatch would otherwise show only as "cannot reach" after the
+	// whole --timeout: find it at once.
+	if t, perr := target.Parse(c.target); perr == nil {
+		if err := precheckTLS(ctx, t, tc); err != nil {
+			cancel()
+			return nil, nil, nil, err
+		}
+	}
 	cl, err := client.Dial(ctx, c.target, client.Options{TLS: tc})
 	if err != nil {
 		cancel()

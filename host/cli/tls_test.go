@@ -67,27 +67,67 @@ func TestCLIMutualTLS(t *testing.T) {
 	if !strings.Contains(r.stdout, "echo 2 bytes") {
 		t.Fatalf("echo output %q", r.stdout)
 	}
+	other := tlstest.NewCA(t, "other-ca")
 	tests := []struct {
 		name     string
 		args     []string
 		wantCode int
-		wantErr  string
+		wantErr  []string
 	}{
-		{"no client certificate", []string{"--tls-ca", ca.File}, ExitFailure, "cannot reach"},
-		{"client certificate from another CA", []string{"--tls-ca", ca.File, "--tls-cert", rogue.CertFile, "--tls-key", rogue.KeyFile}, ExitFailure, "cannot reach"},
-		{"plaintext", nil, ExitFailure, "cannot reach"},
-		{"server not trusted (system roots)", []string{"--tls", "--tls-cert", good.CertFile, "--tls-key", good.KeyFile}, ExitFailure, "cannot reach"},
-		{"cert without key", []string{"--tls-cert", good.CertFile}, ExitUsage, "give both or neither"},
-		{"missing CA file", []string{"--tls-ca", "/nonexistent/ca.pem"}, ExitFailure, "/nonexistent/ca.pem"},
+		{"no client certificate", []string{"--tls-ca", ca.File}, ExitFailure,
+			[]string{"TLS handshake with", "certificate required", "give --tls-cert FILE --tls-key FILE"}},
+		{"client certificate from another CA", []string{"--tls-ca", ca.File, "--tls-cert", rogue.CertFile, "--tls-key", rogue.KeyFile}, ExitFailure,
+			[]string{"TLS handshake with", "issued by its --client-ca"}},
+		{"plaintext", nil, ExitFailure, []string{"speaks TLS", "add --tls"}},
+		{"server not trusted (system roots)", []string{"--tls", "--tls-cert", good.CertFile, "--tls-key", good.KeyFile}, ExitFailure,
+			[]string{"TLS handshake with", "certificate signed by unknown authority", "give its CA with --tls-ca"}},
+		{"wrong CA", []string{"--tls-ca", other.File, "--tls-cert", good.CertFile, "--tls-key", good.KeyFile}, ExitFailure,
+			[]string{"TLS handshake with", "unknown authority", "--tls-ca"}},
+		{"wrong server name", []string{"--tls-ca", ca.File, "--tls-server-name", "signer.example.com", "--tls-cert", good.CertFile, "--tls-key", good.KeyFile}, ExitFailure,
+			[]string{"TLS handshake with", "signer.example.com", "--tls-server-name NAME"}},
+		{"cert without key", []string{"--tls-cert", good.CertFile}, ExitUsage, []string{"give both or neither"}},
+		{"missing CA file", []string{"--tls-ca", "/nonexistent/ca.pem"}, ExitFailure, []string{"/nonexistent/ca.pem"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			args := append([]string{"echo", tg, "--timeout", "1s"}, tt.args...)
+			// A mismatch is reported at once, not after --timeout.
+			args := append([]string{"echo", tg, "--timeout", "20s"}, tt.args...)
+			start := time.Now()
 			r := run(t, "", args...)
-			if r.code != tt.wantCode || !strings.Contains(r.stderr, tt.wantErr) {
-				t.Fatalf("exit %d, stderr %q; want exit %d and %q", r.code, r.stderr, tt.wantCode, tt.wantErr)
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("took %v: a TLS mismatch must be reported well before --timeout", d)
+			}
+			if r.code != tt.wantCode {
+				t.Fatalf("exit %d, stderr %q; want exit %d", r.code, r.stderr, tt.wantCode)
+			}
+			for _, w := range tt.wantErr {
+				if !strings.Contains(r.stderr, w) {
+					t.Errorf("stderr %q, want %q", r.stderr, w)
+				}
+			}
+			if strings.Contains(r.stderr, "is the host proxy running?") {
+				t.Errorf("stderr %q blames a proxy that is running", r.stderr)
 			}
 		})
+	}
+}
+
+// --tls against a plaintext proxy says so at once; plaintext still works
+// without delay.
+func TestCLITLSToPlaintextProxy(t *testing.T) {
+	tg := "--target=" + startTLSProxy(t, tlsconfig.ServerConfig{})
+	start := time.Now()
+	mustOK(t, run(t, "", "echo", tg, "--payload", "hi", "--timeout", "20s"))
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("plaintext echo took %v: the pre-check must not delay a good connection", d)
+	}
+	start = time.Now()
+	r := run(t, "", "echo", tg, "--tls", "--timeout", "20s")
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("took %v: want the mismatch reported at once", d)
+	}
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "TLS handshake with") || !strings.Contains(r.stderr, "does not speak TLS: drop --tls") {
+		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
 	}
 }
 
