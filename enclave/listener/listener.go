@@ -27,8 +27,9 @@ type Config struct {
 	// CID to bind: CIDAny (default when zero is not set explicitly by the
 	// binary) or a specific context ID such as 1 (local loopback).
 	CID uint32
-	// Port to bind, default 5005. 9000 is refused: nitro-cli uses it for the
-	// enclave boot heartbeat.
+	// Port to bind, default 5005. 9000 is refused: it is the port of
+	// nitro-cli's heartbeat listener on the parent, which the enclave's
+	// init connects to at boot.
 	Port uint32
 }
 

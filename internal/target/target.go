@@ -24,8 +24,9 @@ const (
 	TCP Scheme = "tcp"
 )
 
-// ReservedVsockPort is the parent-instance port nitro-cli uses for the
-// enclave boot heartbeat; nothing of ours may use it.
+// ReservedVsockPort is the port of nitro-cli's boot heartbeat listener on
+// the parent (CID 3), which the enclave's init connects to when it boots;
+// nothing of ours uses it, on either side, so the two are never confused.
 const ReservedVsockPort = 9000
 
 // Target is a parsed transport address.
