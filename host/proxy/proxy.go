@@ -107,8 +107,9 @@ type Proxy struct {
 	serving   sync.WaitGroup
 	active    atomic.Int32 // Serve calls running
 
-	stopOnce sync.Once
-	stopErr  error
+	startOnce sync.Once
+	stopOnce  sync.Once
+	stopErr   error
 }
 
 // New builds a proxy forwarding to ups; it does not listen or serve. It
@@ -161,21 +162,11 @@ func New(cfg Config, ups *Upstreams, log *zap.Logger, opts ...Option) (*Proxy, e
 	// Check of "" never reaches it (call.answerHealth).
 	p.localSrv = grpc.NewServer(grpc.MaxConcurrentStreams(math.MaxUint32))
 	healthgrpc.RegisterHealthServer(p.localSrv, p.health)
-	go func() { _ = p.localSrv.Serve(p.localL) }()
 	// An in-memory connection cannot be half open: no keepalive pings
 	// (which the server would count as strikes and answer with GOAWAY),
 	// no health watch, no keyset.
 	p.local = newUpstreamSet(cfg.Pool, log.Named("local"))
 	p.local.add("proxy health service", "proxy-local", p.localL.dial, 1, 0, false, false)
-	p.local.start(&p.mem)
-	ups.start(&p.mem)
-	// The in-memory connection is up at once; a health List or Watch that
-	// arrives first must not find it missing.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := p.local.WaitReady(ctx); err != nil {
-		log.Error("the proxy's own health service did not start", zap.Error(err))
-	}
 	ups.OnStateChange(p.health.setReady)
 
 	switch {
@@ -191,6 +182,31 @@ func New(cfg Config, ups *Upstreams, log *zap.Logger, opts ...Option) (*Proxy, e
 			zap.String("listen", cfg.Listen))
 	}
 	return p, nil
+}
+
+// start starts, once, what New only prepared: the in-process health
+// server and every upstream connection. Serve calls it, so a proxy whose
+// app never starts (another component's start failing first) leaves
+// nothing running.
+func (p *Proxy) start() {
+	p.startOnce.Do(func() {
+		go func() { _ = p.localSrv.Serve(p.localL) }()
+		p.local.start(&p.mem)
+		p.ups.start(&p.mem)
+		// The in-memory connection is up at once; a health List or Watch
+		// that arrives first must not find it missing.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := p.local.WaitReady(ctx); err != nil && !p.isStopped() {
+			p.log.Error("the proxy's own health service did not start", zap.Error(err))
+		}
+	})
+}
+
+func (p *Proxy) isStopped() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stopped
 }
 
 // h2TLSConfig makes every handshake of base offer HTTP/2 (ALPN "h2"),
@@ -243,6 +259,7 @@ func (p *Proxy) Serve(l net.Listener) error {
 	p.mu.Unlock()
 	defer p.serving.Done()
 	defer p.active.Add(-1)
+	p.start()
 	defer func() {
 		p.mu.Lock()
 		delete(p.listeners, l)

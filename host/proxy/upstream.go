@@ -145,6 +145,11 @@ func (u *Upstreams) start(mem *account) {
 	if !u.started.CompareAndSwap(false, true) {
 		return
 	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		return // nothing may run after Close
+	}
 	u.mem = mem
 	for _, up := range u.all {
 		for _, s := range up.slots {

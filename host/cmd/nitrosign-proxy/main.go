@@ -67,10 +67,10 @@ func run(args []string, stderr io.Writer) int {
 	// runApp blocks until SIGINT or SIGTERM, then stops gracefully (drain
 	// up to --graceful-timeout).
 	return runApp(app, log, cfg.GracefulStopTimeout, func(ctx context.Context) {
-		// The proxy runs its in-process health service and upstream pool
-		// from construction, but fx stops only what started: when a hook
-		// before the proxy's (the metrics listener) fails, stop it here
-		// (Stop is idempotent).
+		// fx stops only what started: when a hook before the proxy's
+		// (the metrics listener) fails, the proxy that was built is
+		// stopped here (nothing of it runs before Serve; Stop is
+		// idempotent).
 		if px != nil {
 			_ = px.Stop(ctx)
 		}
