@@ -98,7 +98,13 @@ type Metrics struct {
 	inFlight       prometheus.Gauge
 	upstreamErrors *prometheus.CounterVec
 	shed           *prometheus.CounterVec
+	tlsFailures    *prometheus.CounterVec
 }
+
+// TLS handshake failure reasons (label "reason" of
+// nitrosign_proxy_tls_handshake_failures_total).
+var TLSFailureReasons = []string{"not_tls", "no_client_certificate", "bad_client_certificate",
+	"server_certificate_refused", "protocol_mismatch", "timeout", "closed", "other"}
 
 // New makes a registry with the proxy's instruments and the Go and process
 // collectors. Pool and enclave collectors are added with RegisterPool and
@@ -127,15 +133,22 @@ func New() *Metrics {
 			Namespace: Namespace, Subsystem: "proxy", Name: "shed_total",
 			Help: "Load the proxy shed or held back: client connections closed beyond --max-connections (max_connections); calls answered ResourceExhausted beyond --max-in-flight (max_in_flight), beyond their connection's share (connection_share), over the memory budget (memory_budget) or with every upstream connection full (upstream_busy); connections sent GOAWAY for resetting too many streams (too_many_resets) or for floods of SETTINGS, malformed requests or CONTINUATION frames (abuse); client readers paused for queuing too much (read_paused).",
 		}, []string{"reason"}),
+		tlsFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Subsystem: "proxy", Name: "tls_handshake_failures_total",
+			Help: "Client TLS handshakes refused, by reason: not_tls (plaintext or another protocol on the TLS port), no_client_certificate, bad_client_certificate (unknown CA, expired, wrong usage), server_certificate_refused (the client does not trust the proxy's certificate), protocol_mismatch (versions, cipher suites, ALPN), timeout, closed (the client left), other.",
+		}, []string{"reason"}),
 	}
 	// Pre-create the reasons so that rate() works from the first scrape.
+	for _, r := range TLSFailureReasons {
+		m.tlsFailures.WithLabelValues(r)
+	}
 	for _, r := range []string{ReasonNoReadyConnection, ReasonUnavailable, ReasonServerFault} {
 		m.upstreamErrors.WithLabelValues(r)
 	}
 	for _, r := range shedReasons {
 		m.shed.WithLabelValues(r)
 	}
-	m.reg.MustRegister(m.calls, m.latency, m.inFlight, m.upstreamErrors, m.shed,
+	m.reg.MustRegister(m.calls, m.latency, m.inFlight, m.upstreamErrors, m.shed, m.tlsFailures,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -154,6 +167,15 @@ func (m *Metrics) CallFinished(method string, code codes.Code, elapsed time.Dura
 	method = MethodLabel(method)
 	m.calls.WithLabelValues(method, code.String()).Inc()
 	m.latency.WithLabelValues(method).Observe(elapsed.Seconds())
+}
+
+// TLSHandshakeFailed counts a refused client handshake; reason is one of
+// TLSFailureReasons (anything else counts as "other").
+func (m *Metrics) TLSHandshakeFailed(reason string) {
+	if !slices.Contains(TLSFailureReasons, reason) {
+		reason = "other"
+	}
+	m.tlsFailures.WithLabelValues(reason).Inc()
 }
 
 // Shed counts load the proxy shed; reason is one of the Shed constants.

@@ -1,8 +1,12 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"net"
+	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -106,6 +110,54 @@ func unaryMethods() map[string]bool {
 // request is complete.
 func oneRequestMethods() map[string]bool {
 	return methods(func(md protoreflect.MethodDescriptor) bool { return !md.IsStreamingClient() })
+}
+
+// TLSObserver is told about every client TLS handshake the proxy refused;
+// *metrics.Metrics implements it.
+type TLSObserver interface {
+	TLSHandshakeFailed(reason string)
+}
+
+var _ TLSObserver = (*metrics.Metrics)(nil)
+
+// tlsRefused counts a refused client handshake by reason and logs it at
+// info, at most once a second (a scanner or a misconfigured client must
+// not flood the journal): operators see a bad renewal or a client with
+// the wrong certificate without debug logging.
+func (p *Proxy) tlsRefused(peer net.Addr, err error) {
+	reason := tlsFailureReason(err)
+	if o, ok := p.obs.(TLSObserver); ok {
+		o.TLSHandshakeFailed(reason)
+	}
+	if ok, more := p.tlsLogs.Allow(); ok {
+		p.log.Info("TLS handshake refused", zap.Stringer("peer", peer), zap.String("reason", reason),
+			zap.Error(err), zap.Uint64("refused_since_last_line", more+1))
+	}
+}
+
+// tlsFailureReason classifies a failed server handshake (crypto/tls
+// reports its alerts and checks as text).
+func tlsFailureReason(err error) string {
+	var ne net.Error
+	msg := err.Error()
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		return "closed"
+	case strings.Contains(msg, "does not look like a TLS handshake"):
+		return "not_tls"
+	case strings.Contains(msg, "remote error") && strings.Contains(msg, "certificate"):
+		return "server_certificate_refused" // the client's alert
+	case strings.Contains(msg, "didn't provide a certificate"), strings.Contains(msg, "certificate required"):
+		return "no_client_certificate"
+	case strings.Contains(msg, "certificate"):
+		return "bad_client_certificate"
+	case strings.Contains(msg, "protocol version"), strings.Contains(msg, "cipher suite"),
+		strings.Contains(msg, "application protocol"), strings.Contains(msg, "unsupported versions"):
+		return "protocol_mismatch"
+	}
+	return "other"
 }
 
 // shed counts load held back or refused, when the observer counts it.

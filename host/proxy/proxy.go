@@ -84,7 +84,8 @@ type Proxy struct {
 	tls      *tlsconfig.Server // nil: plaintext
 	tlsConf  *tls.Config
 	inFlight *limits.InFlight
-	unary    map[string]bool // known unary methods (default deadline)
+	tlsLogs  *limits.Throttle // refused handshakes, logged once a second
+	unary    map[string]bool  // known unary methods (default deadline)
 	// oneRequest: known methods whose request is one message (unary and
 	// server-streaming), launched upstream only once complete.
 	oneRequest map[string]bool
@@ -154,6 +155,7 @@ func New(cfg Config, ups *Upstreams, log *zap.Logger, opts ...Option) (*Proxy, e
 		p.tlsConf = h2TLSConfig(p.tls.TLSConfig())
 	}
 	p.inFlight = newInFlight(cfg, log, p.obs)
+	p.tlsLogs = limits.NewThrottle(time.Second)
 	p.health = newHealthServer(ups, log.Named("health"))
 
 	p.localL = newPipeListener()

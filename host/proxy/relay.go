@@ -99,7 +99,7 @@ func (p *Proxy) serveConn(nc net.Conn) {
 		tc := tls.Server(nc, p.tlsConf)
 		if err := tc.Handshake(); err != nil {
 			close(handshaking)
-			p.log.Debug("TLS handshake failed", zap.Stringer("peer", nc.RemoteAddr()), zap.Error(err))
+			p.tlsRefused(nc.RemoteAddr(), err)
 			_ = nc.Close()
 			return
 		}

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool/pooltest"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
@@ -102,47 +103,60 @@ func TestTLSAndMutualTLS(t *testing.T) {
 		tls  tlsconfig.ServerConfig
 		// clients and whether each must get through
 		clients []struct {
-			name string
-			opt  grpc.DialOption
-			ok   bool
+			name   string
+			opt    grpc.DialOption
+			ok     bool
+			reason string // nitrosign_proxy_tls_handshake_failures_total's, when refused
 		}
 	}{
 		{"tls", tlsconfig.ServerConfig{CertFile: srvPair.CertFile, KeyFile: srvPair.KeyFile}, []struct {
-			name string
-			opt  grpc.DialOption
-			ok   bool
+			name   string
+			opt    grpc.DialOption
+			ok     bool
+			reason string
 		}{
-			{"tls client", clientCreds(t, serverOnly, nil), true},
-			{"tls client with a certificate", clientCreds(t, withGood, nil), true},
-			{"plaintext client", plain, false},
-			{"client that does not trust the server", clientCreds(t, distrustful, nil), false},
+			{"tls client", clientCreds(t, serverOnly, nil), true, ""},
+			{"tls client with a certificate", clientCreds(t, withGood, nil), true, ""},
+			{"plaintext client", plain, false, "not_tls"},
+			{"client that does not trust the server", clientCreds(t, distrustful, nil), false, "server_certificate_refused"},
 		}},
 		{"mutual tls", tlsconfig.ServerConfig{CertFile: srvPair.CertFile, KeyFile: srvPair.KeyFile, ClientCAFile: clientCA.File}, []struct {
-			name string
-			opt  grpc.DialOption
-			ok   bool
+			name   string
+			opt    grpc.DialOption
+			ok     bool
+			reason string
 		}{
-			{"good client certificate", clientCreds(t, withGood, nil), true},
-			{"no client certificate", clientCreds(t, serverOnly, nil), false},
-			{"client certificate from another CA", clientCreds(t, withRogue, nil), false},
-			{"plaintext client", plain, false},
+			{"good client certificate", clientCreds(t, withGood, nil), true, ""},
+			{"no client certificate", clientCreds(t, serverOnly, nil), false, "no_client_certificate"},
+			// Go's client sends no certificate whose issuer the server did
+			// not ask for: the proxy sees none.
+			{"client certificate from another CA", clientCreds(t, withRogue, nil), false, "no_client_certificate"},
+			{"plaintext client", plain, false, "not_tls"},
 		}},
 	}
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
+			mx := metrics.New()
 			h := newHarness(t, harnessOpts{
 				poolSize:   1,
 				mutate:     func(c *proxy.Config) { c.TLS = m.tls },
 				clientOpts: []grpc.DialOption{clientCreds(t, withGood, nil)},
+				proxyOpts:  []proxy.Option{proxy.WithObserver(mx)},
 			})
 			for _, c := range m.clients {
 				t.Run(c.name, func(t *testing.T) {
+					before := tlsFailures(t, mx, c.reason)
 					err := echoOnce(t, dialRaw(t, h.addr, c.opt))
 					if c.ok && err != nil {
 						t.Fatalf("refused: %v", err)
 					}
 					if !c.ok && status.Code(err) != codes.Unavailable {
 						t.Fatalf("got %v, want a refused connection (Unavailable)", err)
+					}
+					if c.reason != "" {
+						eventually(t, 5*time.Second, "the refused handshake counted as "+c.reason, func() bool {
+							return tlsFailures(t, mx, c.reason) > before
+						})
 					}
 				})
 			}
@@ -263,4 +277,30 @@ func TestNewFailsOnBadCertificate(t *testing.T) {
 	if _, err := proxy.New(cfg, pl, zap.NewNop()); err == nil || !strings.Contains(err.Error(), "/nonexistent/server.pem") {
 		t.Fatalf("New = %v, want an error naming the certificate file", err)
 	}
+}
+
+// tlsFailures is nitrosign_proxy_tls_handshake_failures_total{reason}.
+func tlsFailures(t *testing.T, m *metrics.Metrics, reason string) float64 {
+	t.Helper()
+	if reason == "" {
+		return 0
+	}
+	fams, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() != "nitrosign_proxy_tls_handshake_failures_total" {
+			continue
+		}
+		for _, mm := range f.GetMetric() {
+			for _, l := range mm.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == reason {
+					return mm.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no nitrosign_proxy_tls_handshake_failures_total{reason=%q}", reason)
+	return 0
 }
