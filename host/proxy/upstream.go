@@ -85,6 +85,9 @@ type slot struct {
 	lane atomic.Pointer[lane]
 	// health: the enclave said SERVING on the current lane; serving: the
 	// slot takes calls (health, and the upstream's keyset compared).
+	// mu orders their changes with the lane's: a late answer from a lane
+	// being replaced must not overwrite what the new one said.
+	mu      sync.Mutex
 	health  atomic.Bool
 	serving atomic.Bool
 	state   atomic.Int32 // connectivity.State, for metrics
@@ -335,9 +338,11 @@ func (s *slot) keep() {
 		}
 		backoff = u.cfg.BackoffBase
 		u.track(l, true)
+		s.mu.Lock()
 		s.health.Store(false)
 		s.serving.Store(false)
 		s.lane.Store(l)
+		s.mu.Unlock()
 		s.state.Store(int32(connectivity.Ready))
 		s.readies.Add(1)
 		if u.ctx.Err() != nil {
@@ -350,11 +355,13 @@ func (s *slot) keep() {
 		go func() {
 			defer u.wg.Done()
 			err := l.serve()
+			s.mu.Lock()
 			if s.lane.CompareAndSwap(l, nil) {
 				s.health.Store(false)
 				s.serving.Store(false)
 				s.state.Store(int32(connectivity.TransientFailure))
 			}
+			s.mu.Unlock()
 			u.track(l, false)
 			s.up.forgetKeysetWhenDown()
 			u.changed()
@@ -469,16 +476,20 @@ func (s *slot) watchHealth(l *lane) {
 // been read on l and compared with the others (so that no call lands on
 // an enclave with another keyset in between).
 func (s *slot) setServing(l *lane, healthy bool) {
-	if s.lane.Load() != l {
+	s.mu.Lock()
+	if s.lane.Load() != l || s.health.Load() == healthy {
+		s.mu.Unlock()
 		return
 	}
-	if s.health.Swap(healthy) == healthy {
-		return
+	s.health.Store(healthy)
+	now := !healthy || !s.up.keysets
+	if now {
+		s.serving.Store(healthy)
 	}
+	s.mu.Unlock()
 	u := s.up.set
 	u.log.Info("upstream health", zap.String("upstream", s.up.name), zap.Int("slot", s.idx), zap.Bool("serving", healthy))
-	if !healthy || !s.up.keysets {
-		s.serving.Store(healthy)
+	if now {
 		u.changed()
 		return
 	}
@@ -486,8 +497,13 @@ func (s *slot) setServing(l *lane, healthy bool) {
 	go func() {
 		defer u.wg.Done()
 		s.up.readKeyset(l)
-		if s.lane.Load() == l && s.health.Load() {
+		s.mu.Lock()
+		ok := s.lane.Load() == l && s.health.Load()
+		if ok {
 			s.serving.Store(true)
+		}
+		s.mu.Unlock()
+		if ok {
 			u.changed()
 		}
 	}()
