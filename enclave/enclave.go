@@ -26,7 +26,18 @@ type Config struct {
 	Attest   attest.Config
 }
 
-// Validate checks every part and names the first one that is wrong.
+// DefaultConfig returns the documented defaults of every part: what
+// nitrosign-enclave runs with when given no flags.
+func DefaultConfig() Config {
+	return Config{
+		Log:      logging.Config{Level: "info", Format: "json"},
+		Listener: listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort},
+		Signer:   signer.Config{RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
+		Server:   server.DefaultConfig(),
+	}
+}
+
+// Validate checks every part and reports every one that is wrong.
 func (c Config) Validate() error {
 	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
 }

@@ -16,9 +16,8 @@ import (
 
 // TestValidateApp checks the graph the shipped binary runs.
 func TestValidateApp(t *testing.T) {
-	var c Config
-	c.Listener.CID, c.Listener.Port = 1, 5005
-	c.Signer.Ed25519 = true
+	c := DefaultConfig()
+	c.Listener.CID = 1
 	c.Attest.DevSimulatedNSM = true
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
@@ -54,9 +53,8 @@ func TestDevKeySeedDevelopmentOnly(t *testing.T) {
 	for i := range seed {
 		seed[i] = 0xc3
 	}
-	var c Config
-	c.Listener.CID, c.Listener.Port = 1, 5005
-	c.Signer.Ed25519 = true
+	c := DefaultConfig()
+	c.Listener.CID = 1
 	c.Signer.DevKeySeed = seed
 	err := c.Validate()
 	if !errors.Is(err, errDevKeySeed) || !contains(err.Error(), "--dev-simulated-nsm") {

@@ -119,7 +119,7 @@ func TestCallsCounted(t *testing.T) {
 	st := stats.New()
 	// Not started by newStatsFixture: the test service is registered after
 	// New, as a late registration must still be counted under its name.
-	f := newStatsFixture(t, false, Config{MaxRecvMsgSize: maxRecv}, st)
+	f := newStatsFixture(t, false, configWith(func(c *Config) { c.Limits.MaxRecvMsgSize = maxRecv }), st)
 	if err := f.srv.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -85,7 +85,7 @@ func callWait(ctx context.Context, cc grpc.ClientConnInterface) error {
 // Calls beyond MaxInFlight are refused at once with a precise
 // ResourceExhausted; health calls are exempt; a freed slot serves again.
 func TestMaxInFlight(t *testing.T) {
-	f, b := blockingFixture(t, Config{MaxInFlight: 2})
+	f, b := blockingFixture(t, configWith(func(c *Config) { c.Limits.MaxInFlight = 2 }))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	done := make(chan error, 2)
@@ -120,7 +120,7 @@ func TestMaxInFlight(t *testing.T) {
 // A unary call without a deadline gets the default one; a caller's own
 // deadline is kept.
 func TestDefaultCallTimeout(t *testing.T) {
-	f, b := blockingFixture(t, Config{DefaultCallTimeout: 300 * time.Millisecond})
+	f, b := blockingFixture(t, configWith(func(c *Config) { c.Limits.DefaultCallTimeout = 300 * time.Millisecond }))
 	errc := make(chan error, 1)
 	start := time.Now()
 	go func() { errc <- callWait(context.Background(), f.conn) }()
@@ -156,7 +156,7 @@ func TestDefaultCallTimeout(t *testing.T) {
 // Metadata over MaxMetadataSize gets ResourceExhausted, invalid metadata
 // InvalidArgument; over MaxHeaderListSize grpc-go's client refuses to send.
 func TestMetadataLimits(t *testing.T) {
-	f := newFixture(t, true, Config{MaxMetadataSize: 2 << 10, MaxHeaderListSize: 8 << 10})
+	f := newFixture(t, true, configWith(func(c *Config) { c.Limits.MaxMetadataSize = 2 << 10; c.Limits.MaxHeaderListSize = 8 << 10 }))
 	echo := pb.NewEchoServiceClient(f.conn)
 	tests := []struct {
 		name string
@@ -185,7 +185,7 @@ func TestMetadataLimits(t *testing.T) {
 // Connections beyond MaxConnections are closed at once and logged; the
 // server keeps serving the ones it holds.
 func TestMaxConnections(t *testing.T) {
-	f := newFixture(t, true, Config{MaxConnections: 1})
+	f := newFixture(t, true, configWith(func(c *Config) { c.Limits.MaxConnections = 1 }))
 	// f.conn holds the one slot once it has connected.
 	if _, err := pb.NewEchoServiceClient(f.conn).Echo(ctxT(t), &pb.EchoRequest{}); err != nil {
 		t.Fatal(err)
@@ -211,47 +211,45 @@ func TestMaxConnections(t *testing.T) {
 	}
 }
 
-func TestLimitsValidate(t *testing.T) {
-	tests := []struct {
-		name string
-		cfg  Config
-		want string
-	}{
-		{"zero is every default", Config{}, ""},
-		{"explicit", Config{MaxInFlight: 10, MaxConnections: 3, MaxMetadataSize: 100, MaxHeaderListSize: 100, DefaultCallTimeout: time.Second}, ""},
-		{"negative in-flight", Config{MaxInFlight: -1}, "max in-flight calls -1"},
-		{"huge in-flight", Config{MaxInFlight: 1 << 21}, "max in-flight calls"},
-		{"negative timeout", Config{DefaultCallTimeout: -time.Second}, "default call timeout"},
-		{"negative connections", Config{MaxConnections: -2}, "max connections -2"},
-		{"negative metadata", Config{MaxMetadataSize: -1}, "max metadata size -1"},
-		{"metadata above header list", Config{MaxMetadataSize: 100 << 10}, "exceeds the max header list size 65536"},
-		{"negative keepalive", Config{KeepaliveTime: -time.Second}, "keepalive durations"},
-		{"negative age", Config{MaxConnectionAge: -time.Second}, "connection idle/age"},
+// The server's configuration follows internal/limits' convention: built
+// from DefaultConfig, every invalid field reported; the limit rules
+// themselves are tested there.
+func TestConfigValidate(t *testing.T) {
+	if err := DefaultConfig().Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			err := tt.cfg.Validate()
-			if tt.want == "" {
-				if err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if err == nil || !strings.Contains(err.Error(), tt.want) {
-				t.Fatalf("Validate = %v, want %q", err, tt.want)
-			}
-		})
-	}
-	d := Config{}.withDefaults()
-	if d.MaxInFlight != 1024 || d.MaxConnectionAge != 0 || d.MaxConnectionIdle != 0 || d.KeepaliveMinTime != 10*time.Second {
+	d := DefaultConfig()
+	if d.Limits.MaxInFlight != 1024 || d.Limits.MaxConnectionAge != 0 || d.Limits.MaxConnectionIdle != 0 ||
+		d.Limits.KeepaliveMinTime != 10*time.Second || d.Limits.MaxRecvMsgSize != 1<<20 {
 		t.Fatalf("defaults %+v", d)
 	}
+	bad := configWith(func(c *Config) {
+		c.GracefulStopTimeout = -1
+		c.Limits.MaxInFlight = -1
+		c.Limits.MaxRecvMsgSize = 65 << 20
+	})
+	err := bad.Validate()
+	for _, want := range []string{"graceful stop timeout", "max in-flight calls -1", "max receive message size 68157440"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate = %v, want it to report %q", err, want)
+		}
+	}
+	if err := (Config{}).Validate(); err == nil {
+		t.Error("a zero Config validated: it must be built from DefaultConfig")
+	}
+}
+
+// configWith is DefaultConfig changed by mod.
+func configWith(mod func(*Config)) Config {
+	c := DefaultConfig()
+	mod(&c)
+	return c
 }
 
 // A malformed request refused by a limit still gets its precise status,
 // and leaves nothing behind in the codec's table of malformed requests.
 func TestMalformedUnderLimits(t *testing.T) {
-	f, b := blockingFixture(t, Config{MaxInFlight: 1, MaxMetadataSize: 1 << 10})
+	f, b := blockingFixture(t, configWith(func(c *Config) { c.Limits.MaxInFlight = 1; c.Limits.MaxMetadataSize = 1 << 10 }))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	done := make(chan error, 1)

@@ -23,82 +23,46 @@ import (
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/enclave/stats"
+	"github.com/nitrosign/nitrosign/internal/limits"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-// Config tunes the gRPC server.
+// Config tunes the gRPC server. Build it from DefaultConfig; Validate
+// reports every invalid field (internal/limits' convention).
 type Config struct {
 	// GracefulStopTimeout bounds how long in-flight calls may run after a
 	// stop signal before they are cut off. Default 10s.
 	GracefulStopTimeout time.Duration
-	// MaxRecvMsgSize is the largest request accepted, in bytes; larger ones
-	// get ResourceExhausted. Default 1 MiB (a RAW Sign takes at most 4 KiB;
-	// Echo is the only large message).
-	MaxRecvMsgSize int
-	// HandshakeTimeout bounds how long a new connection may take to send
-	// the HTTP/2 preface and settings; a peer that connects and stalls is
-	// dropped after it. Default 5s (grpc-go's own default is 120s).
-	HandshakeTimeout time.Duration
-
-	// The limits below protect the enclave from load and from hostile or
-	// broken peers; docs/RELIABILITY.md lists what each one answers.
-
-	// MaxInFlight bounds the calls served at once (health calls are
-	// exempt). A call beyond it gets ResourceExhausted at once ("enclave
-	// busy: N calls in flight, limit M; retry with backoff"); nothing
-	// queues. Default 1024: far above what two to four cores can sign at
-	// once, low enough to bound memory.
-	MaxInFlight int
-	// DefaultCallTimeout is the deadline of a unary call that arrived
-	// without one; streams (health Watch) are left alone. Default 30s.
-	DefaultCallTimeout time.Duration
-	// MaxConnections bounds the connections open at once; one beyond it is
-	// accepted and closed at once (logged, at most once a second). The
-	// proxy's pool holds a few (4 by default, at most 256). Default 512.
-	MaxConnections int
-	// MaxConcurrentStreams bounds the calls open at once on one
-	// connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a grpc-go client
-	// waits for a free stream, a raw one gets RST_STREAM(REFUSED_STREAM).
-	// Default 1024 (= MaxInFlight, so one connection can use the whole
-	// enclave and MaxInFlight, not this, is what sheds).
-	MaxConcurrentStreams uint32
-	// MaxHeaderListSize is the largest request header block the transport
-	// accepts (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE), in bytes: beyond it a
-	// stream is reset (RST_STREAM FRAME_SIZE_ERROR), and grpc-go clients
-	// refuse to send it. Default 64 KiB (grpc-go's default is 16 MiB).
-	MaxHeaderListSize uint32
-	// MaxMetadataSize is the largest request metadata a call may carry, in
-	// bytes (names + values + 32 per entry, as HTTP/2 counts); beyond it
-	// the call gets ResourceExhausted. At most MaxHeaderListSize. Default
-	// 32 KiB (the proxy forwards at most 16 KiB by default).
-	MaxMetadataSize int
-	// KeepaliveMinTime is the shortest interval between client pings the
-	// enclave tolerates; a client pinging more often is sent GOAWAY
-	// (too_many_pings). Pings are allowed on a connection without calls.
-	// Default 10s: the shortest interval a grpc-go client can ping at, so
-	// any --pool keepalive setting of the proxy is accepted (its default
-	// is 5m).
-	KeepaliveMinTime time.Duration
-	// KeepaliveTime is how long a connection may be silent before the
-	// enclave pings it, and KeepaliveTimeout how long it then waits for
-	// the answer before closing the connection: this reaps half-open
-	// connections whose peer vanished. Defaults 5m and 20s.
-	KeepaliveTime    time.Duration
-	KeepaliveTimeout time.Duration
-	// MaxConnectionIdle closes a connection that has had no call for this
-	// long, MaxConnectionAge one that is this old (+-10%), letting its
-	// calls finish for up to MaxConnectionAgeGrace. Default 0: never. The
-	// proxy's pool keeps long-lived connections on purpose (a reconnect is
-	// a cost the next callers pay, and with health checking a reconnected
-	// connection takes no calls until its health Watch answers), and its
-	// only peers are on the parent instance, behind the proxy's own
-	// connection limits: aging them out would buy nothing.
-	MaxConnectionIdle     time.Duration
-	MaxConnectionAge      time.Duration
-	MaxConnectionAgeGrace time.Duration
+	// Limits protect the enclave from load and from hostile or broken
+	// peers (the host proxy's pool, or anything on the parent that dials
+	// the vsock port); docs/RELIABILITY.md lists what each one answers.
+	// Defaults (DefaultConfig):
+	//   - MaxConnections 512: the proxy's pool holds a few (4 per proxy by
+	//     default, at most 256).
+	//   - MaxInFlight 1024: far above what two to four cores can sign at
+	//     once, low enough to bound memory.
+	//   - DefaultCallTimeout 30s; streams (health Watch) are left alone.
+	//   - MaxConcurrentStreams 1024 (= MaxInFlight, so one connection can
+	//     use the whole enclave and MaxInFlight, not this, is what sheds).
+	//   - MaxHeaderListSize 64 KiB (grpc-go's default is 16 MiB), and
+	//     MaxMetadataSize 32 KiB (the proxy forwards at most 16 KiB by
+	//     default).
+	//   - MaxRecvMsgSize 1 MiB: a RAW Sign takes at most 4 KiB; Echo is
+	//     the only large message.
+	//   - HandshakeTimeout 5s (grpc-go's own default is 120s).
+	//   - KeepaliveMinTime 10s: the shortest interval a grpc-go client can
+	//     ping at, so any keepalive setting of the proxy is accepted.
+	//   - KeepaliveTime 5m, KeepaliveTimeout 20s.
+	//   - MaxConnectionIdle, MaxConnectionAge, MaxConnectionAgeGrace 0
+	//     (never): the proxy keeps long-lived connections on purpose (a
+	//     reconnect is a cost the next callers pay, and a reconnected
+	//     connection takes no calls until its health Watch answers), and
+	//     its only peers are on the parent instance, behind the proxy's own
+	//     connection limits: aging them out would buy nothing.
+	Limits limits.Config
 }
 
-// Defaults for Config's zero fields.
+// Defaults of DefaultConfig.
 const (
 	DefaultGracefulStopTimeout  = 10 * time.Second
 	DefaultMaxRecvMsgSize       = 1 << 20
@@ -114,31 +78,33 @@ const (
 	DefaultKeepaliveTimeout     = 20 * time.Second
 )
 
-// Validate reports a precise error for an unusable value.
-func (c Config) Validate() error {
-	if c.GracefulStopTimeout < 0 {
-		return fmt.Errorf("graceful stop timeout %s is negative", c.GracefulStopTimeout)
+// DefaultConfig returns the documented defaults.
+func DefaultConfig() Config {
+	return Config{
+		GracefulStopTimeout: DefaultGracefulStopTimeout,
+		Limits: limits.Config{
+			MaxConnections:       DefaultMaxConnections,
+			MaxInFlight:          DefaultMaxInFlight,
+			DefaultCallTimeout:   DefaultCallTimeout,
+			MaxConcurrentStreams: DefaultMaxConcurrentStreams,
+			MaxHeaderListSize:    DefaultMaxHeaderListSize,
+			MaxMetadataSize:      DefaultMaxMetadataSize,
+			MaxRecvMsgSize:       DefaultMaxRecvMsgSize,
+			HandshakeTimeout:     DefaultHandshakeTimeout,
+			KeepaliveMinTime:     DefaultKeepaliveMinTime,
+			KeepaliveTime:        DefaultKeepaliveTime,
+			KeepaliveTimeout:     DefaultKeepaliveTimeout,
+		},
 	}
-	if c.HandshakeTimeout < 0 {
-		return fmt.Errorf("handshake timeout %s is negative", c.HandshakeTimeout)
-	}
-	if c.MaxRecvMsgSize < 0 || c.MaxRecvMsgSize > 64<<20 {
-		return fmt.Errorf("max receive message size %d: want 0 (default 1 MiB) to 64 MiB", c.MaxRecvMsgSize)
-	}
-	return c.validateLimits()
 }
 
-func (c Config) withDefaults() Config {
-	if c.GracefulStopTimeout == 0 {
-		c.GracefulStopTimeout = DefaultGracefulStopTimeout
+// Validate reports every invalid field, each with a precise message.
+func (c Config) Validate() error {
+	var errs []error
+	if c.GracefulStopTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("graceful stop timeout %s: must be > 0", c.GracefulStopTimeout))
 	}
-	if c.MaxRecvMsgSize == 0 {
-		c.MaxRecvMsgSize = DefaultMaxRecvMsgSize
-	}
-	if c.HandshakeTimeout == 0 {
-		c.HandshakeTimeout = DefaultHandshakeTimeout
-	}
-	return c.limitsWithDefaults()
+	return errors.Join(append(errs, c.Limits.Validate())...)
 }
 
 // streamWorkers is how many goroutines are kept to run calls: about the
@@ -192,7 +158,7 @@ func New(p Params) (*Server, error) {
 	if err := p.Config.Validate(); err != nil {
 		return nil, err
 	}
-	cfg := p.Config.withDefaults()
+	cfg := p.Config
 	log := p.Logger.Named("server")
 	s := &Server{
 		cfg:    cfg,
@@ -218,14 +184,13 @@ func New(p Params) (*Server, error) {
 	stream = append(stream, ls...)
 	unary = append(unary, unaryRecovery(log))
 	stream = append(stream, streamRecovery(log), streamMalformed)
-	opts := limitOptions(cfg)
+	opts := cfg.Limits.ServerOptions()
 	if p.Stats != nil {
 		// The registered methods are read at the first call, after every
 		// service below (and any a test adds through GRPC) is registered.
 		opts = append(opts, grpc.StatsHandler(p.Stats.Handler(func() map[string]grpc.ServiceInfo { return s.grpc.GetServiceInfo() })))
 	}
 	s.grpc = grpc.NewServer(append(opts,
-		grpc.MaxRecvMsgSize(cfg.MaxRecvMsgSize),
 		grpc.ForceServerCodecV2(newRequestCodec()),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),

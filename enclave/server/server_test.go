@@ -116,7 +116,7 @@ func ctxT(t *testing.T) context.Context {
 }
 
 func TestEcho(t *testing.T) {
-	f := newFixture(t, true, Config{})
+	f := newFixture(t, true, DefaultConfig())
 	c := pb.NewEchoServiceClient(f.conn)
 	for _, n := range []int{0, 1, 4096, 512 << 10} {
 		payload := bytes.Repeat([]byte{0xa5}, n)
@@ -136,7 +136,7 @@ func TestEcho(t *testing.T) {
 }
 
 func TestSignerRPCs(t *testing.T) {
-	f := newFixture(t, true, Config{})
+	f := newFixture(t, true, DefaultConfig())
 	c := pb.NewSignerServiceClient(f.conn)
 	list, err := c.ListKeys(ctxT(t), &pb.ListKeysRequest{})
 	if err != nil {
@@ -176,7 +176,7 @@ func TestSignerRPCs(t *testing.T) {
 // TestBadRequests: every malformed request gets a precise status, never
 // Internal or Unknown, and the server keeps serving.
 func TestBadRequests(t *testing.T) {
-	f := newFixture(t, true, Config{})
+	f := newFixture(t, true, DefaultConfig())
 	c := pb.NewSignerServiceClient(f.conn)
 	ecc := &pb.KeySelector{Selector: &pb.KeySelector_KeyType{KeyType: pb.KeyType_KEY_TYPE_ECC}}
 	tests := []struct {
@@ -252,7 +252,7 @@ func TestBadRequests(t *testing.T) {
 }
 
 func TestHealthStates(t *testing.T) {
-	f := newFixture(t, false, Config{})
+	f := newFixture(t, false, DefaultConfig())
 	h := healthpb.NewHealthClient(f.conn)
 	// Not started: the listener is not served yet; the health server
 	// itself says NOT_SERVING, which Start flips.
@@ -305,7 +305,7 @@ func TestHealthStates(t *testing.T) {
 
 func TestNotServingBeforeStart(t *testing.T) {
 	core, _ := observer.New(zap.DebugLevel)
-	srv, err := New(Params{Logger: zap.New(core), Listener: bufconn.Listen(1024), Signer: sharedSigner(t)})
+	srv, err := New(Params{Config: DefaultConfig(), Logger: zap.New(core), Listener: bufconn.Listen(1024), Signer: sharedSigner(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +318,7 @@ func TestNotServingBeforeStart(t *testing.T) {
 }
 
 func TestReflectionListsServices(t *testing.T) {
-	f := newFixture(t, true, Config{})
+	f := newFixture(t, true, DefaultConfig())
 	stream, err := reflectionpb.NewServerReflectionClient(f.conn).ServerReflectionInfo(ctxT(t))
 	if err != nil {
 		t.Fatal(err)
@@ -345,7 +345,7 @@ func TestReflectionListsServices(t *testing.T) {
 }
 
 func TestPanicBecomesInternal(t *testing.T) {
-	f := newFixture(t, true, Config{})
+	f := newFixture(t, true, DefaultConfig())
 	_, err := testgrpc.NewTestServiceClient(f.conn).UnaryCall(ctxT(t), &testgrpc.SimpleRequest{})
 	if st := status.Convert(err); st.Code() != codes.Internal || st.Message() != "internal error" {
 		t.Fatalf("got %v, want Internal \"internal error\"", err)
@@ -361,7 +361,7 @@ func TestPanicBecomesInternal(t *testing.T) {
 // TestDebugLogsNoPayloads: at debug level the request log names method,
 // key type, algorithm, code and latency, and no message bytes or signatures.
 func TestDebugLogsNoPayloads(t *testing.T) {
-	f := newFixture(t, true, Config{})
+	f := newFixture(t, true, DefaultConfig())
 	secret := []byte("SECRET-MESSAGE-BYTES")
 	resp, err := pb.NewSignerServiceClient(f.conn).Sign(ctxT(t), &pb.SignRequest{
 		Key: &pb.KeySelector{Selector: &pb.KeySelector_KeyType{KeyType: pb.KeyType_KEY_TYPE_ECC}}, Message: secret})
@@ -403,7 +403,7 @@ func toString(v any) string {
 // TestGarbageOnPort writes garbage and an HTTP/1.1 request to the port: the
 // connection is closed and the server keeps serving.
 func TestGarbageOnPort(t *testing.T) {
-	f := newFixture(t, true, Config{HandshakeTimeout: time.Second})
+	f := newFixture(t, true, configWith(func(c *Config) { c.Limits.HandshakeTimeout = time.Second }))
 	for _, junk := range [][]byte{
 		[]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
 		bytes.Repeat([]byte{0xff, 0x00, 0x13}, 1000),
@@ -433,7 +433,7 @@ func isClosed(err error) bool {
 // TestGracefulStop: a call in flight when Stop begins completes; new calls
 // are refused; Stop returns.
 func TestGracefulStop(t *testing.T) {
-	f := newFixture(t, true, Config{GracefulStopTimeout: 5 * time.Second})
+	f := newFixture(t, true, configWith(func(c *Config) { c.GracefulStopTimeout = 5 * time.Second }))
 	// Hold a stream open to observe the drain: Watch keeps an RPC in flight.
 	ctx, cancel := context.WithCancel(ctxT(t))
 	w, err := healthpb.NewHealthClient(f.conn).Watch(ctx, &healthpb.HealthCheckRequest{})
@@ -465,7 +465,7 @@ func TestGracefulStop(t *testing.T) {
 }
 
 func TestGracefulStopTimeout(t *testing.T) {
-	f := newFixture(t, true, Config{GracefulStopTimeout: 100 * time.Millisecond})
+	f := newFixture(t, true, configWith(func(c *Config) { c.GracefulStopTimeout = 100 * time.Millisecond }))
 	ctx, cancel := context.WithCancel(ctxT(t))
 	defer cancel()
 	w, err := healthpb.NewHealthClient(f.conn).Watch(ctx, &healthpb.HealthCheckRequest{})
@@ -485,14 +485,6 @@ func TestGracefulStopTimeout(t *testing.T) {
 	for {
 		if _, err := w.Recv(); err != nil {
 			break
-		}
-	}
-}
-
-func TestConfigValidate(t *testing.T) {
-	for _, c := range []Config{{GracefulStopTimeout: -1}, {MaxRecvMsgSize: -1}, {MaxRecvMsgSize: 65 << 20}} {
-		if err := c.Validate(); err == nil {
-			t.Errorf("%+v: want error", c)
 		}
 	}
 }

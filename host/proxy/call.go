@@ -123,7 +123,7 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) error {
 		sc.mu.Unlock()
 		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
 		return nil
-	case len(sc.calls) >= int(p.cfg.MaxConcurrentStreams):
+	case len(sc.calls) >= int(p.cfg.Limits.MaxConcurrentStreams):
 		sc.mu.Unlock()
 		sc.resetStream(c.sid, http2.ErrCodeRefusedStream)
 		return nil
@@ -310,7 +310,7 @@ func (c *call) lane() (*lane, uint32) {
 // or buffers them while the call waits for its complete request. Called by
 // the client's reader.
 func (c *call) relayRequest(data []byte, end bool) {
-	if err := c.msg.check(data, c.px.cfg.MaxRecvMsgSize); err != nil {
+	if err := c.msg.check(data, c.px.cfg.Limits.MaxRecvMsgSize); err != nil {
 		if !c.finished.Load() {
 			c.fail(codes.ResourceExhausted, err.Error())
 		}
@@ -343,7 +343,7 @@ func (c *call) relayRequest(data []byte, end bool) {
 	b := &c.sc.batch
 	if ln.ep.queued() > laneBusy {
 		b.flush()
-		if err := ln.ep.waitRoom(laneBusy, c.px.cfg.KeepaliveTimeout); err != nil {
+		if err := ln.ep.waitRoom(laneBusy, c.px.cfg.Limits.KeepaliveTimeout); err != nil {
 			c.fail(codes.Unavailable, "upstream connection congested: "+err.Error())
 			return
 		}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/limits"
 	"github.com/nitrosign/nitrosign/internal/logging"
 	"github.com/nitrosign/nitrosign/internal/pprofserver"
 	"github.com/nitrosign/nitrosign/internal/target"
@@ -60,37 +61,38 @@ type Config struct {
 	// GracefulStopTimeout bounds how long a stop waits for calls in flight
 	// before cutting them. Default 10s.
 	GracefulStopTimeout time.Duration
-	// MaxRecvMsgSize is the largest request message, in bytes, accepted
-	// from a client. Default 4 MiB (grpc-go's default, which the enclave
-	// also has unless it says otherwise).
-	MaxRecvMsgSize int
 	// MaxSendMsgSize is the largest response message, in bytes, accepted
 	// from the enclave and sent on to a client. Default 4 MiB.
 	MaxSendMsgSize int
 	// Log selects log level and format. Default info, json.
 	Log logging.Config
 
-	// The limits below protect the proxy, and the enclave behind it, from
-	// load and from hostile or broken clients; docs/RELIABILITY.md lists
-	// what each one answers.
+	// Limits protect the proxy, and the enclave behind it, from load and
+	// from hostile or broken clients (internal/limits; docs/RELIABILITY.md
+	// lists what each one answers). Defaults (DefaultConfig):
+	//   - MaxConnections 1024, counted in
+	//     nitrosign_proxy_shed_total{reason="max_connections"} when full.
+	//   - MaxInFlight 4096 (the enclave's own bound, 1024 by default,
+	//     sheds first when the enclave is the bottleneck).
+	//   - DefaultCallTimeout 30s, given to a unary call of a known method
+	//     (nitrosign, health, reflection, stats) and sent upstream with it;
+	//     streams and unknown methods get DefaultStreamTimeout.
+	//   - MaxConcurrentStreams 1024 per client connection.
+	//   - MaxHeaderListSize 32 KiB, MaxMetadataSize 16 KiB: below the
+	//     enclave's own (64 and 32 KiB), so whatever the proxy forwards is
+	//     accepted.
+	//   - MaxRecvMsgSize 4 MiB (grpc-go's default).
+	//   - HandshakeTimeout 10s (TLS and the HTTP/2 preface).
+	//   - KeepaliveMinTime 10s (the shortest interval a grpc-go client can
+	//     ping at), KeepaliveTime 2m, KeepaliveTimeout 20s.
+	//   - MaxConnectionIdle 15m; MaxConnectionAge 1h, so clients rebalance
+	//     and re-handshake (a client certificate revoked by a --client-ca
+	//     reload stops working within the age), with MaxConnectionAgeGrace
+	//     30s (the default call timeout: unary calls finish).
+	Limits limits.Config
+	// The limits below are the proxy's own: what a relay that multiplexes
+	// many clients onto a few upstream connections must bound per client.
 
-	// MaxConnections bounds the client connections open at once. One beyond
-	// it is accepted and closed at once, before TLS (the client sees
-	// Unavailable and backs off), logged at most once a second and counted
-	// in nitrosign_proxy_shed_total{reason="max_connections"}. Default 1024.
-	MaxConnections int
-	// MaxInFlight bounds the calls served at once (health calls are
-	// exempt). A call beyond it gets ResourceExhausted at once ("proxy
-	// busy: N calls in flight, limit M; retry with backoff"); nothing
-	// queues. Default 4096 (the enclave's own bound, 1024 by default,
-	// sheds first when the enclave is the bottleneck).
-	MaxInFlight int
-	// DefaultCallTimeout is the deadline given to a unary call of a known
-	// method (nitrosign, health, reflection, stats) that arrived without one;
-	// the deadline goes upstream with the call. Streams and methods the
-	// proxy does not know are left alone: a health Watch may live as long as
-	// its caller wants. Default 30s.
-	DefaultCallTimeout time.Duration
 	// DefaultStreamTimeout is the deadline given to a streaming call, or a
 	// call of a method the proxy does not know, that arrived without one,
 	// so that no stream holds its share of the enclave for ever by
@@ -120,48 +122,6 @@ type Config struct {
 	// Default 128 MiB: the proxy's RSS under the attacks in
 	// docs/RELIABILITY.md stays under twice this.
 	MemoryBudget int64
-	// MaxConcurrentStreams bounds the calls open at once on one client
-	// connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): a grpc-go client
-	// waits for a free stream, a raw one gets RST_STREAM(REFUSED_STREAM).
-	// Default 1024.
-	MaxConcurrentStreams uint32
-	// MaxHeaderListSize is the largest request header block the transport
-	// accepts (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE), in bytes: beyond it a
-	// stream is reset (RST_STREAM FRAME_SIZE_ERROR), and grpc-go clients
-	// refuse to send it. Default 32 KiB (grpc-go's default is 16 MiB).
-	MaxHeaderListSize uint32
-	// MaxMetadataSize is the largest request metadata a call may carry, in
-	// bytes (names + values + 32 per entry, as HTTP/2 counts); beyond it
-	// the call gets ResourceExhausted. At most MaxHeaderListSize, and below
-	// the enclave's own (32 KiB by default) so whatever the proxy forwards
-	// is accepted. Default 16 KiB.
-	MaxMetadataSize int
-	// HandshakeTimeout bounds how long a new client connection may take to
-	// finish its TLS handshake and send the HTTP/2 preface and settings: a
-	// client that connects and stalls (slowloris) is dropped after it.
-	// Default 10s (grpc-go's own default is 120s).
-	HandshakeTimeout time.Duration
-	// KeepaliveMinTime is the shortest interval between client pings the
-	// proxy tolerates; a client pinging more often is sent GOAWAY
-	// (too_many_pings). Pings are allowed on a connection without calls.
-	// Default 10s, the shortest interval a grpc-go client can ping at.
-	KeepaliveMinTime time.Duration
-	// KeepaliveTime is how long a client connection may be silent before
-	// the proxy pings it, and KeepaliveTimeout how long it then waits for
-	// the answer before closing it: this reaps half-open connections whose
-	// client vanished. Defaults 2m and 20s.
-	KeepaliveTime    time.Duration
-	KeepaliveTimeout time.Duration
-	// MaxConnectionIdle closes (GOAWAY) a client connection with no call for
-	// this long; 0 never. Default 15m.
-	MaxConnectionIdle time.Duration
-	// MaxConnectionAge closes (GOAWAY) a client connection this old (+-10%
-	// jitter), so clients rebalance and re-handshake (a client certificate
-	// revoked by a --client-ca reload stops working within the age), after
-	// letting its calls finish for up to MaxConnectionAgeGrace; 0 never.
-	// Defaults 1h and 30s (the default call timeout: unary calls finish).
-	MaxConnectionAge      time.Duration
-	MaxConnectionAgeGrace time.Duration
 }
 
 // DefaultConfig returns the documented defaults.
@@ -171,28 +131,30 @@ func DefaultConfig() Config {
 		Upstreams:           []string{DefaultUpstream},
 		Pool:                pool.DefaultConfig(),
 		GracefulStopTimeout: 10 * time.Second,
-		MaxRecvMsgSize:      4 << 20,
 		MaxSendMsgSize:      4 << 20,
 		Log:                 logging.Config{Level: "info", Format: "json"},
 
-		MaxConnections:        1024,
-		MaxInFlight:           4096,
-		DefaultCallTimeout:    30 * time.Second,
-		DefaultStreamTimeout:  time.Hour,
-		MaxConnectionCalls:    256,
-		MaxClientResets:       1000,
-		MaxConnectionBuffer:   1 << 20,
-		MemoryBudget:          128 << 20,
-		MaxConcurrentStreams:  1024,
-		MaxHeaderListSize:     32 << 10,
-		MaxMetadataSize:       16 << 10,
-		HandshakeTimeout:      10 * time.Second,
-		KeepaliveMinTime:      10 * time.Second,
-		KeepaliveTime:         2 * time.Minute,
-		KeepaliveTimeout:      20 * time.Second,
-		MaxConnectionIdle:     15 * time.Minute,
-		MaxConnectionAge:      time.Hour,
-		MaxConnectionAgeGrace: 30 * time.Second,
+		Limits: limits.Config{
+			MaxConnections:        1024,
+			MaxInFlight:           4096,
+			DefaultCallTimeout:    30 * time.Second,
+			MaxConcurrentStreams:  1024,
+			MaxHeaderListSize:     32 << 10,
+			MaxMetadataSize:       16 << 10,
+			MaxRecvMsgSize:        4 << 20,
+			HandshakeTimeout:      10 * time.Second,
+			KeepaliveMinTime:      10 * time.Second,
+			KeepaliveTime:         2 * time.Minute,
+			KeepaliveTimeout:      20 * time.Second,
+			MaxConnectionIdle:     15 * time.Minute,
+			MaxConnectionAge:      time.Hour,
+			MaxConnectionAgeGrace: 30 * time.Second,
+		},
+		DefaultStreamTimeout: time.Hour,
+		MaxConnectionCalls:   256,
+		MaxClientResets:      1000,
+		MaxConnectionBuffer:  1 << 20,
+		MemoryBudget:         128 << 20,
 	}
 }
 
@@ -228,9 +190,6 @@ func (c Config) Validate() error {
 	}
 	if c.GracefulStopTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("graceful stop timeout %v: must be > 0", c.GracefulStopTimeout))
-	}
-	if c.MaxRecvMsgSize < 1 {
-		errs = append(errs, fmt.Errorf("max receive message size %d: must be >= 1 byte", c.MaxRecvMsgSize))
 	}
 	if c.MaxSendMsgSize < 1 {
 		errs = append(errs, fmt.Errorf("max send message size %d: must be >= 1 byte", c.MaxSendMsgSize))

@@ -755,7 +755,7 @@ func TestBadClients(t *testing.T) {
 
 func TestMessageSizeLimits(t *testing.T) {
 	h := newHarness(t, harnessOpts{mutate: func(c *proxy.Config) {
-		c.MaxRecvMsgSize = 1 << 10
+		c.Limits.MaxRecvMsgSize = 1 << 10
 		c.MaxSendMsgSize = 2 << 10
 	}})
 	echo := nitrosignv1.NewEchoServiceClient(h.cc)

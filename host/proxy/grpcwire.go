@@ -135,9 +135,9 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 	if !strings.HasPrefix(c.method, "/") {
 		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method), 0, 0}
 	}
-	if size > p.cfg.MaxMetadataSize {
+	if size > p.cfg.Limits.MaxMetadataSize {
 		return nil, 0, &statusError{codes.ResourceExhausted, fmt.Sprintf(
-			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.MaxMetadataSize), 0, 0}
+			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.Limits.MaxMetadataSize), 0, 0}
 	}
 	if c.reqID == "" {
 		c.reqID = requestid.New()
@@ -149,7 +149,7 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 	switch {
 	case hasTO:
 	case p.unary[c.method]:
-		timeout, hasTO = p.cfg.DefaultCallTimeout, true
+		timeout, hasTO = p.cfg.Limits.DefaultCallTimeout, true
 	case p.cfg.DefaultStreamTimeout > 0:
 		// Streams and methods the proxy does not know: no client holds
 		// a stream, and its share of the enclave, for ever by default.

@@ -56,7 +56,7 @@ func TestConfigValidate(t *testing.T) {
 		{"pool size zero", func(c *proxy.Config) { c.Pool.Size = 0 }, "pool size 0: must be between 1 and 256"},
 		{"pool size negative", func(c *proxy.Config) { c.Pool.Size = -3 }, "pool size -3"},
 		{"graceful timeout", func(c *proxy.Config) { c.GracefulStopTimeout = 0 }, "graceful stop timeout 0s: must be > 0"},
-		{"max recv", func(c *proxy.Config) { c.MaxRecvMsgSize = 0 }, "max receive message size 0"},
+		{"max recv", func(c *proxy.Config) { c.Limits.MaxRecvMsgSize = 0 }, "max receive message size 0"},
 		{"max send", func(c *proxy.Config) { c.MaxSendMsgSize = -1 }, "max send message size -1"},
 		{"log level", func(c *proxy.Config) { c.Log.Level = "loud" }, `log level "loud"`},
 		{"log format", func(c *proxy.Config) { c.Log.Format = "xml" }, `log format "xml"`},

@@ -32,16 +32,12 @@ var _ ShedObserver = (*metrics.Metrics)(nil)
 
 // validateLimits reports every invalid limit field.
 func (c Config) validateLimits() []error {
-	var errs []error
+	errs := []error{c.Limits.Validate()}
 	positive := func(name string, v int64) {
 		if v < 1 {
 			errs = append(errs, fmt.Errorf("%s %d: must be >= 1", name, v))
 		}
 	}
-	positive("max connections", int64(c.MaxConnections))
-	positive("max in-flight calls", int64(c.MaxInFlight))
-	positive("max concurrent streams per connection", int64(c.MaxConcurrentStreams))
-	positive("max metadata size", int64(c.MaxMetadataSize))
 	positive("max calls per connection", int64(c.MaxConnectionCalls))
 	positive("max client resets", int64(c.MaxClientResets))
 	if c.MaxConnectionBuffer < 64<<10 {
@@ -50,31 +46,8 @@ func (c Config) validateLimits() []error {
 	if c.MemoryBudget < int64(c.MaxConnectionBuffer) {
 		errs = append(errs, fmt.Errorf("memory budget %d bytes: must be >= the max connection buffer %d", c.MemoryBudget, c.MaxConnectionBuffer))
 	}
-	if uint64(c.MaxHeaderListSize) < uint64(max(c.MaxMetadataSize, 1)) {
-		errs = append(errs, fmt.Errorf("max header list size %d: must be >= the max metadata size %d (the transport would refuse such calls first)",
-			c.MaxHeaderListSize, c.MaxMetadataSize))
-	}
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-		zero bool // 0 allowed (never / infinite)
-	}{
-		{"default call timeout", c.DefaultCallTimeout, false},
-		{"default stream timeout", c.DefaultStreamTimeout, true},
-		{"handshake timeout", c.HandshakeTimeout, false},
-		{"keepalive min time", c.KeepaliveMinTime, true},
-		{"keepalive time", c.KeepaliveTime, false},
-		{"keepalive timeout", c.KeepaliveTimeout, false},
-		{"max connection idle", c.MaxConnectionIdle, true},
-		{"max connection age", c.MaxConnectionAge, true},
-		{"max connection age grace", c.MaxConnectionAgeGrace, true},
-	} {
-		switch {
-		case d.v < 0:
-			errs = append(errs, fmt.Errorf("%s %v: must not be negative", d.name, d.v))
-		case d.v == 0 && !d.zero:
-			errs = append(errs, fmt.Errorf("%s 0s: must be > 0", d.name))
-		}
+	if c.DefaultStreamTimeout < 0 {
+		errs = append(errs, fmt.Errorf("default stream timeout %v: must not be negative", c.DefaultStreamTimeout))
 	}
 	return errs
 }
@@ -86,7 +59,7 @@ func newInFlight(c Config, log *zap.Logger, obs Observer) *limits.InFlight {
 	shed, _ := obs.(ShedObserver)
 	th := limits.NewThrottle(time.Second)
 	var l *limits.InFlight
-	l = limits.NewInFlight("proxy", c.MaxInFlight, func() {
+	l = limits.NewInFlight("proxy", c.Limits.MaxInFlight, func() {
 		if shed != nil {
 			shed.Shed(metrics.ShedMaxInFlight)
 		}
@@ -191,13 +164,13 @@ func methods(keep func(protoreflect.MethodDescriptor) bool) map[string]bool {
 func (p *Proxy) limitListener(l net.Listener) net.Listener {
 	shed, _ := p.obs.(ShedObserver)
 	th := limits.NewThrottle(time.Second)
-	return limits.NewListener(l, p.cfg.MaxConnections, func(open int64) {
+	return limits.NewListener(l, p.cfg.Limits.MaxConnections, func(open int64) {
 		if shed != nil {
 			shed.Shed(metrics.ShedMaxConnections)
 		}
 		if ok, more := th.Allow(); ok {
 			p.log.Warn("client connection refused: too many open connections (--max-connections)",
-				zap.Int64("open", open), zap.Int("limit", p.cfg.MaxConnections),
+				zap.Int64("open", open), zap.Int("limit", p.cfg.Limits.MaxConnections),
 				zap.Uint64("refused_since_last_line", more+1))
 		}
 	})

@@ -36,7 +36,7 @@ func blockEcho(h *harness, seen chan<- time.Time, release <-chan struct{}) {
 
 func TestProxyMaxInFlight(t *testing.T) {
 	core, logs := observer.New(zapcore.WarnLevel)
-	h := newHarness(t, harnessOpts{log: zap.New(core), mutate: func(c *proxy.Config) { c.MaxInFlight = 2 }})
+	h := newHarness(t, harnessOpts{log: zap.New(core), mutate: func(c *proxy.Config) { c.Limits.MaxInFlight = 2 }})
 	seen, release := make(chan time.Time, 8), make(chan struct{})
 	blockEcho(h, seen, release)
 	echo := nitrosignv1.NewEchoServiceClient(h.cc)
@@ -73,7 +73,7 @@ func TestProxyMaxInFlight(t *testing.T) {
 // upstream; a caller's deadline is kept; streams are left alone.
 func TestProxyDefaultCallTimeout(t *testing.T) {
 	const def = 300 * time.Millisecond
-	h := newHarness(t, harnessOpts{mutate: func(c *proxy.Config) { c.DefaultCallTimeout = def }})
+	h := newHarness(t, harnessOpts{mutate: func(c *proxy.Config) { c.Limits.DefaultCallTimeout = def }})
 	seen, release := make(chan time.Time, 8), make(chan struct{})
 	defer close(release)
 	blockEcho(h, seen, release)
@@ -129,7 +129,7 @@ func TestProxyDefaultCallTimeout(t *testing.T) {
 }
 
 func TestProxyMetadataLimits(t *testing.T) {
-	h := newHarness(t, harnessOpts{mutate: func(c *proxy.Config) { c.MaxMetadataSize = 1 << 10 }})
+	h := newHarness(t, harnessOpts{mutate: func(c *proxy.Config) { c.Limits.MaxMetadataSize = 1 << 10 }})
 	echo := nitrosignv1.NewEchoServiceClient(h.cc)
 	ctx := metadata.AppendToOutgoingContext(callCtx(t), "x-big", strings.Repeat("v", 2<<10))
 	_, err := echo.Echo(ctx, &nitrosignv1.EchoRequest{})
@@ -143,7 +143,7 @@ func TestProxyMetadataLimits(t *testing.T) {
 
 func TestProxyMaxConnections(t *testing.T) {
 	core, logs := observer.New(zapcore.WarnLevel)
-	h := newHarness(t, harnessOpts{log: zap.New(core), mutate: func(c *proxy.Config) { c.MaxConnections = 1 }})
+	h := newHarness(t, harnessOpts{log: zap.New(core), mutate: func(c *proxy.Config) { c.Limits.MaxConnections = 1 }})
 	if _, err := healthpb.NewHealthClient(h.cc).Check(callCtx(t), &healthpb.HealthCheckRequest{}); err != nil {
 		t.Fatal(err)
 	}
@@ -167,16 +167,18 @@ func TestLimitsConfigValidate(t *testing.T) {
 		wantErr string
 	}{
 		{"defaults", func(*proxy.Config) {}, ""},
-		{"no idle or age limit", func(c *proxy.Config) { c.MaxConnectionIdle, c.MaxConnectionAge, c.MaxConnectionAgeGrace = 0, 0, 0 }, ""},
-		{"max connections", func(c *proxy.Config) { c.MaxConnections = 0 }, "max connections 0: must be >= 1"},
-		{"max in flight", func(c *proxy.Config) { c.MaxInFlight = -1 }, "max in-flight calls -1"},
-		{"streams", func(c *proxy.Config) { c.MaxConcurrentStreams = 0 }, "max concurrent streams per connection 0"},
-		{"metadata", func(c *proxy.Config) { c.MaxMetadataSize = 0 }, "max metadata size 0"},
-		{"metadata over header list", func(c *proxy.Config) { c.MaxMetadataSize = 64 << 10 }, "max header list size 32768: must be >= the max metadata size 65536"},
-		{"default timeout", func(c *proxy.Config) { c.DefaultCallTimeout = 0 }, "default call timeout 0s: must be > 0"},
-		{"handshake", func(c *proxy.Config) { c.HandshakeTimeout = -time.Second }, "handshake timeout -1s: must not be negative"},
-		{"keepalive time", func(c *proxy.Config) { c.KeepaliveTime = 0 }, "keepalive time 0s: must be > 0"},
-		{"negative age", func(c *proxy.Config) { c.MaxConnectionAge = -time.Second }, "max connection age -1s"},
+		{"no idle or age limit", func(c *proxy.Config) {
+			c.Limits.MaxConnectionIdle, c.Limits.MaxConnectionAge, c.Limits.MaxConnectionAgeGrace = 0, 0, 0
+		}, ""},
+		{"max connections", func(c *proxy.Config) { c.Limits.MaxConnections = 0 }, "max connections 0: want 1 to 65536"},
+		{"max in flight", func(c *proxy.Config) { c.Limits.MaxInFlight = -1 }, "max in-flight calls -1"},
+		{"streams", func(c *proxy.Config) { c.Limits.MaxConcurrentStreams = 0 }, "max concurrent streams per connection 0"},
+		{"metadata", func(c *proxy.Config) { c.Limits.MaxMetadataSize = 0 }, "max metadata size 0"},
+		{"metadata over header list", func(c *proxy.Config) { c.Limits.MaxMetadataSize = 64 << 10 }, "max metadata size 65536 exceeds the max header list size 32768"},
+		{"default timeout", func(c *proxy.Config) { c.Limits.DefaultCallTimeout = 0 }, "default call timeout 0s: must be > 0"},
+		{"handshake", func(c *proxy.Config) { c.Limits.HandshakeTimeout = -time.Second }, "handshake timeout -1s: must not be negative"},
+		{"keepalive time", func(c *proxy.Config) { c.Limits.KeepaliveTime = 0 }, "keepalive time 0s: must be > 0"},
+		{"negative age", func(c *proxy.Config) { c.Limits.MaxConnectionAge = -time.Second }, "max connection age -1s"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -85,7 +85,7 @@ func (p *Proxy) serveConn(nc net.Conn) {
 	}()
 	// Until the handshake is done, the connection is bounded by the
 	// handshake timeout and closed by Stop.
-	_ = nc.SetDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
+	_ = nc.SetDeadline(time.Now().Add(p.cfg.Limits.HandshakeTimeout))
 	handshaking := make(chan struct{})
 	go func() {
 		select {
@@ -138,9 +138,9 @@ func (sc *srvConn) handshake(br *bufio.Reader) error {
 	ep := sc.ep
 	ep.mu.Lock()
 	_ = ep.fr.WriteSettings(
-		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: sc.px.cfg.MaxConcurrentStreams},
+		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: sc.px.cfg.Limits.MaxConcurrentStreams},
 		http2.Setting{ID: http2.SettingInitialWindowSize, Val: streamWindow},
-		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: sc.px.cfg.MaxHeaderListSize},
+		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: sc.px.cfg.Limits.MaxHeaderListSize},
 	)
 	_ = ep.fr.WriteWindowUpdate(0, connWindow-65535)
 	ep.flushLocked()
@@ -175,10 +175,10 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 	defer close(sc.done)
 	br := bufio.NewReaderSize(readTracker{sc.nc, &sc.lastRead}, 32<<10)
 	sc.frameBytes.r = br
-	sc.frameBytes.left = maxFrameRead(px.cfg.MaxHeaderListSize)
+	sc.frameBytes.left = maxFrameRead(px.cfg.Limits.MaxHeaderListSize)
 	sc.fr = http2.NewFramer(nil, &sc.frameBytes)
 	sc.fr.SetMaxReadFrameSize(maxFrameSize)
-	sc.fr.MaxHeaderListSize = px.cfg.MaxHeaderListSize
+	sc.fr.MaxHeaderListSize = px.cfg.Limits.MaxHeaderListSize
 	sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	go sc.ep.run(func(err error) {})
 	err := sc.handshake(br)
@@ -209,7 +209,7 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 			}
 		}
 		var f http2.Frame
-		sc.frameBytes.left = maxFrameRead(px.cfg.MaxHeaderListSize)
+		sc.frameBytes.left = maxFrameRead(px.cfg.Limits.MaxHeaderListSize)
 		f, err = sc.fr.ReadFrame()
 		if errors.Is(err, errFrameTooLong) {
 			px.log.Info("client sends a header block in endless CONTINUATION frames: GOAWAY ENHANCE_YOUR_CALM", zap.String("peer", sc.peer))
@@ -457,7 +457,7 @@ func (sc *srvConn) waitRoom() error {
 		return nil
 	}
 	px.shed(metrics.ShedReadPaused)
-	deadline := time.Now().Add(px.cfg.KeepaliveTimeout)
+	deadline := time.Now().Add(px.cfg.Limits.KeepaliveTimeout)
 	for over() {
 		if time.Now().After(deadline) {
 			if sc.ep.queued() > int(limit/8) {
@@ -465,7 +465,7 @@ func (sc *srvConn) waitRoom() error {
 					zap.String("peer", sc.peer), zap.Int64("queued_bytes", sc.acct.load()))
 				return errNoRoom
 			}
-			deadline = time.Now().Add(px.cfg.KeepaliveTimeout)
+			deadline = time.Now().Add(px.cfg.Limits.KeepaliveTimeout)
 		}
 		// Woken when the client's buffer drains; polled for request
 		// bytes that drain upstream.
@@ -492,7 +492,7 @@ func (sc *srvConn) pingPolicy() error {
 		sc.lastPing = time.Time{}
 	}
 	sc.ep.mu.Unlock()
-	if !sc.lastPing.IsZero() && now.Sub(sc.lastPing) < sc.px.cfg.KeepaliveMinTime {
+	if !sc.lastPing.IsZero() && now.Sub(sc.lastPing) < sc.px.cfg.Limits.KeepaliveMinTime {
 		sc.pingStrikes++
 	}
 	sc.lastPing = now
@@ -650,10 +650,10 @@ func (sc *srvConn) onHeaders(f *http2.MetaHeadersFrame) error {
 func (sc *srvConn) keeper(done <-chan struct{}) {
 	cfg := sc.px.cfg
 	start := time.Now()
-	age := jitter(cfg.MaxConnectionAge)
-	tick := min(cfg.KeepaliveTime, time.Second)
-	if cfg.MaxConnectionIdle > 0 {
-		tick = min(tick, cfg.MaxConnectionIdle/4+time.Millisecond)
+	age := jitter(cfg.Limits.MaxConnectionAge)
+	tick := min(cfg.Limits.KeepaliveTime, time.Second)
+	if cfg.Limits.MaxConnectionIdle > 0 {
+		tick = min(tick, cfg.Limits.MaxConnectionIdle/4+time.Millisecond)
 	}
 	if age > 0 {
 		tick = min(tick, age/4+time.Millisecond)
@@ -672,19 +672,19 @@ func (sc *srvConn) keeper(done <-chan struct{}) {
 			if !pingSent.IsZero() {
 				if sc.pingAcked.Load() || time.Unix(0, sc.lastRead.Load()).After(pingSent) {
 					pingSent = time.Time{}
-				} else if now.Sub(pingSent) > cfg.KeepaliveTimeout {
+				} else if now.Sub(pingSent) > cfg.Limits.KeepaliveTimeout {
 					sc.px.log.Debug("client did not answer a keepalive ping: connection closed", zap.String("peer", sc.peer))
 					sc.ep.fail(errors.New("keepalive ping not answered"))
 					return
 				}
-			} else if now.Sub(time.Unix(0, sc.lastRead.Load())) > cfg.KeepaliveTime {
+			} else if now.Sub(time.Unix(0, sc.lastRead.Load())) > cfg.Limits.KeepaliveTime {
 				sc.pingAcked.Store(false)
 				pingSent = now
 				sc.ep.ping(false, [8]byte{'k', 'e', 'e', 'p'})
 			}
-			if cfg.MaxConnectionIdle > 0 {
+			if cfg.Limits.MaxConnectionIdle > 0 {
 				sc.mu.Lock()
-				idle := len(sc.calls) == 0 && now.Sub(sc.lastCall) > cfg.MaxConnectionIdle
+				idle := len(sc.calls) == 0 && now.Sub(sc.lastCall) > cfg.Limits.MaxConnectionIdle
 				sc.mu.Unlock()
 				if idle {
 					sc.drain("max_idle", nil)
@@ -692,7 +692,7 @@ func (sc *srvConn) keeper(done <-chan struct{}) {
 				}
 			}
 			if age > 0 && now.Sub(start) > age {
-				sc.drain("max_age", time.After(cfg.MaxConnectionAgeGrace))
+				sc.drain("max_age", time.After(cfg.Limits.MaxConnectionAgeGrace))
 				return
 			}
 		}

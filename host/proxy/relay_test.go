@@ -138,7 +138,7 @@ func TestStalledClientDoesNotStallTheLane(t *testing.T) {
 // clients carry on meanwhile.
 func TestClientThatNeverReadsIsClosed(t *testing.T) {
 	h := newHarness(t, harnessOpts{poolSize: 1, mutate: func(c *proxy.Config) {
-		c.KeepaliveTime, c.KeepaliveTimeout = 3*time.Second, time.Second
+		c.Limits.KeepaliveTime, c.Limits.KeepaliveTimeout = 3*time.Second, time.Second
 	}})
 	h.waitAllReady(t)
 	active := countActive(h)

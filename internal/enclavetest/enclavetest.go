@@ -30,8 +30,7 @@ type Enclave struct {
 // DefaultConfig is a fast test configuration: default key sizes, Ed25519
 // on, simulated NSM.
 func DefaultConfig() enclave.Config {
-	var c enclave.Config
-	c.Signer.Ed25519 = true
+	c := enclave.DefaultConfig()
 	c.Attest.DevSimulatedNSM = true
 	return c
 }

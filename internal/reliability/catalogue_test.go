@@ -26,6 +26,7 @@ import (
 
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/host/proxy"
+	"github.com/nitrosign/nitrosign/internal/limits"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -55,7 +56,7 @@ const (
 func catalogueTargets(t *testing.T) []*catTarget {
 	t.Helper()
 	log := testLogger(t, nil)
-	encCfg := enclaveConfig(func(c *server.Config) {
+	encCfg := enclaveConfig(func(c *limits.Config) {
 		c.HandshakeTimeout = catHandshake
 		c.KeepaliveTime, c.KeepaliveTimeout = catKeepalive, catKeepalive
 		c.MaxConcurrentStreams = catMaxStreams
@@ -65,9 +66,9 @@ func catalogueTargets(t *testing.T) []*catTarget {
 	// forwards must pass them.
 	up := startEnclave(t, enclaveConfig(nil), 0, log)
 	p := startProxy(t, proxyConfig(up.target(), func(c *proxy.Config) {
-		c.HandshakeTimeout = catHandshake
-		c.KeepaliveTime, c.KeepaliveTimeout = catKeepalive, catKeepalive
-		c.MaxConcurrentStreams = catMaxStreams
+		c.Limits.HandshakeTimeout = catHandshake
+		c.Limits.KeepaliveTime, c.Limits.KeepaliveTimeout = catKeepalive, catKeepalive
+		c.Limits.MaxConcurrentStreams = catMaxStreams
 	}), 0, log)
 	p.waitReady(t, 2)
 	dp := proxy.DefaultConfig()
@@ -76,7 +77,7 @@ func catalogueTargets(t *testing.T) []*catTarget {
 			metadataLimit: server.DefaultMaxMetadataSize, headerListLimit: server.DefaultMaxHeaderListSize,
 			maxStreams: catMaxStreams, handshake: catHandshake, keepalive: 2 * catKeepalive},
 		{name: "proxy", addr: p.addr, cc: dial(t, p.addr),
-			metadataLimit: dp.MaxMetadataSize, headerListLimit: int(dp.MaxHeaderListSize),
+			metadataLimit: dp.Limits.MaxMetadataSize, headerListLimit: int(dp.Limits.MaxHeaderListSize),
 			maxStreams: catMaxStreams, handshake: catHandshake, keepalive: 2 * catKeepalive},
 	}
 }

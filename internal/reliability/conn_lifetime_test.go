@@ -6,8 +6,8 @@ import (
 
 	"golang.org/x/net/http2"
 
-	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/host/proxy"
+	"github.com/nitrosign/nitrosign/internal/limits"
 )
 
 // Connection lifetime limits: an idle client connection is sent GOAWAY
@@ -18,12 +18,12 @@ import (
 func TestConnectionIdleAndAge(t *testing.T) {
 	log := testLogger(t, nil)
 	const idle, age, grace = 500 * time.Millisecond, time.Second, 500 * time.Millisecond
-	e := startEnclave(t, enclaveConfig(func(c *server.Config) {
+	e := startEnclave(t, enclaveConfig(func(c *limits.Config) {
 		c.MaxConnectionIdle, c.MaxConnectionAge, c.MaxConnectionAgeGrace = idle, age, grace
 	}), 0, log)
 	up := startEnclave(t, enclaveConfig(nil), 0, log)
 	p := startProxy(t, proxyConfig(up.target(), func(c *proxy.Config) {
-		c.MaxConnectionIdle, c.MaxConnectionAge, c.MaxConnectionAgeGrace = idle, age, grace
+		c.Limits.MaxConnectionIdle, c.Limits.MaxConnectionAge, c.Limits.MaxConnectionAgeGrace = idle, age, grace
 	}), 0, log)
 	p.waitReady(t, 2)
 	for _, tg := range []struct{ name, addr string }{{"enclave", e.addr}, {"proxy", p.addr}} {

@@ -258,7 +258,7 @@ func TestStalledUpstream(t *testing.T) {
 			port := portOf(stall.l)
 			cfg := proxyConfig("tcp://127.0.0.1:"+strconv.Itoa(port), func(c *proxy.Config) {
 				c.Pool.HealthCheck = tt.healthCheck
-				c.DefaultCallTimeout = 500 * time.Millisecond
+				c.Limits.DefaultCallTimeout = 500 * time.Millisecond
 			})
 			p := startProxy(t, cfg, 0, log)
 			cc := dial(t, p.addr)
@@ -350,8 +350,8 @@ func TestProxySheds(t *testing.T) {
 	port := portOf(stall.l)
 	cfg := proxyConfig("tcp://127.0.0.1:"+strconv.Itoa(port), func(c *proxy.Config) {
 		c.Pool.HealthCheck = false // READY on the handshake: calls hang upstream
-		c.MaxInFlight = 8
-		c.MaxConnections = 2
+		c.Limits.MaxInFlight = 8
+		c.Limits.MaxConnections = 2
 	})
 	p := startProxy(t, cfg, 0, log)
 	p.waitReady(t, 2)

@@ -18,10 +18,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/nitrosign/nitrosign/enclave"
-	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/enclavetest"
+	"github.com/nitrosign/nitrosign/internal/limits"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -100,10 +100,10 @@ type enclaveProc struct {
 }
 
 // enclaveConfig is enclavetest's fast configuration with mutate applied.
-func enclaveConfig(mutate func(*server.Config)) enclave.Config {
+func enclaveConfig(mutate func(*limits.Config)) enclave.Config {
 	c := enclavetest.DefaultConfig()
 	if mutate != nil {
-		mutate(&c.Server)
+		mutate(&c.Server.Limits)
 	}
 	return c
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nitrosign/nitrosign/enclave/server"
+	"github.com/nitrosign/nitrosign/internal/limits"
 )
 
 func TestLimitFlags(t *testing.T) {
@@ -14,7 +15,7 @@ func TestLimitFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := c.Server
+	s := c.Server.Limits
 	if s.MaxInFlight != server.DefaultMaxInFlight || s.MaxConcurrentStreams != server.DefaultMaxConcurrentStreams ||
 		s.MaxConnectionAge != 0 || s.MaxConnectionIdle != 0 || s.KeepaliveMinTime != server.DefaultKeepaliveMinTime {
 		t.Fatalf("limit defaults: %+v", s)
@@ -28,8 +29,8 @@ func TestLimitFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s = c.Server
-	want := server.Config{GracefulStopTimeout: s.GracefulStopTimeout, MaxRecvMsgSize: s.MaxRecvMsgSize,
+	s = c.Server.Limits
+	want := limits.Config{MaxRecvMsgSize: s.MaxRecvMsgSize,
 		HandshakeTimeout: 2 * time.Second, MaxInFlight: 7, DefaultCallTimeout: 3 * time.Second, MaxConnections: 9,
 		MaxConcurrentStreams: 11, MaxHeaderListSize: 20000, MaxMetadataSize: 10000, KeepaliveMinTime: 30 * time.Second,
 		KeepaliveTime: time.Minute, KeepaliveTimeout: 4 * time.Second, MaxConnectionIdle: time.Hour,
@@ -42,10 +43,10 @@ func TestLimitFlags(t *testing.T) {
 		want string
 	}{
 		{[]string{"--max-in-flight", "-1"}, "max in-flight calls -1"},
-		{[]string{"--max-concurrent-streams", "0"}, "--max-concurrent-streams 0"},
-		{[]string{"--max-header-list-size", "4294967296"}, "--max-header-list-size 4294967296"},
+		{[]string{"--max-concurrent-streams", "0"}, "max concurrent streams per connection 0"},
+		{[]string{"--max-header-list-size", "4294967296"}, "want a number 0-4294967295"},
 		{[]string{"--max-metadata-size", "100000"}, "exceeds the max header list size"},
-		{[]string{"--keepalive-time", "-1s"}, "keepalive durations"},
+		{[]string{"--keepalive-time", "-1s"}, "keepalive time -1s: must not be negative"},
 	} {
 		var stderr bytes.Buffer
 		if _, err := parseFlags(tt.args, &stderr); err == nil || !strings.Contains(stderr.String(), tt.want) {

@@ -24,7 +24,6 @@ import (
 
 	"github.com/nitrosign/nitrosign/enclave"
 	"github.com/nitrosign/nitrosign/enclave/listener"
-	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/internal/logging"
 )
@@ -81,30 +80,17 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 		fs.PrintDefaults()
 	}
 	var (
-		c   enclave.Config
+		c   = enclave.DefaultConfig()
 		cid = cidFlag(listener.CIDAny)
 	)
 	fs.Var(&cid, "cid", `vsock context ID to bind: "any" (default) or a number, e.g. 1 for local loopback`)
 	port := fs.Uint("port", uint(listener.DefaultPort), "vsock port to listen on (not 9000: nitro-cli's heartbeat)")
-	fs.IntVar(&c.Signer.RSABits, "rsa-bits", 2048, "RSA key size: 2048, 3072 or 4096")
-	fs.StringVar(&c.Signer.ECCCurve, "ecc-curve", "P-256", "ECC curve: P-256 or P-384")
-	fs.BoolVar(&c.Signer.Ed25519, "ed25519", true, "also generate an Ed25519 key")
-	fs.DurationVar(&c.Server.GracefulStopTimeout, "graceful-timeout", 10*time.Second, "how long in-flight calls may finish after SIGTERM")
-	fs.IntVar(&c.Server.MaxRecvMsgSize, "max-recv-msg-size", 1<<20, "largest request accepted, in bytes")
-	// Limits (docs/RELIABILITY.md). Each default is the server package's.
-	fs.IntVar(&c.Server.MaxInFlight, "max-in-flight", server.DefaultMaxInFlight, "calls served at once (health exempt); beyond it RESOURCE_EXHAUSTED at once")
-	fs.DurationVar(&c.Server.DefaultCallTimeout, "default-timeout", server.DefaultCallTimeout, "deadline of a unary call that arrives without one")
-	fs.IntVar(&c.Server.MaxConnections, "max-connections", server.DefaultMaxConnections, "connections open at once; more are closed at once")
-	maxStreams := fs.Uint("max-concurrent-streams", server.DefaultMaxConcurrentStreams, "calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)")
-	maxHeaders := fs.Uint("max-header-list-size", server.DefaultMaxHeaderListSize, "largest request header block, in bytes (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE)")
-	fs.IntVar(&c.Server.MaxMetadataSize, "max-metadata-size", server.DefaultMaxMetadataSize, "largest request metadata, in bytes (names + values + 32 per entry); beyond it RESOURCE_EXHAUSTED")
-	fs.DurationVar(&c.Server.HandshakeTimeout, "handshake-timeout", server.DefaultHandshakeTimeout, "how long a new connection may take to send the HTTP/2 preface")
-	fs.DurationVar(&c.Server.KeepaliveMinTime, "keepalive-min-time", server.DefaultKeepaliveMinTime, "shortest interval between client pings tolerated (more often: GOAWAY too_many_pings)")
-	fs.DurationVar(&c.Server.KeepaliveTime, "keepalive-time", server.DefaultKeepaliveTime, "ping a connection silent this long")
-	fs.DurationVar(&c.Server.KeepaliveTimeout, "keepalive-timeout", server.DefaultKeepaliveTimeout, "close a connection whose ping is unanswered this long")
-	fs.DurationVar(&c.Server.MaxConnectionIdle, "max-connection-idle", 0, "close a connection without calls for this long (0: never; the proxy's pool keeps its connections on purpose)")
-	fs.DurationVar(&c.Server.MaxConnectionAge, "max-connection-age", 0, "close a connection this old (0: never)")
-	fs.DurationVar(&c.Server.MaxConnectionAgeGrace, "max-connection-age-grace", 0, "let calls on an aged-out connection finish for this long (0: as long as they take)")
+	fs.IntVar(&c.Signer.RSABits, "rsa-bits", c.Signer.RSABits, "RSA key size: 2048, 3072 or 4096")
+	fs.StringVar(&c.Signer.ECCCurve, "ecc-curve", c.Signer.ECCCurve, "ECC curve: P-256 or P-384")
+	fs.BoolVar(&c.Signer.Ed25519, "ed25519", c.Signer.Ed25519, "also generate an Ed25519 key")
+	fs.DurationVar(&c.Server.GracefulStopTimeout, "graceful-timeout", c.Server.GracefulStopTimeout, "how long in-flight calls may finish after SIGTERM")
+	// Limits (docs/RELIABILITY.md), with the server package's defaults.
+	c.Server.Limits.RegisterFlags(fs, "connection")
 	fs.BoolVar(&c.Attest.DevSimulatedNSM, "dev-simulated-nsm", false, "DEVELOPMENT ONLY: without /dev/nsm, attest with a simulated NSM whose documents chain to a throwaway dev root, never to AWS")
 	// Read as text and decoded below: the flag package would print a
 	// malformed value back, and the seed must never reach an output.
@@ -114,8 +100,8 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 		seedHex, seedGiven = s, true
 		return nil
 	})
-	fs.StringVar(&c.Log.Level, "log-level", "info", "log level: debug, info, warn or error")
-	fs.StringVar(&c.Log.Format, "log-format", "json", "log format: json or console")
+	fs.StringVar(&c.Log.Level, "log-level", c.Log.Level, "log level: debug, info, warn or error")
+	fs.StringVar(&c.Log.Format, "log-format", c.Log.Format, "log format: json or console")
 	if err := fs.Parse(args); err != nil {
 		return enclave.Config{}, err // flag printed it
 	}
@@ -129,13 +115,6 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	if *port > 0xFFFFFFFF {
 		return fail(fmt.Errorf("--port %d does not fit 32 bits", *port))
 	}
-	if *maxStreams < 1 || *maxStreams > 0xFFFFFFFF {
-		return fail(fmt.Errorf("--max-concurrent-streams %d: want 1 to 4294967295", *maxStreams))
-	}
-	if *maxHeaders < 1 || *maxHeaders > 0xFFFFFFFF {
-		return fail(fmt.Errorf("--max-header-list-size %d: want 1 to 4294967295", *maxHeaders))
-	}
-	c.Server.MaxConcurrentStreams, c.Server.MaxHeaderListSize = uint32(*maxStreams), uint32(*maxHeaders)
 	c.Listener = listener.Config{CID: uint32(cid), Port: uint32(*port)}
 	if seedGiven {
 		seed, err := hex.DecodeString(strings.TrimSpace(seedHex))

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nitrosign/nitrosign/host/proxy"
+	"github.com/nitrosign/nitrosign/internal/limits"
 )
 
 func TestLimitFlags(t *testing.T) {
@@ -16,8 +17,8 @@ func TestLimitFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.MaxConnections != def.MaxConnections || c.MaxInFlight != def.MaxInFlight || c.MaxConcurrentStreams != def.MaxConcurrentStreams ||
-		c.MaxHeaderListSize != def.MaxHeaderListSize || c.MaxConnectionAge != def.MaxConnectionAge {
+	if c.Limits.MaxConnections != def.Limits.MaxConnections || c.Limits.MaxInFlight != def.Limits.MaxInFlight || c.Limits.MaxConcurrentStreams != def.Limits.MaxConcurrentStreams ||
+		c.Limits.MaxHeaderListSize != def.Limits.MaxHeaderListSize || c.Limits.MaxConnectionAge != def.Limits.MaxConnectionAge {
 		t.Fatalf("limit defaults not the package's: %+v", c)
 	}
 	c, err = parseFlags([]string{
@@ -32,18 +33,14 @@ func TestLimitFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := proxy.Config{MaxConnections: 10, MaxInFlight: 20, DefaultCallTimeout: 5 * time.Second, MaxConcurrentStreams: 30,
-		MaxHeaderListSize: 40000, MaxMetadataSize: 20000, MaxRecvMsgSize: 1000, MaxSendMsgSize: 2000, HandshakeTimeout: 2 * time.Second,
+	want := def
+	want.Limits = limits.Config{MaxConnections: 10, MaxInFlight: 20, DefaultCallTimeout: 5 * time.Second, MaxConcurrentStreams: 30,
+		MaxHeaderListSize: 40000, MaxMetadataSize: 20000, MaxRecvMsgSize: 1000, HandshakeTimeout: 2 * time.Second,
 		KeepaliveMinTime: 20 * time.Second, KeepaliveTime: time.Minute, KeepaliveTimeout: 5 * time.Second,
-		MaxConnectionIdle: 0, MaxConnectionAge: 2 * time.Hour, MaxConnectionAgeGrace: time.Minute,
-		DefaultStreamTimeout: 10 * time.Minute, MaxConnectionCalls: 50, MaxClientResets: 70, MaxConnectionBuffer: 131072, MemoryBudget: 1 << 20}
-	got := proxy.Config{MaxConnections: c.MaxConnections, MaxInFlight: c.MaxInFlight, DefaultCallTimeout: c.DefaultCallTimeout,
-		MaxConcurrentStreams: c.MaxConcurrentStreams, MaxHeaderListSize: c.MaxHeaderListSize, MaxMetadataSize: c.MaxMetadataSize,
-		MaxRecvMsgSize: c.MaxRecvMsgSize, MaxSendMsgSize: c.MaxSendMsgSize, HandshakeTimeout: c.HandshakeTimeout,
-		KeepaliveMinTime: c.KeepaliveMinTime, KeepaliveTime: c.KeepaliveTime, KeepaliveTimeout: c.KeepaliveTimeout,
-		MaxConnectionIdle: c.MaxConnectionIdle, MaxConnectionAge: c.MaxConnectionAge, MaxConnectionAgeGrace: c.MaxConnectionAgeGrace,
-		DefaultStreamTimeout: c.DefaultStreamTimeout, MaxConnectionCalls: c.MaxConnectionCalls, MaxClientResets: c.MaxClientResets,
-		MaxConnectionBuffer: c.MaxConnectionBuffer, MemoryBudget: c.MemoryBudget}
+		MaxConnectionIdle: 0, MaxConnectionAge: 2 * time.Hour, MaxConnectionAgeGrace: time.Minute}
+	want.MaxSendMsgSize, want.DefaultStreamTimeout, want.MaxConnectionCalls, want.MaxClientResets = 2000, 10*time.Minute, 50, 70
+	want.MaxConnectionBuffer, want.MemoryBudget = 131072, 1<<20
+	got := c
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("flags not applied:\n got %+v\nwant %+v", got, want)
 	}
@@ -55,7 +52,7 @@ func TestLimitFlags(t *testing.T) {
 		{[]string{"--max-in-flight", "-5"}, "max in-flight calls -5"},
 		{[]string{"--max-concurrent-streams", "lots"}, "want a number 0-4294967295"},
 		{[]string{"--max-concurrent-streams", "4294967296"}, "want a number 0-4294967295"},
-		{[]string{"--max-metadata-size", "100000"}, "must be >= the max metadata size"},
+		{[]string{"--max-metadata-size", "100000"}, "exceeds the max header list size"},
 		{[]string{"--default-timeout", "0s"}, "default call timeout 0s"},
 	} {
 		var stderr bytes.Buffer

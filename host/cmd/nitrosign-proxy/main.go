@@ -19,7 +19,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -264,27 +263,15 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	fs.BoolVar(&cfg.Insecure, "insecure", cfg.Insecure, "allow plaintext on a non-loopback --listen address (anyone who reaches it can sign)")
 	fs.StringVar(&cfg.PprofListen, "pprof-listen", cfg.PprofListen, "serve Go profiles (/debug/pprof/) on this loopback `HOST:PORT`, for profiling; off when empty")
 	fs.StringVar(&cfg.Metrics.Listen, "metrics-listen", cfg.Metrics.Listen, "serve Prometheus metrics on `HOST:PORT` (plain HTTP, /metrics); off when empty")
-	// Limits (docs/RELIABILITY.md).
-	fs.IntVar(&cfg.MaxConnections, "max-connections", cfg.MaxConnections, "client connections open at once; more are closed at once (logged, nitrosign_proxy_shed_total)")
-	fs.IntVar(&cfg.MaxInFlight, "max-in-flight", cfg.MaxInFlight, "calls served at once (health exempt); beyond it RESOURCE_EXHAUSTED at once")
-	fs.DurationVar(&cfg.DefaultCallTimeout, "default-timeout", cfg.DefaultCallTimeout, "deadline given to a unary call that arrives without one (sent on upstream)")
+	// Limits (docs/RELIABILITY.md): those both servers share, then the
+	// relay's own.
+	cfg.Limits.RegisterFlags(fs, "client connection")
 	fs.DurationVar(&cfg.DefaultStreamTimeout, "default-stream-timeout", cfg.DefaultStreamTimeout, "deadline given to a streaming or unknown call that arrives without one (0: none)")
 	fs.IntVar(&cfg.MaxConnectionCalls, "max-connection-calls", cfg.MaxConnectionCalls, "calls one client connection may have open at the enclave at once (its share); beyond it RESOURCE_EXHAUSTED")
 	fs.IntVar(&cfg.MaxClientResets, "max-client-resets", cfg.MaxClientResets, "streams a client connection may reset at once (a tenth earned back per second); beyond it GOAWAY ENHANCE_YOUR_CALM")
 	fs.IntVar(&cfg.MaxConnectionBuffer, "max-connection-buffer", cfg.MaxConnectionBuffer, "`bytes` one client connection may have queued before the proxy stops reading from it")
 	fs.Int64Var(&cfg.MemoryBudget, "memory-budget", cfg.MemoryBudget, "`bytes` the relay may buffer across all connections; over it new calls get RESOURCE_EXHAUSTED")
-	fs.Func("max-concurrent-streams", fmt.Sprintf("calls open at once on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS) (default %d)", cfg.MaxConcurrentStreams), uint32Flag(&cfg.MaxConcurrentStreams))
-	fs.Func("max-header-list-size", fmt.Sprintf("largest request header block, in `bytes` (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE) (default %d)", cfg.MaxHeaderListSize), uint32Flag(&cfg.MaxHeaderListSize))
-	fs.IntVar(&cfg.MaxMetadataSize, "max-metadata-size", cfg.MaxMetadataSize, "largest request metadata, in `bytes` (names + values + 32 per entry); beyond it RESOURCE_EXHAUSTED")
-	fs.IntVar(&cfg.MaxRecvMsgSize, "max-recv-msg-size", cfg.MaxRecvMsgSize, "largest request message from a client, in `bytes`")
 	fs.IntVar(&cfg.MaxSendMsgSize, "max-send-msg-size", cfg.MaxSendMsgSize, "largest response message from the enclave, in `bytes`")
-	fs.DurationVar(&cfg.HandshakeTimeout, "handshake-timeout", cfg.HandshakeTimeout, "how long a new client connection may take for TLS and the HTTP/2 preface")
-	fs.DurationVar(&cfg.KeepaliveMinTime, "keepalive-min-time", cfg.KeepaliveMinTime, "shortest interval between client pings tolerated (more often: GOAWAY too_many_pings)")
-	fs.DurationVar(&cfg.KeepaliveTime, "keepalive-time", cfg.KeepaliveTime, "ping a client connection silent this long")
-	fs.DurationVar(&cfg.KeepaliveTimeout, "keepalive-timeout", cfg.KeepaliveTimeout, "close a client connection whose ping is unanswered this long")
-	fs.DurationVar(&cfg.MaxConnectionIdle, "max-connection-idle", cfg.MaxConnectionIdle, "close a client connection without calls for this long (0: never)")
-	fs.DurationVar(&cfg.MaxConnectionAge, "max-connection-age", cfg.MaxConnectionAge, "close a client connection this old, so clients re-handshake (0: never)")
-	fs.DurationVar(&cfg.MaxConnectionAgeGrace, "max-connection-age-grace", cfg.MaxConnectionAgeGrace, "let calls on an aged-out connection finish for this long (0: as long as they take)")
 	if err := fs.Parse(args); err != nil {
 		return proxy.Config{Log: cfg.Log}, err // flag already printed it, with the usage
 	}
@@ -301,16 +288,4 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 		return proxy.Config{Log: cfg.Log}, err
 	}
 	return cfg, nil
-}
-
-// uint32Flag parses a flag into a uint32 field.
-func uint32Flag(dst *uint32) func(string) error {
-	return func(s string) error {
-		v, err := strconv.ParseUint(s, 10, 32)
-		if err != nil {
-			return fmt.Errorf("want a number 0-4294967295")
-		}
-		*dst = uint32(v)
-		return nil
-	}
 }

@@ -34,7 +34,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nitrosign/nitrosign/enclave"
-	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/logging"
 	"github.com/nitrosign/nitrosign/internal/pprofserver"
@@ -161,7 +160,7 @@ Examples:
 
 func runEnclave(args []string, stderr io.Writer) error {
 	fs := newFlagSet("enclave", enclaveUsage, stderr)
-	var c enclave.Config
+	c := enclave.DefaultConfig()
 	listen := fs.String("listen", "127.0.0.1:7001", "loopback TCP `HOST:PORT` to serve gRPC on")
 	pp := fs.String("pprof-listen", "", "serve /debug/pprof/ on this loopback `HOST:PORT` (off by default)")
 	fs.IntVar(&c.Signer.RSABits, "rsa-bits", 2048, "RSA key size: 2048, 3072 or 4096")
@@ -172,10 +171,7 @@ func runEnclave(args []string, stderr io.Writer) error {
 	if err := parse(fs, args, stderr); err != nil {
 		return err
 	}
-	c.Attest.DevSimulatedNSM = true
-	// The listener part of the config is the vsock one, unused here; give
-	// it the default port so the whole Config validates.
-	c.Listener = listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort}
+	c.Attest.DevSimulatedNSM = true // the listener part (vsock) is unused here
 	pc := pprofserver.Config{Listen: *pp}
 	if err := errors.Join(loopbackListen(*listen), c.Validate(), pc.Validate()); err != nil {
 		return usageErr(stderr, fs.Name(), "%s", strings.ReplaceAll(err.Error(), "\n", "; "))
