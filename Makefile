@@ -36,12 +36,12 @@ build: ## Build every binary into bin/
 
 test: lint proto-check check-deploy test-unit fuzz reproducible ## Lint, generated code, deploy files, unit and integration tests with -race, bounded fuzzing, reproducible build
 
-# The client-isolation attacks (internal/reliability/isolation_test.go) time a
+# The client-isolation attacks (reliability/isolation_test.go) time a
 # well-behaved client beside each attack: they run alone, after the rest,
 # so that other packages' tests do not share the two cores with them.
 test-unit:
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m -skip '^TestIsolation' ./...
-	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 10m -run '^TestIsolation' ./internal/reliability/
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 10m -run '^TestIsolation' ./reliability/
 
 # Each fuzz target runs for FUZZTIME; its seed corpus runs in test-unit too.
 FUZZTIME ?= 10s
@@ -56,10 +56,11 @@ fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	  CGO_ENABLED=1 $(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg || exit 1; \
 	done
 
-lint: $(TOOLS)/staticcheck-$(STATICCHECK_VERSION) ## go vet, gofmt, staticcheck, buf lint
+lint: $(TOOLS)/staticcheck-$(STATICCHECK_VERSION) ## go vet, gofmt, staticcheck, buf lint, the floor plan (README, Layout)
 	@unformatted="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.tools/*'))"; \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	scripts/floorplan.sh
 	$(TOOLS)/staticcheck ./...
 	$(MAKE) --no-print-directory buf-lint
 
@@ -85,14 +86,14 @@ eif: ## Enclave image, EIF and PCR JSON (needs a Docker engine and nitro-cli; se
 	./scripts/build-eif.sh
 
 soak: ## One million mixed Echo and Sign calls through the proxy graph to the enclave graph; figures in docs/RELIABILITY.md
-	NITROSIGN_SOAK_CALLS=$${NITROSIGN_SOAK_CALLS:-1000000} $(GO) test -count=1 -run '^TestSoak$$' -timeout 3h -v ./internal/reliability/
+	NITROSIGN_SOAK_CALLS=$${NITROSIGN_SOAK_CALLS:-1000000} $(GO) test -count=1 -run '^TestSoak$$' -timeout 3h -v ./reliability/
 
 faults-long: ## Longer fault injection: 50 kill/restart cycles in process, then 20 over real vsock
-	NITROSIGN_FAULT_CYCLES=50 $(GO) test -count=1 -run 'TestEnclaveKilledUnderLoad|TestProxyRestartUnderLoad' -v ./internal/reliability/
+	NITROSIGN_FAULT_CYCLES=50 $(GO) test -count=1 -run 'TestEnclaveKilledUnderLoad|TestProxyRestartUnderLoad' -v ./reliability/
 	NITROSIGN_E2E_LONG=1 ./scripts/e2e.sh -test.run 'TestEnclaveKilledRepeatedly|TestProxyKilledUnderLoad'
 
 isolation-long: ## Longer client-isolation attacks: more connections, longer floods, 1000 health watches, 5000 concurrent 64 KiB Echo calls a side
-	NITROSIGN_ISOLATION_LONG=1 $(GO) test -count=1 -run '^TestIsolation' -timeout 30m -v ./internal/reliability/
+	NITROSIGN_ISOLATION_LONG=1 $(GO) test -count=1 -run '^TestIsolation' -timeout 30m -v ./reliability/
 
 e2e: ## Real AF_VSOCK end to end (natively, or in a qemu micro-VM when the kernel lacks vsock_loopback)
 	./scripts/e2e.sh

@@ -87,7 +87,7 @@ fi
 # ----------------------------------------------------------------- build --
 
 log "building nitrosign, nitrosign-proxy and nitrosign-benchserver (CGO_ENABLED=0) into $bin"
-CGO_ENABLED=0 go build -trimpath -o "$bin/" ./host/cmd/nitrosign ./host/cmd/nitrosign-proxy ./internal/cmd/nitrosign-benchserver
+CGO_ENABLED=0 go build -trimpath -o "$bin/" ./host/cmd/nitrosign ./host/cmd/nitrosign-proxy ./cmd/nitrosign-benchserver
 
 for a in "$enc_addr" "$px_addr"; do
 	port_free "$a" || die "$a is in use: set H2SPEC_PORT to a free range"

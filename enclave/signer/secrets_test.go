@@ -34,9 +34,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/nitrosign/nitrosign/enclave"
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/host/proxy"
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/sigalg"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )

@@ -16,9 +16,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/enclave/stats"
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 

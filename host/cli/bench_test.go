@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 )
 
 // benchJSON is the part of a bench result the tests read.

@@ -12,7 +12,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

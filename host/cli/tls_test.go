@@ -9,8 +9,8 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/host/proxy"
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig/tlstest"
 )

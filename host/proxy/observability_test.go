@@ -18,10 +18,10 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/metrics/metricstest"
 	"github.com/nitrosign/nitrosign/host/proxy"
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/requestid"
 	nitrosignv1 "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )

@@ -1,6 +1,6 @@
 // Package reliability holds no code: its tests prove that the enclave
 // signer and the host proxy, run as their real fx graphs on TCP loopback
-// (internal/enclavetest's way), keep working under load, faults and hostile
+// (enclave/enclavetest's way), keep working under load, faults and hostile
 // input, and leak nothing. docs/RELIABILITY.md lists every case and its
 // outcome.
 //

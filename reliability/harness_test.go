@@ -18,9 +18,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/nitrosign/nitrosign/enclave"
+	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/proxy"
-	"github.com/nitrosign/nitrosign/internal/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/limits"
 )
 
