@@ -64,10 +64,15 @@ var errNoRoom = errors.New("peer is not reading: buffered frames did not drain")
 
 // account counts the bytes the proxy holds in memory on behalf of one
 // owner (a client connection, an upstream connection) and, through
-// parent, for the whole proxy (Config.MemoryBudget).
+// parent, for the whole proxy (Config.MemoryBudget). A reader paused
+// until its account drains waits on drained.
 type account struct {
 	n      atomic.Int64
 	parent *account
+
+	waiting atomic.Bool // someone waits on wake: signal at the next decrease
+	mu      sync.Mutex
+	wake    chan struct{}
 }
 
 func (a *account) add(d int64) {
@@ -75,6 +80,9 @@ func (a *account) add(d int64) {
 		return
 	}
 	a.n.Add(d)
+	if d < 0 && a.waiting.Load() {
+		a.signal()
+	}
 	if a.parent != nil {
 		a.parent.add(d)
 	}
@@ -85,6 +93,28 @@ func (a *account) load() int64 {
 		return 0
 	}
 	return a.n.Load()
+}
+
+// drained returns a channel closed at the next decrease of the account.
+// A waiter takes it, checks its condition again, then waits on it.
+func (a *account) drained() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.wake == nil {
+		a.wake = make(chan struct{})
+	}
+	a.waiting.Store(true)
+	return a.wake
+}
+
+func (a *account) signal() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.waiting.Store(false)
+	if a.wake != nil {
+		close(a.wake)
+		a.wake = nil
+	}
 }
 
 // endpoint is the sending half of one HTTP/2 connection, client or

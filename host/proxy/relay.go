@@ -457,26 +457,35 @@ func (sc *srvConn) waitRoom() error {
 		return nil
 	}
 	px.shed(metrics.ShedReadPaused)
-	deadline := time.Now().Add(px.cfg.Limits.KeepaliveTimeout)
-	for over() {
-		if time.Now().After(deadline) {
+	t := time.NewTimer(px.cfg.Limits.KeepaliveTimeout)
+	defer t.Stop()
+	for {
+		// Woken by the first byte this connection's account gives back
+		// (its client read, or its requests went upstream), or, when it
+		// is paused for the proxy's budget, the proxy's account: never by
+		// polling, which cost a core per paused connection.
+		own := sc.acct.drained()
+		var all <-chan struct{}
+		if sc.acct.load() <= limit {
+			all = px.mem.drained()
+		}
+		if !over() {
+			return nil
+		}
+		select {
+		case <-own:
+		case <-all:
+		case <-px.stopping:
+			return nil
+		case <-t.C:
 			if sc.ep.queued() > int(limit/8) {
 				px.log.Info("client does not read what it asked for: connection closed",
 					zap.String("peer", sc.peer), zap.Int64("queued_bytes", sc.acct.load()))
 				return errNoRoom
 			}
-			deadline = time.Now().Add(px.cfg.Limits.KeepaliveTimeout)
-		}
-		// Woken when the client's buffer drains; polled for request
-		// bytes that drain upstream.
-		_ = sc.ep.waitRoom(int(limit/8), 5*time.Millisecond)
-		select {
-		case <-px.stopping:
-			return nil
-		default:
+			t.Reset(px.cfg.Limits.KeepaliveTimeout)
 		}
 	}
-	return nil
 }
 
 // pingPolicy applies the keepalive enforcement policy: pings more often
