@@ -107,6 +107,15 @@ func (c Config) Validate() error {
 	return errors.Join(append(errs, c.Limits.Validate())...)
 }
 
+// The HTTP/2 receive windows (see New): a stream's holds any Sign request
+// and a 64 KiB Echo whole (a larger message gets more as its handler reads
+// it); the connection's, four such streams at once (its credit goes back as
+// bytes arrive, whether or not a handler has read them).
+const (
+	streamWindow = 256 << 10
+	connWindow   = 1 << 20
+)
+
 // streamWorkers is how many goroutines are kept to run calls: about the
 // calls in flight of a busy enclave (the host proxy's pool spreads its
 // callers' calls over a few connections).
@@ -200,6 +209,14 @@ func New(p Params) (*Server, error) {
 		// CPU under signing load (docs/PERFORMANCE.md). Calls beyond the
 		// workers still get a goroutine of their own. Stop ends them.
 		grpc.NumStreamWorkers(streamWorkers),
+		// Fixed receive windows, no BDP estimation: grpc-go's estimator
+		// pings the peer at every burst of request data, which at one call
+		// in flight is a PING and its acknowledgement per call, on both
+		// sides of the vsock hop; its windows would also grow, up to 16 MiB
+		// a stream, at a peer's will. With fixed windows, what a peer can
+		// make the enclave hold unread is a stream window per open stream.
+		grpc.StaticStreamWindowSize(streamWindow),
+		grpc.StaticConnWindowSize(connWindow),
 	)...)
 	pb.RegisterEchoServiceServer(s.grpc, &echoService{})
 	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log, stats: p.Stats})

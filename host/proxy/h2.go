@@ -169,6 +169,12 @@ type endpoint struct {
 	// input runs out (flushBatch), so they leave in one write.
 	cork    int
 	kickDue bool
+	// lazy is how many bytes at the head of buf are acknowledgements
+	// that may wait for the next write (PING ACK, WINDOW_UPDATE): when
+	// nothing else is queued and a response is due, flushBatch leaves
+	// them to ride along with it (deferLazy), at most lazyDelay later.
+	lazy      int
+	lazyTimer *time.Timer
 
 	kick chan struct{} // wakes the flusher
 	done chan struct{} // closed when the flusher has exited
@@ -227,6 +233,7 @@ func (e *endpoint) run(onErr func(error)) {
 			continue
 		}
 		e.buf, e.spare = e.spare, b
+		e.lazy = 0
 		e.writing = true
 		e.inWrite = b.Len()
 		e.mu.Unlock()
@@ -295,6 +302,7 @@ func (e *endpoint) flushNow() {
 		return
 	}
 	e.buf.Next(n)
+	e.lazy = 0 // sent, or left to the flusher
 	if e.buf.Len() > 0 {
 		e.kickLocked()
 	}
@@ -340,6 +348,10 @@ type flushBatch struct {
 	own    *endpoint
 	ownDue bool
 	eps    []*endpoint
+	// due, when set, reports whether own expects a relayed write soon (a
+	// client connection with calls open upstream): its acknowledgements
+	// may then wait for it (endpoint.deferLazy).
+	due func() bool
 }
 
 func (b *flushBatch) add(e *endpoint) {
@@ -363,6 +375,9 @@ func (b *flushBatch) flush() {
 	b.eps = b.eps[:0]
 	if b.ownDue {
 		b.ownDue = false
+		if b.due != nil && b.due() && b.own.deferLazy() {
+			return
+		}
 		b.own.flushNow()
 	}
 }
@@ -518,6 +533,9 @@ func (e *endpoint) failLocked(err error) {
 	e.err = err
 	_ = e.closer.Close()
 	close(e.kick)
+	if e.lazyTimer != nil {
+		e.lazyTimer.Stop()
+	}
 	e.recountLocked()
 	e.wakeRoomLocked()
 	// What waits for window will never be sent: give its bytes back.
@@ -597,7 +615,7 @@ func (e *endpoint) windowUpdate(id uint32, n uint32) {
 	if e.err != nil {
 		return
 	}
-	_ = e.fr.WriteWindowUpdate(id, n)
+	e.markLazyLocked(func() { _ = e.fr.WriteWindowUpdate(id, n) })
 	e.flushLocked()
 }
 
@@ -606,9 +624,44 @@ func (e *endpoint) ping(ack bool, data [8]byte) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.err == nil {
-		_ = e.fr.WritePing(ack, data)
+		if ack {
+			e.markLazyLocked(func() { _ = e.fr.WritePing(ack, data) })
+		} else {
+			_ = e.fr.WritePing(ack, data)
+		}
 		e.flushLocked()
 	}
+}
+
+// lazyDelay bounds how long deferLazy lets acknowledgements wait.
+const lazyDelay = 5 * time.Millisecond
+
+// markLazyLocked runs write, which queues one acknowledgement, and counts
+// it as lazy when only lazy frames were queued before it.
+func (e *endpoint) markLazyLocked(write func()) {
+	before := e.buf.Len()
+	write()
+	if before == e.lazy {
+		e.lazy = e.buf.Len()
+	}
+}
+
+// deferLazy reports whether everything queued is lazy acknowledgements,
+// and if so leaves them for the next write, or for lazyDelay at most: a
+// PING ACK that waits for the response the peer's request will get saves
+// a write and the peer a read, per call.
+func (e *endpoint) deferLazy() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.err != nil || e.writing || e.buf.Len() == 0 || e.buf.Len() != e.lazy {
+		return false
+	}
+	if e.lazyTimer == nil {
+		e.lazyTimer = time.AfterFunc(lazyDelay, e.flushNow)
+	} else {
+		e.lazyTimer.Reset(lazyDelay)
+	}
+	return true
 }
 
 // addWindow applies a WINDOW_UPDATE (h nil: the connection), resumes the

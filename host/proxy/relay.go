@@ -121,6 +121,9 @@ func (p *Proxy) serveConn(nc net.Conn) {
 	ep.sendCap = clientSendCap
 	sc.ep = ep
 	sc.batch.own = ep
+	// With calls open upstream, a response is on its way: the PING ACKs
+	// and window updates the reader owes the client ride along with it.
+	sc.batch.due = func() bool { return sc.upCalls.Load() > 0 }
 	if !p.track(sc, true) {
 		close(handshaking)
 		_ = nc.Close()

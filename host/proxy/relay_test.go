@@ -241,3 +241,58 @@ func TestZeroWindowUpdateEndsTheCall(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A PING acknowledgement may wait for the response a client's open call
+// is about to get, so that the two leave in one write; it never waits for
+// long: a call whose response is slow does not hold it.
+func TestPingAnsweredWhileACallIsOpen(t *testing.T) {
+	h := newHarness(t, harnessOpts{poolSize: 1})
+	h.waitAllReady(t)
+	release, entered := make(chan struct{}), make(chan struct{}, 1)
+	h.up.Test.StreamingOutputCallF.Set(func(req *testpb.StreamingOutputCallRequest, stream testpb.TestService_StreamingOutputCallServer) error {
+		entered <- struct{}{}
+		select {
+		case <-release:
+		case <-stream.Context().Done():
+		}
+		return stream.Send(&testpb.StreamingOutputCallResponse{})
+	})
+	defer close(release)
+	raw := newRawClient(t, h.addr, 1<<20)
+	id := raw.call("/grpc.testing.TestService/StreamingOutputCall", &testpb.StreamingOutputCallRequest{
+		ResponseParameters: []*testpb.ResponseParameters{{Size: 1}},
+	})
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the call did not reach the upstream")
+	}
+	data := [8]byte{1, 2, 3, 4, 5, 6, 7, 8}
+	sent := time.Now()
+	if err := raw.fr.WritePing(false, data); err != nil {
+		t.Fatal(err)
+	}
+	_ = raw.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		f, err := raw.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no PING ACK while the call is open: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.PingFrame:
+			if !f.IsAck() || f.Data != data {
+				continue
+			}
+			// The bound is lazyDelay (5 ms); allow for a loaded machine,
+			// but far less than the call, which is still open.
+			if d := time.Since(sent); d > time.Second {
+				t.Fatalf("PING ACK after %v", d)
+			}
+			return
+		case *http2.HeadersFrame, *http2.DataFrame:
+			if f.Header().StreamID == id {
+				t.Fatal("the call's response came first: the handler is still blocked, so the proxy answered it")
+			}
+		}
+	}
+}
