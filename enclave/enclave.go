@@ -5,6 +5,7 @@ package enclave
 
 import (
 	"errors"
+	"fmt"
 
 	"go.uber.org/fx"
 	"go.uber.org/zap"
@@ -15,11 +16,16 @@ import (
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/enclave/stats"
 	"github.com/nitrosign/nitrosign/internal/logging"
+	"github.com/nitrosign/nitrosign/internal/target"
 )
 
 // Config is the whole enclave's configuration, one part per module.
 type Config struct {
-	Log      logging.Config
+	Log logging.Config
+	// LogShip is where the log lines go besides stderr, for the host to
+	// log them (package logship): vsock://3:5050, the parent, by default;
+	// empty: nowhere. An enclave's console is readable only in debug mode.
+	LogShip  string
 	Listener listener.Config
 	Signer   signer.Config
 	Server   server.Config
@@ -31,6 +37,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Log:      logging.Config{Level: "info", Format: "json"},
+		LogShip:  fmt.Sprintf("vsock://%d:%d", parentCID, target.LogPort),
 		Listener: listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort},
 		Signer:   signer.Config{RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
 		Server:   server.DefaultConfig(),
@@ -39,7 +46,24 @@ func DefaultConfig() Config {
 
 // Validate checks every part and reports every one that is wrong.
 func (c Config) Validate() error {
-	return errors.Join(c.Log.Validate(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
+	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
+}
+
+// parentCID is the parent instance's vsock CID, seen from an enclave.
+const parentCID = 3
+
+func (c Config) validateLogShip() error {
+	if c.LogShip == "" {
+		return nil
+	}
+	t, err := target.Parse(c.LogShip)
+	if err != nil {
+		return fmt.Errorf("log shipping target: %w", err)
+	}
+	if t.Scheme == target.VSOCK && t.Port == target.ReservedVsockPort {
+		return fmt.Errorf("log shipping target %q: port %d is nitro-cli's boot heartbeat", c.LogShip, t.Port)
+	}
+	return nil
 }
 
 // errDevKeySeed refuses a dev key seed outside development.

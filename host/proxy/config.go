@@ -66,6 +66,12 @@ type Config struct {
 	MaxSendMsgSize int
 	// Log selects log level and format. Default info, json.
 	Log logging.Config
+	// EnclaveLogPort is the vsock port (any CID) on which the proxy
+	// receives the log lines enclaves ship (nitrosign-enclave --log-ship,
+	// vsock://3:5050 by default) and writes them to its own log, with the
+	// enclave's fields (package enclavelog). 0: off. Default 0; the
+	// systemd unit sets 5050.
+	EnclaveLogPort uint32
 
 	// Limits protect the proxy, and the enclave behind it, from load and
 	// from hostile or broken clients (internal/limits; docs/RELIABILITY.md
@@ -196,6 +202,9 @@ func (c Config) Validate() error {
 	}
 	if err := c.Log.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.EnclaveLogPort == target.ReservedVsockPort {
+		errs = append(errs, fmt.Errorf("enclave log port %d is nitro-cli's boot heartbeat", c.EnclaveLogPort))
 	}
 	errs = append(errs, c.validateLimits()...)
 	return errors.Join(errs...)

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/fx"
 	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/host/enclavelog"
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/sdnotify"
 	"github.com/nitrosign/nitrosign/internal/logging"
@@ -138,12 +139,14 @@ func Options(cfg Config) fx.Option {
 			func(u *Upstreams) metrics.Upstream { return u },
 			func(c Config) metrics.Config { return c.Metrics },
 			func(m *metrics.Metrics) Observer { return m },
+			func(c Config) enclavelog.Config { return enclavelog.Config{Port: c.EnclaveLogPort} },
 		),
 		logging.FxLogger(),
 		// The proxy's stop waits up to GracefulStopTimeout; leave fx room
 		// for it and for closing the upstream connections.
 		fx.StopTimeout(cfg.GracefulStopTimeout+5*time.Second),
 		metrics.Module,
+		enclavelog.Module,
 		Module,
 	)
 }

@@ -29,6 +29,11 @@ const (
 // nothing of ours uses it, on either side, so the two are never confused.
 const ReservedVsockPort = 9000
 
+// LogPort is the parent's vsock port that enclaves ship their log lines
+// to (enclave/logship) and the host proxy receives them on
+// (host/enclavelog, --enclave-log-port).
+const LogPort = 5050
+
 // Target is a parsed transport address.
 type Target struct {
 	Scheme Scheme

@@ -21,11 +21,14 @@ import (
 
 	"go.uber.org/fx"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/nitrosign/nitrosign/enclave"
 	"github.com/nitrosign/nitrosign/enclave/listener"
+	"github.com/nitrosign/nitrosign/enclave/logship"
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/internal/logging"
+	"github.com/nitrosign/nitrosign/internal/target"
 )
 
 const usage = `nitrosign-enclave: the enclave signing service (AF_VSOCK only).
@@ -64,10 +67,43 @@ func run(args []string) int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
+	if c.LogShip != "" {
+		// Every line from here on, start-up failures included, also goes
+		// to the host (the proxy's --enclave-log-port), which logs it:
+		// nothing else of a production enclave is readable.
+		t, _ := target.Parse(c.LogShip) // validated
+		ship, err := logship.New(logship.Config{Dial: t.Dial})
+		if err != nil {
+			log.Error("start-up failed", zap.Error(err))
+			return 1
+		}
+		log = log.WithOptions(zap.WrapCore(func(core zapcore.Core) zapcore.Core {
+			return zapcore.NewTee(core, ship.Core(zap.LevelEnablerFunc(core.Enabled)))
+		}))
+		defer func() {
+			// The last lines (why the enclave stops) get a moment to
+			// reach the host; the enclave ends after this either way. A
+			// host never reached (nothing listens: development) gets a
+			// few redials, not the whole wait.
+			wait := shipFlushTimeout
+			if !ship.Reached() {
+				wait = shipFlushTimeout / 6
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			defer cancel()
+			if err := ship.Close(ctx); err != nil {
+				fmt.Fprintf(os.Stderr, "nitrosign-enclave: %v (%d lines dropped in all)\n", err, ship.Dropped())
+			}
+		}()
+	}
 
 	app := fx.New(enclave.VsockOptions(c, log))
 	return runApp(app, log, c.Server.GracefulStopTimeout)
 }
+
+// shipFlushTimeout bounds the wait, at exit, for the last log lines to
+// reach the host.
+const shipFlushTimeout = 3 * time.Second
 
 // parseFlags turns the command line (in an enclave: Dockerfile.enclave's
 // ENTRYPOINT) into a validated Config. It prints what is wrong to stderr;
@@ -101,6 +137,7 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 		return nil
 	})
 	fs.StringVar(&c.Log.Level, "log-level", c.Log.Level, "log level: debug, info, warn or error")
+	fs.StringVar(&c.LogShip, "log-ship", c.LogShip, "also send every log line (JSON) to the host's receiver at this `address`, vsock://CID:PORT (the parent is CID 3; nitrosign-proxy --enclave-log-port) or tcp://HOST:PORT; never blocks: lines the host does not take in time are dropped and counted; empty: off")
 	fs.StringVar(&c.Log.Format, "log-format", c.Log.Format, "log format: json or console")
 	if err := fs.Parse(args); err != nil {
 		return enclave.Config{}, err // flag printed it

@@ -6,12 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/nitrosign/nitrosign/enclave/listener"
+	"github.com/nitrosign/nitrosign/internal/target"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -128,6 +130,9 @@ func TestDockerfileEntrypoint(t *testing.T) {
 	}
 	if c.Listener.CID != listener.CIDAny || c.Listener.Port != listener.DefaultPort {
 		t.Fatalf("ENTRYPOINT listens on %d:%d, want any:%d", c.Listener.CID, c.Listener.Port, listener.DefaultPort)
+	}
+	if want := fmt.Sprintf("vsock://3:%d", target.LogPort); c.LogShip != want {
+		t.Fatalf("ENTRYPOINT ships its logs to %q, want the parent, %s: a production enclave's console is unreadable", c.LogShip, want)
 	}
 }
 

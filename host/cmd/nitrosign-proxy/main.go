@@ -19,6 +19,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -262,6 +263,14 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	fs.StringVar(&cfg.TLS.ClientCAFile, "client-ca", cfg.TLS.ClientCAFile, "PEM `file` of the CA(s) client certificates must chain to: mutual TLS (with --tls-cert)")
 	fs.BoolVar(&cfg.Insecure, "insecure", cfg.Insecure, "allow plaintext on a non-loopback --listen address (anyone who reaches it can sign)")
 	fs.StringVar(&cfg.PprofListen, "pprof-listen", cfg.PprofListen, "serve Go profiles (/debug/pprof/) on this loopback `HOST:PORT`, for profiling; off when empty")
+	fs.Func("enclave-log-port", "receive the log lines enclaves ship (nitrosign-enclave --log-ship) on this vsock `port` (any CID) and write them to this log, with the enclave's fields; 0: off (default 0; deploy/nitrosign-proxy.service sets 5050)", func(s string) error {
+		v, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return errors.New("want a vsock port number")
+		}
+		cfg.EnclaveLogPort = uint32(v)
+		return nil
+	})
 	fs.StringVar(&cfg.Metrics.Listen, "metrics-listen", cfg.Metrics.Listen, "serve Prometheus metrics on `HOST:PORT` (plain HTTP, /metrics); off when empty")
 	// Limits (docs/RELIABILITY.md): those both servers share, then the
 	// relay's own.
