@@ -11,8 +11,8 @@
 # Usage: scripts/check-deploy.sh
 #
 # systemd-analyze verify needs every ExecStart= binary to exist, so it runs
-# on temporary copies of the units whose /usr/local/bin/nitrosign-proxy and
-# /opt/nitrosign/scripts/ paths point at a freshly built proxy and at this
+# on temporary copies of the units whose /usr/local/bin/ and
+# /opt/nitrosign/scripts/ paths point at freshly built binaries and at this
 # tree's scripts, next to a stub nitro-enclaves-allocator.service (that unit
 # comes with nitro-cli). Needs Debian's shellcheck and systemd packages:
 #   apt-get install -y shellcheck systemd
@@ -43,12 +43,13 @@ log "shellcheck ${scripts[*]}"
 shellcheck -x "${scripts[@]}" || fail "shellcheck"
 
 # --------------------------------------------------------------- systemd --
-log "building nitrosign-proxy for systemd-analyze verify"
-CGO_ENABLED=0 go build -trimpath -o "$tmp/bin/nitrosign-proxy" ./host/cmd/nitrosign-proxy
+log "building nitrosign-proxy and nitrosign-supervisor for systemd-analyze verify"
+CGO_ENABLED=0 go build -trimpath -o "$tmp/bin/" ./host/cmd/nitrosign-proxy ./host/cmd/nitrosign-supervisor
 units=$tmp/units
 mkdir -p "$units/nitrosign-proxy.service.d"
 substitute() {
 	sed -e "s#/usr/local/bin/nitrosign-proxy#$tmp/bin/nitrosign-proxy#g" \
+		-e "s#/usr/local/bin/nitrosign-supervisor#$tmp/bin/nitrosign-supervisor#g" \
 		-e "s#/opt/nitrosign/scripts/#$repo/scripts/#g" "$1"
 }
 substitute deploy/nitrosign-proxy.service >"$units/nitrosign-proxy.service"
@@ -123,6 +124,7 @@ expect 2 "--cid needs a value" scripts/run-enclave.sh --cid
 expect 1 "config file /nonexistent.env not found" scripts/run-enclave.sh --config /nonexistent.env
 expect 2 "give --enclave-id or --all, not both" scripts/terminate-enclave.sh --all --enclave-id i-1
 expect 0 "--debug-mode" scripts/run-enclave.sh --help
+expect 1 "the enclave could not be started" "$tmp/bin/nitrosign-supervisor" --config deploy/enclave.env --log-format console
 
 if ((failed)); then
 	log "FAILED"
