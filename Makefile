@@ -79,7 +79,7 @@ proto-check: proto ## Fail when the committed generated code is stale
 check-deploy: ## shellcheck every script, systemd-analyze verify the units, scripts fail cleanly without nitro-cli
 	./scripts/check-deploy.sh
 
-reproducible: ## Build the enclave binary twice from two trees in different paths; the SHA-256 must match
+reproducible: ## Build the enclave binary twice (amd64 and arm64) from two trees in different paths; each SHA-256 pair must match
 	./scripts/reproducible-build.sh
 
 eif: ## Enclave image, EIF and PCR JSON (needs a Docker engine and nitro-cli; see docs/DEPLOY.md)

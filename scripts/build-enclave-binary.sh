@@ -3,10 +3,13 @@
 # script is the one definition of that build, run by the Dockerfile and by
 # scripts/reproducible-build.sh, so the two cannot drift apart.
 #
-# Usage: scripts/build-enclave-binary.sh OUT_FILE
+# Usage: scripts/build-enclave-binary.sh OUT_FILE [ARCH]
 #
-# Static (CGO_ENABLED=0), linux/amd64 at the baseline ISA (GOAMD64=v1),
-# -trimpath (no build paths), -buildvcs=false (no VCS stamp), an empty build
+#   ARCH  amd64 (x86 parents, the default) or arm64 (Graviton parents): an
+#         EIF runs on its parent's architecture
+#
+# Static (CGO_ENABLED=0), linux/ARCH at the baseline ISA (GOAMD64=v1,
+# GOARM64=v8.0), -trimpath (no build paths), -buildvcs=false (no VCS stamp), an empty build
 # id (-buildid=) and stripped symbols: the output depends only on the
 # source, the module versions in go.sum and the Go toolchain version.
 set -euo pipefail
@@ -21,8 +24,13 @@ die() {
 	exit 1
 }
 
-(($# == 1)) || die "usage: $0 OUT_FILE"
+(($# == 1 || $# == 2)) || die "usage: $0 OUT_FILE [amd64|arm64]"
 out=$1
+arch=${2:-amd64}
+case $arch in
+amd64 | arm64) ;;
+*) die "architecture '$arch': want amd64 or arm64" ;;
+esac
 case $out in
 /*) ;;
 *) out=$PWD/$out ;;
@@ -38,7 +46,11 @@ if [[ $have != "$EXPECTED_GO" ]]; then
 fi
 
 # Everything that could reach the output is set, nothing inherited.
-unset GOEXPERIMENT GOFIPS140 GODEBUG
-export CGO_ENABLED=0 GOOS=linux GOARCH=amd64 GOAMD64=v1 GOFLAGS=-mod=readonly GOTOOLCHAIN=local
+unset GOEXPERIMENT GOFIPS140 GODEBUG GOAMD64 GOARM64
+export CGO_ENABLED=0 GOOS=linux GOARCH=$arch GOFLAGS=-mod=readonly GOTOOLCHAIN=local
+case $arch in
+amd64) export GOAMD64=v1 ;;
+arm64) export GOARM64=v8.0 ;;
+esac
 
 go build -trimpath -buildvcs=false -ldflags='-s -w -buildid=' -o "$out" ./enclave/cmd/nitrosign-enclave

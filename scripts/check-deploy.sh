@@ -126,6 +126,64 @@ expect 2 "give --enclave-id or --all, not both" scripts/terminate-enclave.sh --a
 expect 0 "--debug-mode" scripts/run-enclave.sh --help
 expect 1 "the enclave could not be started" "$tmp/bin/nitrosign-supervisor" --config deploy/enclave.env --log-format console
 
+# ------------------------------------- build-eif.sh with stand-ins --
+# Stand-ins for docker and nitro-cli that record how they were called: the
+# image builds with plain `docker build` (no buildx flags), the EIF is signed
+# when asked, and the build record names nitro-cli's version and blobs.
+fakes=$tmp/fakes
+mkdir -p "$fakes/bin" "$fakes/blobs"
+printf 'kernel' >"$fakes/blobs/bzImage"
+printf 'init' >"$fakes/blobs/init"
+printf 'nsm' >"$fakes/blobs/nsm.ko"
+cat >"$fakes/bin/docker" <<'FAKE'
+#!/bin/sh
+echo "docker $*" >>"$FAKE_LOG"
+case $1 in
+info) exit 0 ;;
+build) exit 0 ;;
+image) echo "sha256:1111111111111111111111111111111111111111111111111111111111111111" ;;
+esac
+FAKE
+cat >"$fakes/bin/nitro-cli" <<'FAKE'
+#!/bin/sh
+echo "nitro-cli $*" >>"$FAKE_LOG"
+case $1 in
+--version) echo "Nitro CLI 1.4.2" ;;
+build-enclave)
+	pcr8=
+	case "$*" in *--signing-certificate*) pcr8=',"PCR8":"'$(printf '%096d' 8)'"' ;; esac
+	printf '{"Measurements":{"HashAlgorithm":"Sha384 { ... }","PCR0":"%096d","PCR1":"%096d","PCR2":"%096d"%s}}\n' 0 1 2 "$pcr8"
+	;;
+esac
+FAKE
+chmod +x "$fakes/bin/docker" "$fakes/bin/nitro-cli"
+printf 'cert' >"$fakes/cert.pem"
+printf 'key' >"$fakes/key.pem"
+export FAKE_LOG=$fakes/calls
+if out=$(PATH=$fakes/bin:$PATH NITRO_CLI_BLOBS=$fakes/blobs scripts/build-eif.sh --output-dir "$fakes/out" \
+	--signing-certificate "$fakes/cert.pem" --private-key "$fakes/key.pem" --expect-nitro-cli 1.4.2 2>&1); then
+	record=$fakes/out/nitrosign-enclave.build.json
+	if grep -q -- '--provenance\|--platform\|buildx' "$FAKE_LOG"; then
+		fail "build-eif.sh calls docker with buildx-only flags: $(grep '^docker build' "$FAKE_LOG")"
+	elif ! grep -q -- "docker build --build-arg ARCH=" "$FAKE_LOG"; then
+		fail "build-eif.sh does not pass the architecture: $(grep '^docker build' "$FAKE_LOG")"
+	elif ! grep -q -- "--signing-certificate $fakes/cert.pem --private-key $fakes/key.pem" "$FAKE_LOG"; then
+		fail "build-eif.sh did not sign the EIF: $(grep '^nitro-cli build-enclave' "$FAKE_LOG")"
+	elif ! grep -q '"PCR8"' "$fakes/out/nitrosign-enclave.pcrs.json"; then
+		fail "no PCR8 in the PCRs of a signed EIF"
+	elif ! grep -q '"nitro_cli_version": "Nitro CLI 1.4.2"' "$record" ||
+		! grep -q "\"bzImage\": \"$(printf kernel | sha256sum | cut -d' ' -f1)\"" "$record" ||
+		! grep -q '"signed": true' "$record"; then
+		fail "build record incomplete: $(cat "$record")"
+	else
+		log "ok: build-eif.sh with stand-ins: plain docker build, signed EIF (PCR8), build record"
+	fi
+else
+	fail "build-eif.sh with stand-ins failed: $out"
+fi
+expect 1 "not 9.9.9" env PATH="$fakes/bin:$PATH" NITRO_CLI_BLOBS="$fakes/blobs" scripts/build-eif.sh --output-dir "$fakes/out2" --expect-nitro-cli 9.9.9
+expect 2 "go together" scripts/build-eif.sh --signing-certificate "$fakes/cert.pem"
+
 if ((failed)); then
 	log "FAILED"
 	exit 1

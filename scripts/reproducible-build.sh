@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Check that the enclave binary builds reproducibly: build it twice, from two
-# copies of the source tree in different directories (different path names
-# and depths), each with its own empty Go build cache and temp directory,
-# and compare the SHA-256 of the two binaries. Both builds run
+# Check that the enclave binary builds reproducibly, for both architectures
+# an EIF can have (amd64: x86 parents; arm64: Graviton): build each twice,
+# from two copies of the source tree in different directories (different
+# path names and depths), each with its own empty Go build cache and temp
+# directory, and compare the SHA-256 of the two binaries. Every build runs
 # scripts/build-enclave-binary.sh, the very build Dockerfile.enclave runs.
 #
 # Usage: scripts/reproducible-build.sh [--keep]
@@ -13,8 +14,9 @@
 #                           untracked, not ignored ones, as they are now;
 #                           head: two `git clone`s of HEAD (what CI builds)
 #
-# Exit 0 and print the digest when the two are identical; exit 1 and print
-# both digests (and the first differing bytes) when they are not.
+# Exit 0 and print one digest per architecture when each pair is identical;
+# exit 1 and print both digests (and the first differing bytes) of a pair
+# that is not.
 set -euo pipefail
 
 log() { printf 'reproducible-build: %s\n' "$*" >&2; }
@@ -77,10 +79,10 @@ copy_tree() {
 }
 
 build_one() {
-	local name=$1 src=$2
-	local cache=$tmp/cache-$name
+	local name=$1 src=$2 arch=$5
+	local cache=$tmp/cache-$name-$arch
 	mkdir -p "$cache/gocache" "$cache/tmp"
-	log "build $name in $src (empty GOCACHE)"
+	log "build $name for $arch in $src (empty GOCACHE)"
 	# A fresh build cache per build, so the second build cannot reuse the
 	# first one's objects; the shared module cache holds sources only,
 	# checked against go.sum. Other environment differences on purpose:
@@ -89,29 +91,33 @@ build_one() {
 		cd "$src"
 		umask "$3"
 		GOCACHE=$cache/gocache TMPDIR=$cache/tmp TZ=$4 LC_ALL=C \
-			./scripts/build-enclave-binary.sh "$tmp/nitrosign-enclave.$name"
+			./scripts/build-enclave-binary.sh "$tmp/nitrosign-enclave.$arch.$name" "$arch"
 	)
 }
 
 log "source: $source_mode of $repo"
 copy_tree "$src_a"
 copy_tree "$src_b"
-start=$SECONDS
-build_one a "$src_a" 022 UTC
-build_one b "$src_b" 077 Asia/Kolkata
-log "two builds took $((SECONDS - start)) s"
-
-sum_a=$(sha256sum "$tmp/nitrosign-enclave.a" | cut -d' ' -f1)
-sum_b=$(sha256sum "$tmp/nitrosign-enclave.b" | cut -d' ' -f1)
-size=$(stat -c %s "$tmp/nitrosign-enclave.a")
-if [[ $sum_a != "$sum_b" ]]; then
-	log "NOT reproducible:"
-	log "  $sum_a  $src_a"
-	log "  $sum_b  $src_b"
-	cmp "$tmp/nitrosign-enclave.a" "$tmp/nitrosign-enclave.b" | head -5 >&2 || true
-	[[ $keep == true ]] && log "binaries kept in $tmp"
-	exit 1
-fi
-log "reproducible: both builds are $size bytes with SHA-256 $sum_a"
+sums=()
+for arch in amd64 arm64; do
+	start=$SECONDS
+	build_one a "$src_a" 022 UTC "$arch"
+	build_one b "$src_b" 077 Asia/Kolkata "$arch"
+	log "two $arch builds took $((SECONDS - start)) s"
+	bin_a=$tmp/nitrosign-enclave.$arch.a
+	bin_b=$tmp/nitrosign-enclave.$arch.b
+	sum_a=$(sha256sum "$bin_a" | cut -d' ' -f1)
+	sum_b=$(sha256sum "$bin_b" | cut -d' ' -f1)
+	if [[ $sum_a != "$sum_b" ]]; then
+		log "NOT reproducible for $arch:"
+		log "  $sum_a  $src_a"
+		log "  $sum_b  $src_b"
+		cmp "$bin_a" "$bin_b" | head -5 >&2 || true
+		[[ $keep == true ]] && log "binaries kept in $tmp"
+		exit 1
+	fi
+	log "reproducible for $arch: both builds are $(stat -c %s "$bin_a") bytes with SHA-256 $sum_a"
+	sums+=("$sum_a  nitrosign-enclave ($arch)")
+done
 [[ $keep == true ]] && log "binaries kept in $tmp"
-printf '%s  nitrosign-enclave\n' "$sum_a"
+printf '%s\n' "${sums[@]}"

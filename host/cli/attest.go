@@ -33,11 +33,13 @@ type attestFlags struct {
 	userData    string
 	at          string
 	saveDocFile string
+	pinPCRs     string
 }
 
 func (a *attestFlags) register(fs *flag.FlagSet) {
 	fs.Var(&a.pcrs, "pcr", "expected PCR as INDEX=HEX (repeatable), e.g. --pcr 0=7f3a...")
 	fs.StringVar(&a.pcrsFile, "pcrs-file", "", `expected PCRs from a JSON file: {"PCR0":"hex",...} as nitro-cli build-enclave prints, or {"0":"hex",...}`)
+	fs.StringVar(&a.pinPCRs, "pin-pcrs", "", "pin only these PCRs of --pcrs-file, e.g. 8 (a signed EIF's signing certificate, which stays the same across upgrades signed with it) or 0,1,2")
 	fs.StringVar(&a.rootFile, "root", "", "trust this root certificate (PEM) instead of the embedded AWS Nitro Enclaves Root-G1")
 	fs.BoolVar(&a.devRoot, "dev-trust-server-root", false, "DEVELOPMENT ONLY: trust the simulated-NSM root the server sends (proves nothing about a real enclave)")
 	fs.BoolVar(&a.allowDebug, "allow-debug", false, "accept all-zero PCRs (a debug-mode enclave, whose memory the host can read)")
@@ -69,6 +71,31 @@ func (p *pcrFlag) Set(s string) error {
 		*p = map[uint][]byte{}
 	}
 	(*p)[uint(i)] = b
+	return nil
+}
+
+// pinOnly keeps in pcrs only the indices listed in list ("8", "0,1,2"),
+// each of which must be there. --pcr values (given) are kept too.
+func pinOnly(pcrs map[uint][]byte, list string, given int) error {
+	keep := map[uint]bool{}
+	for _, f := range strings.Split(list, ",") {
+		i, err := strconv.ParseUint(strings.TrimPrefix(strings.ToUpper(strings.TrimSpace(f)), "PCR"), 10, 8)
+		if err != nil || i > 31 {
+			return fmt.Errorf("%q is not a PCR index (0-31)", f)
+		}
+		if _, ok := pcrs[uint(i)]; !ok {
+			return fmt.Errorf("the PCRs file has no PCR%d (an EIF built without --signing-certificate has no PCR8)", i)
+		}
+		keep[uint(i)] = true
+	}
+	if given > 0 {
+		return errors.New("give --pin-pcrs or --pcr, not both")
+	}
+	for i := range pcrs {
+		if !keep[i] {
+			delete(pcrs, i)
+		}
+	}
 	return nil
 }
 
@@ -109,6 +136,13 @@ func (a *attestFlags) options() (verify.Options, error) {
 				o.PCRs[i] = val
 			}
 		}
+		if a.pinPCRs != "" {
+			if err := pinOnly(o.PCRs, a.pinPCRs, len(a.pcrs)); err != nil {
+				return o, usagef("--pin-pcrs %s: %v", a.pinPCRs, err)
+			}
+		}
+	} else if a.pinPCRs != "" {
+		return o, usagef("--pin-pcrs selects PCRs of --pcrs-file, which is not given")
 	}
 	if a.rootFile != "" {
 		root, err := readCertPEM(a.rootFile)

@@ -199,6 +199,28 @@ func TestCLIAttest(t *testing.T) {
 	if r.code != ExitFailure || !strings.Contains(r.stderr, "REJECTED") || !strings.Contains(strings.ToLower(r.stderr), "pcr") {
 		t.Fatalf("PCR mismatch: exit %d, %q", r.code, r.stderr)
 	}
+	// A signed EIF's PCR8 pinned alone, from a PCRs file with the others
+	// (nitro-cli's format): an upgrade changes PCR0-2, not PCR8. The
+	// simulated NSM's PCR8 is zero (no signing certificate).
+	pcrsFile := filepath.Join(t.TempDir(), "pcrs.json")
+	zero8 := strings.Repeat("00", len(doc.PCRs["8"])/2)
+	writeFile(t, pcrsFile, `{"Measurements":{"HashAlgorithm":"Sha384 { ... }","PCR0":"`+strings.Repeat("ab", 48)+`","PCR8":"`+zero8+`"}}`)
+	mustOK(t, run(t, "", "attest", tg, "--dev-trust-server-root", "--pcrs-file", pcrsFile, "--pin-pcrs", "8"))
+	r = run(t, "", "attest", tg, "--dev-trust-server-root", "--pcrs-file", pcrsFile) // PCR0 differs
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "REJECTED") {
+		t.Fatalf("all PCRs of the file pinned: exit %d, %q", r.code, r.stderr)
+	}
+	writeFile(t, pcrsFile, `{"PCR0":"`+doc.PCRs["0"]+`","PCR8":"`+strings.Repeat("cd", 48)+`"}`)
+	r = run(t, "", "attest", tg, "--dev-trust-server-root", "--pcrs-file", pcrsFile, "--pin-pcrs", "8")
+	if r.code != ExitFailure || !strings.Contains(r.stderr, "REJECTED") {
+		t.Fatalf("another signing certificate's PCR8: exit %d, %q", r.code, r.stderr)
+	}
+	for _, bad := range [][]string{{"--pcrs-file", pcrsFile, "--pin-pcrs", "9"}, {"--pin-pcrs", "8"}, {"--pcrs-file", pcrsFile, "--pin-pcrs", "x"}} {
+		r = run(t, "", append([]string{"attest", tg, "--dev-trust-server-root"}, bad...)...)
+		if r.code != ExitUsage || !strings.Contains(r.stderr, "--pin-pcrs") {
+			t.Fatalf("%v: exit %d, %q", bad, r.code, r.stderr)
+		}
+	}
 	// Sign and verify with attested keys only.
 	sig := strings.TrimSpace(mustOK(t, run(t, "attested message", "sign", tg, "--key-type", "ecc", "--attested", "--dev-trust-server-root")).stdout)
 	mustOK(t, run(t, "attested message", "verify", tg, "--key-type", "ecc", "--attested", "--dev-trust-server-root", "--signature", sig))
@@ -224,5 +246,12 @@ func TestCLIAttestGenuineDocument(t *testing.T) {
 	r = run(t, "", "attest", "--document", doc, "--at", "yesterday")
 	if r.code != ExitUsage {
 		t.Fatalf("bad --at: exit %d, %q", r.code, r.stderr)
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
