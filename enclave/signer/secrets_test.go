@@ -35,7 +35,9 @@ import (
 
 	"github.com/nitrosign/nitrosign/enclave"
 	"github.com/nitrosign/nitrosign/enclave/enclavetest"
+	"github.com/nitrosign/nitrosign/enclave/logship"
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/host/enclavelog"
 	"github.com/nitrosign/nitrosign/host/proxy"
 	"github.com/nitrosign/nitrosign/internal/sigalg"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
@@ -127,11 +129,31 @@ func (s *secrets) find(line []byte) (string, bool) {
 func run(t *testing.T, c enclave.Config) (sg *signer.Signer, enclaveAddr, proxyAddr string, logs func() []observer.LoggedEntry, stop func()) {
 	t.Helper()
 	encCore, encLogs := observer.New(zapcore.DebugLevel)
+	// The enclave's lines also travel the way a production enclave's do,
+	// shipped (logship) to the host's receiver (enclavelog), whose output
+	// the guard checks too.
+	hostCore, hostLogs := observer.New(zapcore.DebugLevel)
+	recv := enclavelog.New(enclavelog.Config{}, zap.New(hostCore))
+	rl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvDone := make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		_ = recv.Serve(rl)
+	}()
+	ship, err := logship.New(logship.Config{Dial: func(ctx context.Context) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", rl.Addr().String())
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	el, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	encApp := fx.New(enclave.Options(c, zap.New(encCore)),
+	encApp := fx.New(enclave.Options(c, zap.New(zapcore.NewTee(encCore, ship.Core(zapcore.DebugLevel)))),
 		fx.Supply(fx.Annotate(el, fx.As(new(net.Listener)))), fx.Populate(&sg))
 	pxCore, pxLogs := observer.New(zapcore.DebugLevel)
 	pl, err := net.Listen("tcp", "127.0.0.1:0")
@@ -162,10 +184,36 @@ func run(t *testing.T, c enclave.Config) (sg *signer.Signer, enclaveAddr, proxyA
 		defer cancel()
 		_ = pxApp.Stop(ctx)
 		_ = encApp.Stop(ctx)
+		_ = ship.Close(ctx)
+		// Every line the enclave wrote reached the host before it closes.
+		for hostLogs.Len() < int(ship.Shipped()) && ctx.Err() == nil {
+			time.Sleep(5 * time.Millisecond)
+		}
+		_ = rl.Close()
+		<-recvDone
+		recv.Close()
 	}
 	t.Cleanup(stop)
+	shipped := func() []observer.LoggedEntry {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if !once {
+			if err := ship.Flush(ctx); err != nil {
+				t.Fatalf("shipping the enclave's lines: %v", err)
+			}
+		}
+		for hostLogs.Len() < int(ship.Shipped()) && ctx.Err() == nil {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if ship.Dropped() > 0 || hostLogs.Len() < int(ship.Shipped()) {
+			t.Fatalf("the host got %d of %d shipped lines (%d dropped)", hostLogs.Len(), ship.Shipped(), ship.Dropped())
+		}
+		return hostLogs.All()
+	}
 	return sg, el.Addr().String(), pl.Addr().String(),
-		func() []observer.LoggedEntry { return append(encLogs.All(), pxLogs.All()...) }, stop
+		func() []observer.LoggedEntry {
+			return append(append(encLogs.All(), pxLogs.All()...), shipped()...)
+		}, stop
 }
 
 func dial(t *testing.T, addr string) *grpc.ClientConn {
@@ -374,7 +422,7 @@ func testNoSecrets(t *testing.T, seeded bool) {
 			t.Fatal("no development warning for the seeded keys")
 		}
 	}
-	t.Logf("%d log lines from the enclave and the proxy (%d debug call lines), %d signatures, %d secret forms searched: none found",
+	t.Logf("%d log lines from the enclave, the proxy and the host's receiver of the enclave's shipped lines (%d debug call lines), %d signatures, %d secret forms searched: none found",
 		len(entries), debugCalls, calls, len(sec.values))
 
 	// No answer carries private key material.

@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -288,9 +289,18 @@ func (s *Supervisor) nitro(ctx context.Context, args ...string) ([]byte, error) 
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.CommandTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, s.cfg.NitroCLI, args...)
+	// A nitro-cli that hangs is killed at the timeout with everything it
+	// started (its own process group), and its output pipes are not waited
+	// for beyond a moment after.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
+		if ctx.Err() == context.DeadlineExceeded {
+			return nil, fmt.Errorf("nitro-cli %s: no answer within %v (killed)", args[0], s.cfg.CommandTimeout)
+		}
 		msg := trim(stderr.Bytes())
 		if msg == "" {
 			msg = trim(stdout.Bytes())

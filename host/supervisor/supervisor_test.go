@@ -28,6 +28,7 @@ dir=$(dirname "$0")
 echo "$*" >> "$dir/calls"
 case $1 in
 describe-enclaves)
+	[ -f "$dir/hang-describe" ] && exec sleep 3600
 	[ -f "$dir/fail-describe" ] && { echo "[ E36 ] Enclave process connection failure." >&2; exit 1; }
 	printf '['
 	sep=
@@ -38,6 +39,7 @@ describe-enclaves)
 	printf ']\n'
 	;;
 run-enclave)
+	[ -f "$dir/hang-run" ] && { sleep 3600; exit 0; }
 	[ -f "$dir/fail-run" ] && { echo "[ E26 ] Insufficient memory requested. User provided memory is 512 MB, but based on the EIF file size, the minimum memory should be 1024 MB" >&2; exit 1; }
 	n=$(ls "$dir" | grep -c '^enclave-')
 	id="i-0123456789abcdef0-enc00000000000$n"
@@ -239,6 +241,37 @@ func TestLeftovers(t *testing.T) {
 	}
 	if strings.Contains(g.calls(t), "terminate-enclave") || strings.Contains(g.calls(t), "run-enclave") {
 		t.Fatalf("the foreign enclave was touched: %q", g.calls(t))
+	}
+}
+
+// A nitro-cli that hangs is killed at the command timeout: starting fails,
+// and watching fails after three polls without an answer.
+func TestHangingNitroCLI(t *testing.T) {
+	f := newFixture(t)
+	f.cfg.CommandTimeout = 300 * time.Millisecond
+	f.touch(t, "hang-run", "")
+	start := time.Now()
+	err := f.run(t, context.Background())
+	if err == nil || !strings.Contains(err.Error(), "no answer within 300ms") {
+		t.Fatalf("Run with run-enclave hanging = %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("Run took %v beside a hanging run-enclave", d)
+	}
+
+	g := newFixture(t)
+	g.cfg.CommandTimeout = 300 * time.Millisecond
+	done := make(chan error, 1)
+	go func() { done <- g.run(t, context.Background()) }()
+	eventually(t, "READY=1", func() bool { return strings.Contains(g.notified(), "READY=1") })
+	g.touch(t, "hang-describe", "")
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrEnclaveGone) || !strings.Contains(err.Error(), "no answer") {
+			t.Fatalf("Run with describe-enclaves hanging = %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run went on while nitro-cli hung")
 	}
 }
 
