@@ -1,0 +1,170 @@
+package sealing
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"errors"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+
+	"github.com/nitrosign/nitrosign/enclave/attest"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type fixture struct {
+	fake *fakeKMS
+	keys *DataKeys
+	nsm  attest.NSM
+	srv  *httptest.Server
+}
+
+// newFixture runs the fake KMS and a DataKeys on the official client,
+// pointed at it by its endpoint setting only; the enclave's documents come
+// from the simulated NSM.
+func newFixture(t *testing.T, secret string) *fixture {
+	t.Helper()
+	nsm, err := attest.Open(attest.Config{DevSimulatedNSM: true, DevicePath: "/nonexistent/nsm"}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = nsm.Close() })
+	root, err := x509.ParseCertificate(nsm.(attest.Simulation).DevRootDER())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := newFakeKMS(root, map[uint][]byte{0: attest.SimulatedPCRs()[0]})
+	srv := httptest.NewServer(fake)
+	t.Cleanup(srv.Close)
+	creds := fake.creds
+	if secret != "" {
+		creds.SecretAccessKey = secret
+	}
+	client := kms.New(kms.Options{
+		Region:       fake.region,
+		BaseEndpoint: aws.String(srv.URL),
+		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
+			return creds, nil
+		}),
+		RetryMaxAttempts: 1,
+	})
+	keys, err := NewDataKeys(client, nsm, fake.keyARN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{fake: fake, keys: keys, nsm: nsm, srv: srv}
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+// A data key generated for the enclave opens again, from its blob, in
+// this enclave (or any with the same measurements); KMS never sent it in
+// clear.
+func TestGenerateThenOpen(t *testing.T) {
+	f := newFixture(t, "")
+	key, blob, err := f.keys.Generate(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(key) != DataKeySize || len(blob) == 0 || bytes.Contains(blob, key) {
+		t.Fatalf("key %d bytes, blob %d bytes", len(key), len(blob))
+	}
+	again, err := f.keys.Open(ctx(t), blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(again, key) {
+		t.Fatal("Open returned another key than Generate")
+	}
+	if got := f.fake.called(); got != "[GenerateDataKey Decrypt]" {
+		t.Fatalf("KMS calls %s", got)
+	}
+}
+
+// Every way KMS can refuse, or misbehave, is an error that says which.
+func TestRefusals(t *testing.T) {
+	f := newFixture(t, "")
+	_, blob, err := f.keys.Generate(ctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	check := func(name string, err error, want ...string) {
+		t.Helper()
+		if err == nil {
+			t.Fatalf("%s: no error", name)
+		}
+		for _, w := range want {
+			if !strings.Contains(err.Error(), w) {
+				t.Fatalf("%s: %v\nwant it to name %q", name, err, w)
+			}
+		}
+		t.Logf("%s: %v", name, err)
+	}
+
+	// The key policy's PCR0 is another image's.
+	f.fake.pcrs = map[uint][]byte{0: bytes.Repeat([]byte{7}, 48)}
+	_, err = f.keys.Open(ctx(t), blob)
+	check("another image", err, "Decrypt", "AccessDeniedException", "PCR")
+	f.fake.pcrs = map[uint][]byte{0: attest.SimulatedPCRs()[0]}
+
+	corrupt := append([]byte(nil), blob...)
+	corrupt[len(corrupt)-1] ^= 1
+	_, err = f.keys.Open(ctx(t), corrupt)
+	check("corrupt blob", err, "InvalidCiphertextException")
+	if !errors.Is(err, ErrKMS) {
+		t.Fatalf("corrupt blob: %v does not wrap ErrKMS", err)
+	}
+
+	other, err := NewDataKeys(f.keys.kms, f.nsm, "arn:aws:kms:eu-west-1:111122223333:key/another")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = other.Open(ctx(t), blob)
+	check("blob of another KMS key", err, "IncorrectKeyException")
+
+	f.fake.misbehave = "plaintext"
+	_, _, err = f.keys.Generate(ctx(t))
+	check("KMS sends the key in clear", err, "in clear despite the Recipient")
+	f.fake.misbehave = "other-recipient"
+	_, err = f.keys.Open(ctx(t), blob)
+	check("KMS encrypts to another key", err, "CiphertextForRecipient", "cannot decrypt")
+	f.fake.misbehave = ""
+
+	bad := newFixture(t, "a stolen but wrong secret")
+	_, _, err = bad.keys.Generate(ctx(t))
+	check("wrong credentials", err, "InvalidSignatureException")
+
+	f.srv.Close()
+	_, err = f.keys.Open(ctx(t), blob)
+	check("KMS unreachable", err, "AWS KMS Decrypt")
+}
+
+func TestNewDataKeysNeedsEverything(t *testing.T) {
+	nsm := fakeAttester{}
+	client := kms.New(kms.Options{Region: "eu-west-1"})
+	for _, tt := range []struct {
+		c   KMS
+		n   Attester
+		key string
+	}{{nil, nsm, "k"}, {client, nil, "k"}, {client, nsm, ""}} {
+		if _, err := NewDataKeys(tt.c, tt.n, tt.key); err == nil {
+			t.Errorf("NewDataKeys(%v, %v, %q) succeeded", tt.c != nil, tt.n != nil, tt.key)
+		}
+	}
+}
+
+type fakeAttester struct{}
+
+func (fakeAttester) Attestation(_, _, _ []byte) ([]byte, error) { return nil, errors.New("no NSM") }
