@@ -3,9 +3,15 @@ package sealing
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,7 +22,10 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
+	"github.com/nitrosign/nitrosign/enclave/recipient"
 )
+
+var recipientDecrypt = recipient.Decrypt
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
@@ -168,3 +177,47 @@ func TestNewDataKeysNeedsEverything(t *testing.T) {
 type fakeAttester struct{}
 
 func (fakeAttester) Attestation(_, _, _ []byte) ([]byte, error) { return nil, errors.New("no NSM") }
+
+// The test server's envelope is checked by code independent of both it and
+// package recipient: OpenSSL's cms -decrypt opens it to the same data key.
+func TestEnvelopeOpensWithOpenSSL(t *testing.T) {
+	bin, err := exec.LookPath("openssl")
+	if err != nil {
+		t.Fatal("openssl not found: install it (apt-get install openssl); this test cross-checks the CMS envelope with it")
+	}
+	priv, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFakeKMS(nil, nil)
+	dk := bytes.Repeat([]byte{0x5a}, 32)
+	env := f.envelope(dk, &priv.PublicKey)
+	dir := t.TempDir()
+	pkcs8, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile, envFile := filepath.Join(dir, "key.pem"), filepath.Join(dir, "env.der")
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: pkcs8}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(envFile, env, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bin, "cms", "-decrypt", "-inform", "DER", "-in", envFile, "-inkey", keyFile, "-binary").Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("openssl cms -decrypt: %v: %s", err, ee.Stderr)
+		}
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out, dk) {
+		t.Fatalf("openssl opened the envelope to %x, want %x", out, dk)
+	}
+	// And package recipient agrees.
+	got, err := recipientDecrypt(env, priv)
+	if err != nil || !bytes.Equal(got, dk) {
+		t.Fatalf("recipient.Decrypt = %x, %v", got, err)
+	}
+}
