@@ -47,7 +47,7 @@ test-unit:
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest \
                 ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter \
-                ./host/proxy:FuzzRelayFrames ./enclave/recipient:FuzzDecrypt
+                ./host/proxy:FuzzRelayFrames ./enclave/recipient:FuzzDecrypt ./enclave/sealing:FuzzReadHeader
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	@for t in $(FUZZ_TARGETS); do \

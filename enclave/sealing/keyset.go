@@ -1,0 +1,318 @@
+package sealing
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
+)
+
+// The sealed keyset, format 1 (docs/SEALING.md):
+//
+//	"NSKS"                 4 bytes, magic
+//	format                 1 byte, 1
+//	header length          4 bytes, big endian, then the header: JSON
+//	                       {"format":1,"kms_key_arn":...,"key_ids":[...],
+//	                        "created":RFC 3339,"sealed":RFC 3339}
+//	data key blob length   4 bytes, big endian, then KMS's CiphertextBlob of
+//	                       the data key
+//	nonce                  12 bytes
+//	ciphertext             AES-256-GCM under the data key of the keyset
+//	                       body (JSON, below), with every byte before the
+//	                       nonce as associated data
+//
+// The body: {"keys":[{"id":hex SHA-256 of the SPKI,"type":"RSA"|"ECC"|
+// "ED25519","version":n,"state":"ENABLED"|"DISABLED","created":RFC 3339,
+// "pkcs8":base64 PKCS #8}]}.
+//
+// The header is readable without KMS (the host can show which keys a file
+// holds), and bound to the body: changing any header byte, or swapping the
+// data key blob for another file's, makes the body not open.
+const (
+	magic          = "NSKS"
+	formatVersion  = 1
+	maxSealedSize  = 1 << 20
+	maxHeaderSize  = 16 << 10
+	maxBlobSize    = 4 << 10
+	gcmNonceSize   = 12
+	fixedPrefixLen = 4 + 1 + 4
+)
+
+// ErrCorrupt is wrapped by every error about a sealed keyset that does not
+// parse or does not open; nothing of it is used then.
+var ErrCorrupt = errors.New("sealing: sealed keyset corrupt")
+
+// ErrWrongKMSKey: the keyset was sealed under another KMS key than the
+// configured one.
+var ErrWrongKMSKey = errors.New("sealing: sealed keyset is for another KMS key")
+
+// State is whether a key may be selected for signing.
+type State string
+
+// Key states.
+const (
+	Enabled  State = "ENABLED"
+	Disabled State = "DISABLED"
+)
+
+// Key is one key of a keyset.
+type Key struct {
+	// ID is KeyID of its public key (hex SHA-256 of the DER SPKI).
+	ID      string
+	Type    pb.KeyType
+	Version int
+	State   State
+	Created time.Time
+	Private crypto.Signer
+}
+
+// Keyset is every key an enclave serves, and when the set was made.
+type Keyset struct {
+	Created time.Time
+	Keys    []Key
+}
+
+// Header is the readable part of a sealed keyset.
+type Header struct {
+	Format    int       `json:"format"`
+	KMSKeyARN string    `json:"kms_key_arn"`
+	KeyIDs    []string  `json:"key_ids"`
+	Created   time.Time `json:"created"`
+	Sealed    time.Time `json:"sealed"`
+}
+
+type bodyKey struct {
+	ID      string    `json:"id"`
+	Type    string    `json:"type"`
+	Version int       `json:"version"`
+	State   State     `json:"state"`
+	Created time.Time `json:"created"`
+	PKCS8   []byte    `json:"pkcs8"`
+}
+
+var typeNames = map[pb.KeyType]string{pb.KeyType_KEY_TYPE_RSA: "RSA", pb.KeyType_KEY_TYPE_ECC: "ECC", pb.KeyType_KEY_TYPE_ED25519: "ED25519"}
+
+// keyID is the id of a public key: hex SHA-256 of its DER SPKI (as the
+// signer computes it).
+func keyID(pub crypto.PublicKey) (string, error) {
+	spki, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(spki)
+	return hex.EncodeToString(sum[:]), nil
+}
+
+// Seal encrypts ks under a new data key from KMS and returns the sealed
+// keyset. Every key's id is checked against its public key first.
+func Seal(ctx context.Context, ks *Keyset, keys *DataKeys, now time.Time) ([]byte, error) {
+	if ks == nil || len(ks.Keys) == 0 {
+		return nil, errors.New("sealing: an empty keyset")
+	}
+	body := struct {
+		Keys []bodyKey `json:"keys"`
+	}{}
+	ids := make([]string, 0, len(ks.Keys))
+	for _, k := range ks.Keys {
+		name, ok := typeNames[k.Type]
+		if !ok {
+			return nil, fmt.Errorf("sealing: key %s of unknown type %v", k.ID, k.Type)
+		}
+		if k.State != Enabled && k.State != Disabled {
+			return nil, fmt.Errorf("sealing: key %s in unknown state %q", k.ID, k.State)
+		}
+		id, err := keyID(k.Private.Public())
+		if err != nil || id != k.ID {
+			return nil, fmt.Errorf("sealing: key %s: its id is not its public key's", k.ID)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(k.Private)
+		if err != nil {
+			return nil, fmt.Errorf("sealing: key %s: %w", k.ID, err)
+		}
+		body.Keys = append(body.Keys, bodyKey{ID: k.ID, Type: name, Version: k.Version, State: k.State, Created: k.Created.UTC(), PKCS8: der})
+		ids = append(ids, k.ID)
+	}
+	pt, err := json.Marshal(body)
+	for i := range body.Keys {
+		clear(body.Keys[i].PKCS8)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer clear(pt)
+	hdr, err := json.Marshal(Header{Format: formatVersion, KMSKeyARN: keys.KeyID(), KeyIDs: ids, Created: ks.Created.UTC(), Sealed: now.UTC()})
+	if err != nil {
+		return nil, err
+	}
+	dk, blob, err := keys.Generate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(dk)
+	if len(hdr) > maxHeaderSize || len(blob) > maxBlobSize {
+		return nil, fmt.Errorf("sealing: header of %d bytes or data key blob of %d bytes too large", len(hdr), len(blob))
+	}
+	var out bytes.Buffer
+	out.WriteString(magic)
+	out.WriteByte(formatVersion)
+	_ = binary.Write(&out, binary.BigEndian, uint32(len(hdr)))
+	out.Write(hdr)
+	_ = binary.Write(&out, binary.BigEndian, uint32(len(blob)))
+	out.Write(blob)
+	aad := bytes.Clone(out.Bytes())
+	gcm, err := newGCM(dk)
+	if err != nil {
+		return nil, err
+	}
+	nonce := make([]byte, gcmNonceSize)
+	if _, err := rand.Read(nonce); err != nil {
+		return nil, err
+	}
+	out.Write(nonce)
+	out.Write(gcm.Seal(nil, nonce, pt, aad))
+	return out.Bytes(), nil
+}
+
+// ReadHeader parses a sealed keyset's header, without KMS: the format,
+// KMS key and key ids it declares, which Unseal then checks against the
+// keys themselves.
+func ReadHeader(sealed []byte) (*Header, error) {
+	h, _, _, err := split(sealed)
+	return h, err
+}
+
+// split parses sealed into its header, its data key blob, and the offset
+// of the nonce.
+func split(sealed []byte) (*Header, []byte, int, error) {
+	if len(sealed) > maxSealedSize {
+		return nil, nil, 0, fmt.Errorf("%w: %d bytes, at most %d", ErrCorrupt, len(sealed), maxSealedSize)
+	}
+	if len(sealed) < fixedPrefixLen || string(sealed[:4]) != magic {
+		return nil, nil, 0, fmt.Errorf("%w: not a sealed keyset (no %q magic)", ErrCorrupt, magic)
+	}
+	if sealed[4] != formatVersion {
+		return nil, nil, 0, fmt.Errorf("%w: format %d, this signer reads format %d", ErrCorrupt, sealed[4], formatVersion)
+	}
+	off := 5
+	field := func(max int, what string) ([]byte, error) {
+		if len(sealed) < off+4 {
+			return nil, fmt.Errorf("%w: truncated in the %s length", ErrCorrupt, what)
+		}
+		n := int(binary.BigEndian.Uint32(sealed[off:]))
+		off += 4
+		if n == 0 || n > max || len(sealed) < off+n {
+			return nil, fmt.Errorf("%w: %s of %d bytes (at most %d, %d left)", ErrCorrupt, what, n, max, len(sealed)-off)
+		}
+		b := sealed[off : off+n]
+		off += n
+		return b, nil
+	}
+	hdrJSON, err := field(maxHeaderSize, "header")
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	var h Header
+	dec := json.NewDecoder(bytes.NewReader(hdrJSON))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&h); err != nil || h.Format != formatVersion || h.KMSKeyARN == "" || len(h.KeyIDs) == 0 {
+		return nil, nil, 0, fmt.Errorf("%w: header does not parse as format %d", ErrCorrupt, formatVersion)
+	}
+	blob, err := field(maxBlobSize, "data key blob")
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	if len(sealed) < off+gcmNonceSize+16 {
+		return nil, nil, 0, fmt.Errorf("%w: truncated before the encrypted keyset", ErrCorrupt)
+	}
+	return &h, blob, off, nil
+}
+
+// Unseal opens a sealed keyset: its header must name the KMS key keys
+// uses, KMS must release the data key to this enclave, the body must open
+// (so neither it nor the header was changed), and every key must be what
+// the header lists, with an id that is its public key's.
+func Unseal(ctx context.Context, sealed []byte, keys *DataKeys) (*Keyset, error) {
+	h, blob, off, err := split(sealed)
+	if err != nil {
+		return nil, err
+	}
+	if h.KMSKeyARN != keys.KeyID() {
+		return nil, fmt.Errorf("%w: sealed under %s, the signer uses %s", ErrWrongKMSKey, h.KMSKeyARN, keys.KeyID())
+	}
+	dk, err := keys.Open(ctx, blob)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(dk)
+	gcm, err := newGCM(dk)
+	if err != nil {
+		return nil, err
+	}
+	pt, err := gcm.Open(nil, sealed[off:off+gcmNonceSize], sealed[off+gcmNonceSize:], sealed[:off])
+	if err != nil {
+		return nil, fmt.Errorf("%w: the keyset does not open with its data key (its header or body was changed)", ErrCorrupt)
+	}
+	defer clear(pt)
+	var body struct {
+		Keys []bodyKey `json:"keys"`
+	}
+	if err := json.Unmarshal(pt, &body); err != nil {
+		return nil, fmt.Errorf("%w: keyset body does not parse", ErrCorrupt)
+	}
+	defer func() {
+		for i := range body.Keys {
+			clear(body.Keys[i].PKCS8)
+		}
+	}()
+	ks := &Keyset{Created: h.Created}
+	var ids []string
+	for _, bk := range body.Keys {
+		typ := pb.KeyType_KEY_TYPE_UNSPECIFIED
+		for t, n := range typeNames {
+			if n == bk.Type {
+				typ = t
+			}
+		}
+		if typ == pb.KeyType_KEY_TYPE_UNSPECIFIED || (bk.State != Enabled && bk.State != Disabled) {
+			return nil, fmt.Errorf("%w: key %s has type %q, state %q", ErrCorrupt, bk.ID, bk.Type, bk.State)
+		}
+		priv, err := x509.ParsePKCS8PrivateKey(bk.PKCS8)
+		if err != nil {
+			return nil, fmt.Errorf("%w: key %s does not parse", ErrCorrupt, bk.ID)
+		}
+		signer, ok := priv.(crypto.Signer)
+		if !ok {
+			return nil, fmt.Errorf("%w: key %s is not a signing key", ErrCorrupt, bk.ID)
+		}
+		if id, err := keyID(signer.Public()); err != nil || id != bk.ID {
+			return nil, fmt.Errorf("%w: key %s: its id is not its public key's", ErrCorrupt, bk.ID)
+		}
+		ks.Keys = append(ks.Keys, Key{ID: bk.ID, Type: typ, Version: bk.Version, State: bk.State, Created: bk.Created, Private: signer})
+		ids = append(ids, bk.ID)
+	}
+	if !slices.Equal(ids, h.KeyIDs) {
+		return nil, fmt.Errorf("%w: the header lists other keys than the body holds", ErrCorrupt)
+	}
+	return ks, nil
+}
+
+func newGCM(key []byte) (cipher.AEAD, error) {
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, fmt.Errorf("sealing: %w", err)
+	}
+	return cipher.NewGCM(block)
+}
