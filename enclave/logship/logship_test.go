@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"net"
 	"strings"
 	"sync"
@@ -201,59 +200,6 @@ func TestNoHostNeverBlocksAndCountsDrops(t *testing.T) {
 func itoa(n int) string {
 	b, _ := json.Marshal(n)
 	return string(b)
-}
-
-// A host that accepts but never reads costs the writer nothing: writes
-// time out, the sender redials, lines are dropped and counted.
-func TestStalledHostDoesNotBlock(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var held []net.Conn
-	var mu sync.Mutex
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c) // never read
-			mu.Unlock()
-		}
-	}()
-	defer func() {
-		_ = l.Close()
-		<-done
-		mu.Lock()
-		for _, c := range held {
-			_ = c.Close()
-		}
-		mu.Unlock()
-	}()
-	s, err := New(Config{Dial: dialer(l.Addr().String()), MaxBuffer: 64 << 10, WriteTimeout: 200 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer closeShipper(t, s)
-	line := []byte(`{"msg":"` + strings.Repeat("y", 1000) + `"}` + "\n")
-	start := time.Now()
-	for range 20_000 { // 20 MB: far more than the socket buffers hold
-		_, _ = s.Write(line)
-	}
-	if d := time.Since(start); d > 3*time.Second {
-		t.Fatalf("writes beside a stalled host took %v", d)
-	}
-	eventually(t, "lines dropped", func() bool { return s.Dropped() > 0 })
-	// Flush ends by its deadline whatever the host does.
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	defer cancel()
-	if err := s.Flush(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Flush beside a stalled host = %v", err)
-	}
 }
 
 func TestNewNeedsDial(t *testing.T) {

@@ -3,6 +3,7 @@ package logship_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"net"
 	"strings"
 	"sync"
@@ -113,6 +114,46 @@ func TestSigningNeverWaitsForTheHost(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Logf("2000 Signs answered; log lines shipped %d, dropped %d", ship.Shipped(), ship.Dropped())
+}
+
+// A host that accepts but never reads costs the writer nothing: writes
+// time out, the sender redials, lines are dropped and counted.
+func TestStalledHostDoesNotBlock(t *testing.T) {
+	addr := stalledHost(t)
+	s, err := logship.New(logship.Config{
+		Dial:         func(ctx context.Context) (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, "tcp", addr) },
+		MaxBuffer:    64 << 10,
+		WriteTimeout: 200 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = s.Close(ctx)
+	}()
+	line := []byte(`{"msg":"` + strings.Repeat("y", 1000) + `"}` + "\n")
+	start := time.Now()
+	for range 20_000 { // 20 MB: far more than the socket buffers hold
+		_, _ = s.Write(line)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("writes beside a stalled host took %v", d)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Dropped() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("nothing dropped beside a host that does not read")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// Flush ends by its deadline whatever the host does.
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := s.Flush(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Flush beside a stalled host = %v", err)
+	}
 }
 
 // A host that goes away (its connection closed) is redialled: later lines
