@@ -1,0 +1,232 @@
+// Package kmsforward relays the enclave's connections to AWS KMS: an
+// enclave has no network, so its KMS client (aws-sdk-go-v2) dials the
+// parent over vsock, and the parent relays the bytes to the one configured
+// endpoint, kms.REGION.amazonaws.com:443, and nowhere else: the enclave
+// does not choose the destination, as with AWS's own vsock-proxy and its
+// allow-list. TLS runs end to end between the enclave and KMS, so the
+// parent sees ciphertext only; it never reads or changes the bytes.
+//
+// Anything on the parent can connect to the vsock port too, which reaches
+// nothing it could not reach itself; the relay is still bounded: a number
+// of connections at once, a dial timeout, and an idle timeout.
+package kmsforward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/nitrosign/nitrosign/internal/limits"
+)
+
+// Defaults of Config.
+const (
+	DefaultMaxConns    = 64
+	DefaultDialTimeout = 10 * time.Second
+	DefaultIdleTimeout = 5 * time.Minute
+)
+
+// Config is what the forwarder relays to and its bounds.
+type Config struct {
+	// Destination is the one HOST:PORT connections are relayed to, e.g.
+	// kms.eu-west-1.amazonaws.com:443. Required.
+	Destination string
+	// MaxConns bounds the relayed connections at once; one more is closed
+	// at once. Default 64 (the enclave's KMS client holds a few).
+	MaxConns int
+	// DialTimeout bounds the connection to Destination. Default 10s.
+	DialTimeout time.Duration
+	// IdleTimeout closes a relayed connection with no byte either way for
+	// this long. Default 5m.
+	IdleTimeout time.Duration
+}
+
+// Validate reports what is wrong with c.
+func (c Config) Validate() error {
+	host, port, err := net.SplitHostPort(c.Destination)
+	if err != nil || host == "" {
+		return fmt.Errorf("KMS endpoint %q: want HOST:PORT, e.g. kms.eu-west-1.amazonaws.com:443", c.Destination)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return fmt.Errorf("KMS endpoint %q: port must be 1-65535", c.Destination)
+	}
+	if c.MaxConns < 0 || c.DialTimeout < 0 || c.IdleTimeout < 0 {
+		return errors.New("KMS forwarder: limits must not be negative")
+	}
+	return nil
+}
+
+// Forwarder relays connections to Config.Destination.
+type Forwarder struct {
+	cfg  Config
+	log  *zap.Logger
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// New returns a Forwarder for cfg.
+func New(cfg Config, log *zap.Logger) (*Forwarder, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.MaxConns == 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.DialTimeout == 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	d := &net.Dialer{Timeout: cfg.DialTimeout}
+	return &Forwarder{cfg: cfg, log: log.Named("kmsforward"), dial: d.DialContext, conns: map[net.Conn]struct{}{}}, nil
+}
+
+// Serve relays every connection l accepts until l is closed (then nil).
+func (f *Forwarder) Serve(l net.Listener) error {
+	th := limits.NewThrottle(time.Second)
+	l = limits.NewListener(l, f.cfg.MaxConns, func(open int64) {
+		if ok, more := th.Allow(); ok {
+			f.log.Warn("KMS forwarder: connection refused, too many open", zap.Int64("open", open),
+				zap.Int("limit", f.cfg.MaxConns), zap.Uint64("refused_since_last_line", more+1))
+		}
+	})
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		if !f.track(c) {
+			_ = c.Close()
+			return nil
+		}
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			defer f.untrack(c)
+			f.relay(c)
+		}()
+	}
+}
+
+func (f *Forwarder) track(c net.Conn) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return false
+	}
+	f.conns[c] = struct{}{}
+	return true
+}
+
+func (f *Forwarder) untrack(c net.Conn) {
+	f.mu.Lock()
+	delete(f.conns, c)
+	f.mu.Unlock()
+}
+
+// Close ends every relayed connection and waits for them. The listener is
+// the caller's to close.
+func (f *Forwarder) Close() {
+	f.mu.Lock()
+	f.closed = true
+	for c := range f.conns {
+		_ = c.Close()
+	}
+	f.mu.Unlock()
+	f.wg.Wait()
+}
+
+// relay copies bytes both ways between c and the destination until either
+// side ends or both are idle for IdleTimeout.
+func (f *Forwarder) relay(c net.Conn) {
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), f.cfg.DialTimeout)
+	up, err := f.dial(ctx, "tcp", f.cfg.Destination)
+	cancel()
+	if err != nil {
+		f.log.Warn("KMS forwarder: cannot reach the KMS endpoint", zap.String("endpoint", f.cfg.Destination), zap.Error(err))
+		return
+	}
+	defer up.Close()
+	// Closing c (Close) must end the relay: watch it with up too.
+	f.mu.Lock()
+	closed := f.closed
+	if !closed {
+		f.conns[up] = struct{}{}
+	}
+	f.mu.Unlock()
+	if closed {
+		return
+	}
+	defer f.untrack(up)
+	var last atomicTime
+	last.touch()
+	done := make(chan struct{}, 2)
+	pipe := func(dst, src net.Conn) {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				last.touch()
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					break
+				}
+			}
+			if err != nil {
+				break
+			}
+		}
+		// Half-close: the other direction may still carry the answer.
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		} else {
+			_ = dst.Close()
+		}
+		done <- struct{}{}
+	}
+	go pipe(up, c)
+	go pipe(c, up)
+	t := time.NewTicker(min(f.cfg.IdleTimeout/4, time.Second))
+	defer t.Stop()
+	for ended := 0; ended < 2; {
+		select {
+		case <-done:
+			ended++
+		case <-t.C:
+			if last.since() >= f.cfg.IdleTimeout {
+				_ = c.Close()
+				_ = up.Close()
+				for ; ended < 2; ended++ {
+					<-done
+				}
+				return
+			}
+		}
+	}
+}
+
+// atomicTime is the time of the last byte relayed.
+type atomicTime struct{ ns atomic.Int64 }
+
+func (a *atomicTime) touch()               { a.ns.Store(time.Now().UnixNano()) }
+func (a *atomicTime) since() time.Duration { return time.Since(time.Unix(0, a.ns.Load())) }
