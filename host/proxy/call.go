@@ -254,17 +254,19 @@ func (c *call) open(b *flushBatch, set *Upstreams, av avoid, data []byte, end bo
 				return
 			}
 			err = ln.open(c, fields, end && len(data) == 0)
-			if err == nil {
-				c.attempts++
-			}
-			c.mu.Unlock()
 			if err != nil {
+				c.mu.Unlock()
 				return
 			}
+			c.attempts++
 			opened = true
+			// The first bytes go out under c.mu: a relaunch (the lane
+			// lost at once) attaches the call to another lane under
+			// c.mu too, so it waits for them instead of racing them.
 			if len(data) > 0 {
 				c.sendUpstream(ln, data, end)
 			}
+			c.mu.Unlock()
 		})
 		if opened || gone {
 			return opened
