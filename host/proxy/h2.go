@@ -175,6 +175,7 @@ type endpoint struct {
 	// them to ride along with it (deferLazy), at most lazyDelay later.
 	lazy      int
 	lazyTimer *time.Timer
+	lazyArmed bool // lazyTimer will flush
 
 	kick chan struct{} // wakes the flusher
 	done chan struct{} // closed when the flusher has exited
@@ -656,12 +657,25 @@ func (e *endpoint) deferLazy() bool {
 	if e.err != nil || e.writing || e.buf.Len() == 0 || e.buf.Len() != e.lazy {
 		return false
 	}
-	if e.lazyTimer == nil {
-		e.lazyTimer = time.AfterFunc(lazyDelay, e.flushNow)
-	} else {
-		e.lazyTimer.Reset(lazyDelay)
+	// Armed once per batch of acknowledgements: later deferrals do not
+	// push it back, so none waits more than lazyDelay.
+	if !e.lazyArmed {
+		e.lazyArmed = true
+		if e.lazyTimer == nil {
+			e.lazyTimer = time.AfterFunc(lazyDelay, e.lazyFlush)
+		} else {
+			e.lazyTimer.Reset(lazyDelay)
+		}
 	}
 	return true
+}
+
+// lazyFlush is the deferred acknowledgements' timer.
+func (e *endpoint) lazyFlush() {
+	e.mu.Lock()
+	e.lazyArmed = false
+	e.mu.Unlock()
+	e.flushNow()
 }
 
 // addWindow applies a WINDOW_UPDATE (h nil: the connection), resumes the

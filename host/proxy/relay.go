@@ -704,7 +704,11 @@ func (sc *srvConn) keeper(done <-chan struct{}) {
 				}
 			}
 			if age > 0 && now.Sub(start) > age {
-				sc.drain("max_age", time.After(cfg.Limits.MaxConnectionAgeGrace))
+				var grace <-chan time.Time // 0: calls finish however long they take
+				if cfg.Limits.MaxConnectionAgeGrace > 0 {
+					grace = time.After(cfg.Limits.MaxConnectionAgeGrace)
+				}
+				sc.drain("max_age", grace)
 				return
 			}
 		}

@@ -296,3 +296,27 @@ func TestPingAnsweredWhileACallIsOpen(t *testing.T) {
 		}
 	}
 }
+
+// A max-age grace of 0 lets the calls of an aged-out connection finish
+// however long they take (grpc-go's meaning, and the flag's).
+func TestMaxAgeGraceZeroLetsCallsFinish(t *testing.T) {
+	h := newHarness(t, harnessOpts{poolSize: 1, mutate: func(c *proxy.Config) {
+		c.Limits.MaxConnectionAge, c.Limits.MaxConnectionAgeGrace = 200*time.Millisecond, 0
+	}})
+	h.waitAllReady(t)
+	h.up.Test.StreamingOutputCallF.Set(func(req *testpb.StreamingOutputCallRequest, stream testpb.TestService_StreamingOutputCallServer) error {
+		time.Sleep(1500 * time.Millisecond) // well past the age (+10% jitter)
+		return stream.Send(&testpb.StreamingOutputCallResponse{})
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := testpb.NewTestServiceClient(h.cc).StreamingOutputCall(ctx, &testpb.StreamingOutputCallRequest{
+		ResponseParameters: []*testpb.ResponseParameters{{Size: 1}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatalf("a call on an aged-out connection with no grace limit was cut: %v", err)
+	}
+}

@@ -158,13 +158,19 @@ func (c Config) Validate() error {
 // permitted (the proxy's and clients' keepalive) but no more often than
 // KeepaliveMinTime; faster ones end the connection with too_many_pings.
 func (c Config) ServerOptions() []grpc.ServerOption {
+	minTime := c.KeepaliveMinTime
+	if minTime == 0 {
+		// grpc-go reads 0 as its default, 5 minutes: "any rate" is the
+		// shortest interval instead.
+		minTime = time.Nanosecond
+	}
 	return []grpc.ServerOption{
 		grpc.ConnectionTimeout(c.HandshakeTimeout),
 		grpc.MaxConcurrentStreams(c.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(c.MaxHeaderListSize),
 		grpc.MaxRecvMsgSize(c.MaxRecvMsgSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
-			MinTime:             c.KeepaliveMinTime,
+			MinTime:             minTime,
 			PermitWithoutStream: true,
 		}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
