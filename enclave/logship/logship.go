@@ -129,15 +129,19 @@ func (s *Shipper) Shipped() uint64 { return s.shipped.Load() }
 func (s *Shipper) Reached() bool { return s.reached.Load() }
 
 // Flush waits until every queued line has been written to the host, or
-// ctx ends: at exit, so that the last lines (a start-up failure) reach the
+// ctx ends (an error also when lines were dropped meanwhile): at exit, so that the last lines (a start-up failure) reach the
 // host when it reads.
 func (s *Shipper) Flush(ctx context.Context) error {
+	before := s.dropped.Load()
 	for {
 		s.mu.Lock()
 		empty := len(s.queue) == 0 && s.sending == 0
 		idle := s.idle
 		s.mu.Unlock()
 		if empty {
+			if n := s.dropped.Load() - before; n > 0 {
+				return fmt.Errorf("%d log lines dropped while flushing: the host did not take them", n)
+			}
 			return nil
 		}
 		select {
@@ -159,39 +163,72 @@ func (s *Shipper) Close(ctx context.Context) error {
 	return err
 }
 
+// batch is what one write sends: a notice of lost lines (notice > 0),
+// then lines.
+type batch struct {
+	b      []byte
+	head   int // bytes of the notice at the start of b
+	notice uint64
+	lines  [][]byte
+}
+
 // take removes the queued lines, preceded by a notice of the lines lost
-// since the last one, as one batch to write; lines is how many it holds,
-// the notice not counted.
-func (s *Shipper) take() (b []byte, lines int) {
+// since the last one, as one batch to write (nil: nothing queued).
+func (s *Shipper) take() *batch {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.queue) == 0 {
-		return nil, 0
+		return nil
 	}
+	bt := &batch{lines: s.queue, notice: s.lost}
 	if s.lost > 0 {
-		b = fmt.Appendf(b, `{"level":"warn","ts":%.6f,"logger":"logship","msg":"enclave log lines dropped: the host did not read them in time","dropped":%d}`+"\n",
+		bt.b = fmt.Appendf(bt.b, `{"level":"warn","ts":%.6f,"logger":"logship","msg":"enclave log lines dropped: the host did not read them in time","dropped":%d}`+"\n",
 			float64(time.Now().UnixNano())/1e9, s.lost)
+		bt.head = len(bt.b)
 		s.lost = 0
 	}
 	for _, l := range s.queue {
-		b = append(b, l...)
+		bt.b = append(bt.b, l...)
 	}
-	lines = len(s.queue)
 	s.queue, s.queued = nil, 0
-	s.sending = len(b)
-	return b, lines
+	s.sending = len(bt.b)
+	return bt
 }
 
-// sent records the end of a batch's write.
-func (s *Shipper) sent(lines int, ok bool) {
+// sent records the end of a batch's write, n bytes of which went out.
+// Lines not wholly written go back to the front of the queue (the
+// connection is redialled), as far as the bound allows; the rest are lost
+// and counted.
+func (s *Shipper) sent(bt *batch, n int, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.sending = 0
+	done := 0 // lines wholly written
 	if ok {
-		s.shipped.Add(uint64(lines))
+		done = len(bt.lines)
 	} else {
-		s.lost += uint64(lines)
-		s.dropped.Add(uint64(lines))
+		if n < bt.head {
+			s.lost += bt.notice // the notice goes again
+		}
+		for off := bt.head; done < len(bt.lines) && off+len(bt.lines[done]) <= n; done++ {
+			off += len(bt.lines[done])
+		}
+	}
+	s.shipped.Add(uint64(done))
+	if rest := bt.lines[done:]; len(rest) > 0 {
+		size := 0
+		for _, l := range rest {
+			size += len(l)
+		}
+		// Oldest first out when everything does not fit.
+		for len(rest) > 0 && size+s.queued > s.cfg.MaxBuffer {
+			size -= len(rest[0])
+			rest = rest[1:]
+			s.lost++
+			s.dropped.Add(1)
+		}
+		s.queue = append(rest[:len(rest):len(rest)], s.queue...)
+		s.queued += size
 	}
 	if len(s.queue) == 0 {
 		close(s.idle)
@@ -203,9 +240,15 @@ func (s *Shipper) sent(lines int, ok bool) {
 func (s *Shipper) run() {
 	defer close(s.done)
 	var conn net.Conn
+	unwatch := func() bool { return false }
+	drop := func() {
+		unwatch()
+		_ = conn.Close()
+		conn = nil
+	}
 	defer func() {
 		if conn != nil {
-			_ = conn.Close()
+			drop()
 		}
 	}()
 	backoff := backoffMin
@@ -215,7 +258,7 @@ func (s *Shipper) run() {
 		case <-s.ctx.Done():
 			return
 		}
-		for {
+		for s.ctx.Err() == nil {
 			if conn == nil {
 				c, err := s.cfg.Dial(s.ctx)
 				if err != nil {
@@ -232,18 +275,19 @@ func (s *Shipper) run() {
 					continue
 				}
 				conn, backoff = c, backoffMin
+				// Close unblocks a write to a host that does not read.
+				unwatch = context.AfterFunc(s.ctx, func() { _ = c.Close() })
 				s.reached.Store(true)
 			}
-			b, lines := s.take()
-			if b == nil {
+			bt := s.take()
+			if bt == nil {
 				break
 			}
 			_ = conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
-			_, err := conn.Write(b)
-			s.sent(lines, err == nil)
+			n, err := conn.Write(bt.b)
+			s.sent(bt, n, err == nil)
 			if err != nil {
-				_ = conn.Close()
-				conn = nil
+				drop()
 			}
 		}
 	}

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -205,5 +207,46 @@ func itoa(n int) string {
 func TestNewNeedsDial(t *testing.T) {
 	if _, err := New(Config{}); err == nil {
 		t.Fatal("New without Dial succeeded")
+	}
+}
+
+// failingConn is a connection whose writes fail (a host that restarted:
+// the first write on the old connection gets ECONNRESET).
+type failingConn struct{ net.Conn }
+
+func (failingConn) Write([]byte) (int, error) { return 0, errors.New("connection reset by peer") }
+
+// Lines whose write failed go out again on a new connection: nothing is
+// lost, and Flush says so.
+func TestFailedWriteIsRetried(t *testing.T) {
+	h := newHost(t)
+	var dials atomic.Int32
+	s, err := New(Config{Dial: func(ctx context.Context) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, "tcp", h.l.Addr().String())
+		if err == nil && dials.Add(1) == 1 {
+			return failingConn{c}, nil
+		}
+		return c, err
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeShipper(t, s)
+	for i := range 10 {
+		_, _ = s.Write([]byte(`{"msg":"line","n":` + itoa(i) + `}` + "\n"))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "10 lines at the host", func() bool { return len(h.got()) == 10 })
+	if s.Dropped() != 0 || dials.Load() < 2 {
+		t.Fatalf("dropped %d, dials %d", s.Dropped(), dials.Load())
+	}
+	for i, l := range h.got() {
+		if !strings.Contains(l, `"n":`+itoa(i)+`}`) {
+			t.Fatalf("line %d out of order: %q", i, l)
+		}
 	}
 }

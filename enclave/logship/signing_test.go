@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,37 +20,30 @@ import (
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-// stalledHost accepts connections and never reads them.
+// stalledHost accepts one connection, never reads it, and accepts no
+// other: a host that hangs.
 func stalledHost(t *testing.T) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var mu sync.Mutex
-	var held []net.Conn
-	done := make(chan struct{})
+	accepted := make(chan net.Conn, 1)
 	go func() {
-		defer close(done)
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			_ = c.(*net.TCPConn).SetReadBuffer(4096) // fills at once
-			mu.Lock()
-			held = append(held, c)
-			mu.Unlock()
+		c, err := l.Accept()
+		_ = l.Close()
+		if err != nil {
+			close(accepted)
+			return
 		}
+		_ = c.(*net.TCPConn).SetReadBuffer(4096) // fills at once
+		accepted <- c
 	}()
 	t.Cleanup(func() {
 		_ = l.Close()
-		<-done
-		mu.Lock()
-		for _, c := range held {
+		if c, ok := <-accepted; ok {
 			_ = c.Close()
 		}
-		mu.Unlock()
 	})
 	return l.Addr().String()
 }
