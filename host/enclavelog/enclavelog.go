@@ -19,6 +19,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +37,7 @@ const (
 	DefaultMaxLine      = 64 << 10
 	DefaultLinesPerSec  = 1000
 	DefaultLinesBurst   = 5000
+	DefaultIdleTimeout  = 10 * time.Minute
 	maxTextLine         = 512 // bytes of a non-JSON line kept in the host's log
 	reportEvery         = time.Second
 	enclaveLoggerPrefix = "enclave"
@@ -58,6 +60,10 @@ type Config struct {
 	// Defaults 1000 and 5000.
 	LinesPerSec float64
 	LinesBurst  int
+	// IdleTimeout closes a connection that sends nothing for this long, so
+	// silent connections cannot hold the slots (the enclave redials when it
+	// next logs). Default 10m.
+	IdleTimeout time.Duration
 }
 
 // Receiver writes what enclaves ship to its logger.
@@ -86,27 +92,37 @@ func New(cfg Config, log *zap.Logger) *Receiver {
 	if cfg.LinesBurst <= 0 {
 		cfg.LinesBurst = DefaultLinesBurst
 	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
 	return &Receiver{cfg: cfg, log: log.Named(enclaveLoggerPrefix), conns: map[net.Conn]struct{}{}}
 }
 
 // Serve accepts connections on l until l is closed (then nil) or Close.
 func (r *Receiver) Serve(l net.Listener) error {
+	th := limits.NewThrottle(time.Second)
 	l = limits.NewListener(l, r.cfg.MaxConns, func(open int64) {
-		r.log.Warn("enclave log connection refused: too many open", zap.Int64("open", open))
+		if ok, more := th.Allow(); ok {
+			r.log.Warn("enclave log connection refused: too many open", zap.Int64("open", open),
+				zap.Int("limit", r.cfg.MaxConns), zap.Uint64("refused_since_last_line", more+1))
+		}
 	})
+	backoff := 5 * time.Millisecond
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
-				continue
+			// Out of file descriptors and the like: wait and go on.
+			if ok, _ := th.Allow(); ok {
+				r.log.Warn("enclave log receiver: accept failed", zap.Error(err))
 			}
-			return err
+			time.Sleep(backoff)
+			backoff = min(2*backoff, time.Second)
+			continue
 		}
+		backoff = 5 * time.Millisecond
 		r.mu.Lock()
 		if r.closed {
 			r.mu.Unlock()
@@ -166,6 +182,7 @@ func (r *Receiver) serveConn(c net.Conn) {
 	}
 	defer report(true)
 	for {
+		_ = c.SetReadDeadline(time.Now().Add(r.cfg.IdleTimeout))
 		line, err := br.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) {
 			oversized++
@@ -254,7 +271,13 @@ func (r *Receiver) logLine(log *zap.Logger, line []byte) {
 		fields = append(fields, zap.String("enclave_stacktrace", st))
 	}
 	for _, k := range keys {
-		fields = append(fields, zap.Any(k, m[k]))
+		name := k
+		if strings.HasPrefix(k, "enclave_") {
+			// The host's own fields (enclave_cid, enclave_ts, ...) say who
+			// sent the line: a line cannot set them.
+			name = "field_" + k
+		}
+		fields = append(fields, zap.Any(name, m[k]))
 	}
 	ce.Write(fields...)
 }

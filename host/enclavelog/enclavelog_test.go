@@ -177,3 +177,27 @@ func TestCloseEndsConnections(t *testing.T) {
 		t.Fatal("connection still open after Close")
 	}
 }
+
+// A line cannot pose as another sender: its own enclave_* keys are kept
+// under field_*, beside the host's.
+func TestLineCannotSetTheSender(t *testing.T) {
+	f := start(t, Config{})
+	f.send(t, `{"level":"info","msg":"posing","enclave_cid":16,"enclave_peer":"vsock 16"}`+"\n")
+	m := f.wait(t, 1)[0].ContextMap()
+	if m["field_enclave_cid"] != float64(16) || m["field_enclave_peer"] != "vsock 16" ||
+		!strings.HasPrefix(m["enclave_peer"].(string), "127.0.0.1:") || m["enclave_cid"] != nil {
+		t.Fatalf("fields %v", m)
+	}
+}
+
+// A connection that sends nothing is closed after IdleTimeout: silent
+// connections cannot hold the slots.
+func TestIdleConnectionClosed(t *testing.T) {
+	f := start(t, Config{IdleTimeout: 200 * time.Millisecond})
+	c := f.send(t)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	start := time.Now()
+	if _, err := c.Read(make([]byte, 1)); err == nil || time.Since(start) > 4*time.Second {
+		t.Fatalf("idle connection not closed: %v after %v", err, time.Since(start))
+	}
+}
