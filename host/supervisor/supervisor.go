@@ -51,15 +51,22 @@ type Config struct {
 	Debug bool
 	// Poll is how often the enclave is looked at. Default 2s.
 	Poll time.Duration
-	// CommandTimeout bounds one nitro-cli command (run-enclave boots the
-	// enclave, which takes seconds, more for a large one). Default 5m.
+	// CommandTimeout bounds run-enclave, which boots the enclave (seconds,
+	// more for a large one). Default 5m.
 	CommandTimeout time.Duration
+	// PollTimeout bounds the other nitro-cli commands (describe-enclaves,
+	// terminate-enclave): three polls in a row without an answer end Run.
+	// Default 30s.
+	PollTimeout time.Duration
+	// Watchdog is systemd's WatchdogSec (daemon.SdWatchdogEnabled): Run
+	// sends WATCHDOG=1 at half of it. 0: no pings.
+	Watchdog time.Duration
 }
 
 // DefaultConfig returns the documented defaults (EIF has none).
 func DefaultConfig() Config {
 	return Config{NitroCLI: "nitro-cli", Name: "nitrosign", CID: 16, CPUCount: 2, MemoryMiB: 512,
-		Poll: 2 * time.Second, CommandTimeout: 5 * time.Minute}
+		Poll: 2 * time.Second, CommandTimeout: 5 * time.Minute, PollTimeout: 30 * time.Second}
 }
 
 // Validate reports every invalid field.
@@ -86,8 +93,11 @@ func (c Config) Validate() error {
 	if c.Poll <= 0 {
 		errs = append(errs, fmt.Errorf("poll interval %v: must be > 0", c.Poll))
 	}
-	if c.CommandTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("command timeout %v: must be > 0", c.CommandTimeout))
+	if c.CommandTimeout <= 0 || c.PollTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("command timeouts %v, %v: must be > 0", c.CommandTimeout, c.PollTimeout))
+	}
+	if c.Watchdog < 0 {
+		errs = append(errs, fmt.Errorf("watchdog %v: must not be negative", c.Watchdog))
 	}
 	return errors.Join(errs...)
 }
@@ -133,7 +143,15 @@ func New(cfg Config, log *zap.Logger, notify Notify) (*Supervisor, error) {
 // wrapping ErrEnclaveGone). A failure to start it is returned as is, with
 // nitro-cli's own message.
 func (s *Supervisor) Run(ctx context.Context) error {
+	// systemd's watchdog sees the supervisor alive while it runs, whatever
+	// nitro-cli takes; nitro-cli hanging is the polls' concern.
+	stopPings := s.pingWatchdog()
+	defer stopPings()
 	if err := s.terminateLeftovers(ctx); err != nil {
+		if ctx.Err() != nil {
+			// Stopped while looking: what may be half-terminated is ended.
+			return s.terminateOurs()
+		}
 		return err
 	}
 	e, err := s.start(ctx)
@@ -194,7 +212,33 @@ func (s *Supervisor) watch(ctx context.Context, id string) error {
 		case e.State != "RUNNING":
 			return fmt.Errorf("%w: enclave %s is %s", ErrEnclaveGone, id, e.State)
 		}
-		s.notify("WATCHDOG=1")
+	}
+}
+
+// pingWatchdog sends WATCHDOG=1 at half of Config.Watchdog until the
+// returned function is called (nothing when Watchdog is 0).
+func (s *Supervisor) pingWatchdog() func() {
+	if s.cfg.Watchdog <= 0 {
+		return func() {}
+	}
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(s.cfg.Watchdog / 2)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				s.notify("WATCHDOG=1")
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-stopped
 	}
 }
 
@@ -286,7 +330,11 @@ func (s *Supervisor) describe(ctx context.Context) ([]Enclave, error) {
 // nitro runs nitro-cli with args and returns its standard output; a
 // failure carries what it printed on standard error.
 func (s *Supervisor) nitro(ctx context.Context, args ...string) ([]byte, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.CommandTimeout)
+	timeout := s.cfg.PollTimeout
+	if args[0] == "run-enclave" {
+		timeout = s.cfg.CommandTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, s.cfg.NitroCLI, args...)
 	// A nitro-cli that hangs is killed at the timeout with everything it
@@ -299,7 +347,7 @@ func (s *Supervisor) nitro(ctx context.Context, args ...string) ([]byte, error) 
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		if ctx.Err() == context.DeadlineExceeded {
-			return nil, fmt.Errorf("nitro-cli %s: no answer within %v (killed)", args[0], s.cfg.CommandTimeout)
+			return nil, fmt.Errorf("nitro-cli %s: no answer within %v (killed)", args[0], timeout)
 		}
 		msg := trim(stderr.Bytes())
 		if msg == "" {

@@ -76,7 +76,7 @@ func newFixture(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	cfg := DefaultConfig()
-	cfg.NitroCLI, cfg.EIF, cfg.Poll = cli, "/opt/nitrosign/nitrosign-enclave.eif", 20*time.Millisecond
+	cfg.NitroCLI, cfg.EIF, cfg.Poll, cfg.Watchdog = cli, "/opt/nitrosign/nitrosign-enclave.eif", 20*time.Millisecond, 40*time.Millisecond
 	core, logs := observer.New(zap.DebugLevel)
 	return &fixture{dir: dir, cfg: cfg, logs: logs, log: zap.New(core)}
 }
@@ -260,11 +260,15 @@ func TestHangingNitroCLI(t *testing.T) {
 	}
 
 	g := newFixture(t)
-	g.cfg.CommandTimeout = 300 * time.Millisecond
+	g.cfg.PollTimeout = 300 * time.Millisecond
 	done := make(chan error, 1)
 	go func() { done <- g.run(t, context.Background()) }()
 	eventually(t, "READY=1", func() bool { return strings.Contains(g.notified(), "READY=1") })
 	g.touch(t, "hang-describe", "")
+	// The watchdog goes on while nitro-cli hangs: systemd must not kill a
+	// supervisor that is only waiting for it.
+	pings := strings.Count(g.notified(), "WATCHDOG=1")
+	eventually(t, "watchdog pings during the hang", func() bool { return strings.Count(g.notified(), "WATCHDOG=1") > pings+3 })
 	select {
 	case err := <-done:
 		if !errors.Is(err, ErrEnclaveGone) || !strings.Contains(err.Error(), "no answer") {
@@ -305,6 +309,27 @@ func TestFailuresSayWhy(t *testing.T) {
 	h.cfg.NitroCLI = filepath.Join(h.dir, "missing-nitro-cli")
 	if err := h.run(t, context.Background()); err == nil || !strings.Contains(err.Error(), "missing-nitro-cli") {
 		t.Fatalf("Run without nitro-cli = %v", err)
+	}
+}
+
+// A stop while leftovers are being looked at ends what may be half
+// terminated and returns nil (systemctl stop is not a failure).
+func TestStopWhileCheckingLeftovers(t *testing.T) {
+	f := newFixture(t)
+	f.touch(t, "enclave-i-old", `{"EnclaveName":"nitrosign","EnclaveID":"i-old","EnclaveCID":16,"State":"RUNNING","Flags":"NONE"}`)
+	f.touch(t, "hang-describe", "")
+	f.cfg.PollTimeout = 2 * time.Second
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.run(t, ctx) }()
+	eventually(t, "describe-enclaves called", func() bool { return strings.Contains(f.calls(t), "describe-enclaves") })
+	_ = os.Remove(filepath.Join(f.dir, "hang-describe"))
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run stopped while checking leftovers = %v", err)
+	}
+	if n := len(f.enclaves(t)); n != 0 {
+		t.Fatalf("%d enclaves left", n)
 	}
 }
 

@@ -73,6 +73,9 @@ func run(args []string, stderr io.Writer) int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
+	if wd, err := daemon.SdWatchdogEnabled(false); err == nil && wd > 0 {
+		cfg.Watchdog = wd
+	}
 	s, err := supervisor.New(cfg, log, notify(log))
 	if err != nil {
 		log.Error("start-up failed", zap.Error(err))
@@ -127,7 +130,8 @@ func parseFlags(args []string, stderr io.Writer) (supervisor.Config, logging.Con
 	fs.BoolVar(&cfg.Debug, "debug-mode", cfg.Debug, "DEVELOPMENT ONLY: console readable, attestation PCRs ALL ZERO")
 	fs.StringVar(&cfg.NitroCLI, "nitro-cli", cfg.NitroCLI, "the nitro-cli `program`")
 	fs.DurationVar(&cfg.Poll, "poll", cfg.Poll, "how often the enclave is looked at (nitro-cli describe-enclaves)")
-	fs.DurationVar(&cfg.CommandTimeout, "command-timeout", cfg.CommandTimeout, "bound of one nitro-cli command (run-enclave boots the enclave)")
+	fs.DurationVar(&cfg.CommandTimeout, "command-timeout", cfg.CommandTimeout, "bound of nitro-cli run-enclave, which boots the enclave")
+	fs.DurationVar(&cfg.PollTimeout, "poll-timeout", cfg.PollTimeout, "bound of the other nitro-cli commands; three polls in a row without an answer end the supervisor")
 	fs.StringVar(&logCfg.Level, "log-level", logCfg.Level, "log `level`: debug, info, warn or error")
 	fs.StringVar(&logCfg.Format, "log-format", logCfg.Format, "log `format`: json or console")
 	fail := func(err error) (supervisor.Config, logging.Config, error) {
