@@ -73,6 +73,8 @@ type Forwarder struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	ctx    context.Context // cancelled by Close: ends dials in progress
+	cancel context.CancelFunc
 }
 
 // New returns a Forwarder for cfg.
@@ -90,7 +92,8 @@ func New(cfg Config, log *zap.Logger) (*Forwarder, error) {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
 	d := &net.Dialer{Timeout: cfg.DialTimeout}
-	return &Forwarder{cfg: cfg, log: log.Named("kmsforward"), dial: d.DialContext, conns: map[net.Conn]struct{}{}}, nil
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Forwarder{cfg: cfg, log: log.Named("kmsforward"), dial: d.DialContext, conns: map[net.Conn]struct{}{}, ctx: ctx, cancel: cancel}, nil
 }
 
 // Serve relays every connection l accepts until l is closed (then nil).
@@ -102,24 +105,26 @@ func (f *Forwarder) Serve(l net.Listener) error {
 				zap.Int("limit", f.cfg.MaxConns), zap.Uint64("refused_since_last_line", more+1))
 		}
 	})
+	backoff := 5 * time.Millisecond
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
-				continue
+			// Out of file descriptors and the like: wait and go on.
+			if ok, _ := th.Allow(); ok {
+				f.log.Warn("KMS forwarder: accept failed", zap.Error(err))
 			}
-			return err
+			time.Sleep(backoff)
+			backoff = min(2*backoff, time.Second)
+			continue
 		}
+		backoff = 5 * time.Millisecond
 		if !f.track(c) {
 			_ = c.Close()
 			return nil
 		}
-		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
 			defer f.untrack(c)
@@ -128,6 +133,7 @@ func (f *Forwarder) Serve(l net.Listener) error {
 	}
 }
 
+// track registers c, and its relay with the wait group, unless Close ran.
 func (f *Forwarder) track(c net.Conn) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -135,6 +141,7 @@ func (f *Forwarder) track(c net.Conn) bool {
 		return false
 	}
 	f.conns[c] = struct{}{}
+	f.wg.Add(1)
 	return true
 }
 
@@ -147,6 +154,7 @@ func (f *Forwarder) untrack(c net.Conn) {
 // Close ends every relayed connection and waits for them. The listener is
 // the caller's to close.
 func (f *Forwarder) Close() {
+	f.cancel()
 	f.mu.Lock()
 	f.closed = true
 	for c := range f.conns {
@@ -160,7 +168,7 @@ func (f *Forwarder) Close() {
 // side ends or both are idle for IdleTimeout.
 func (f *Forwarder) relay(c net.Conn) {
 	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), f.cfg.DialTimeout)
+	ctx, cancel := context.WithTimeout(f.ctx, f.cfg.DialTimeout)
 	up, err := f.dial(ctx, "tcp", f.cfg.Destination)
 	cancel()
 	if err != nil {
@@ -206,7 +214,7 @@ func (f *Forwarder) relay(c net.Conn) {
 	}
 	go pipe(up, c)
 	go pipe(c, up)
-	t := time.NewTicker(min(f.cfg.IdleTimeout/4, time.Second))
+	t := time.NewTicker(max(min(f.cfg.IdleTimeout/4, time.Second), time.Millisecond))
 	defer t.Stop()
 	for ended := 0; ended < 2; {
 		select {

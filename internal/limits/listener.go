@@ -91,6 +91,16 @@ func (c *limitedConn) SyscallConn() (syscall.RawConn, error) {
 	return nil, errors.ErrUnsupported
 }
 
+// CloseWrite half-closes the wrapped connection when it can (TCP, vsock),
+// so a relay can pass one side's end of stream to the other; else it
+// closes it.
+func (c *limitedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Close()
+}
+
 // Throttle lets an event through at most once per interval and counts the
 // ones it held back, so a flood (of refused connections, of shed calls)
 // makes one log line a second, not one per event.
