@@ -49,6 +49,12 @@ type Attester interface {
 // DataKeySize is the size of a data key: AES-256.
 const DataKeySize = 32
 
+// EncryptionContext goes with every data key: KMS binds the blob to it
+// (Decrypt needs the same), and the key policy can require it
+// (kms:EncryptionContext:nitrosign:purpose), so blobs made for something
+// else are not keysets' data keys.
+var EncryptionContext = map[string]string{"nitrosign:purpose": "sealed-keyset"}
+
 // recipientKeyBits is the size of the single-use RSA key KMS encrypts to.
 const recipientKeyBits = 2048
 
@@ -80,57 +86,65 @@ func NewDataKeys(client KMS, nsm Attester, keyID string) (*DataKeys, error) {
 // KeyID is the KMS key the data keys are generated under.
 func (d *DataKeys) KeyID() string { return d.keyID }
 
-// Generate returns a new data key, in clear for this enclave, and the same
-// key encrypted under the KMS key (CiphertextBlob), which is what is stored.
-func (d *DataKeys) Generate(ctx context.Context) (key, blob []byte, err error) {
+// Generate returns a new data key, in clear for this enclave, the same key
+// encrypted under the KMS key (CiphertextBlob), which is what is stored,
+// and the ARN of the KMS key KMS used (KeyID may be an alias).
+func (d *DataKeys) Generate(ctx context.Context) (key, blob []byte, keyARN string, err error) {
 	r, priv, err := d.recipient()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, "", err
 	}
 	out, err := d.kms.GenerateDataKey(ctx, &kms.GenerateDataKeyInput{
-		KeyId:     aws.String(d.keyID),
-		KeySpec:   types.DataKeySpecAes256,
-		Recipient: r,
+		KeyId:             aws.String(d.keyID),
+		KeySpec:           types.DataKeySpecAes256,
+		EncryptionContext: EncryptionContext,
+		Recipient:         r,
 	})
 	if err != nil {
-		return nil, nil, kmsError("GenerateDataKey", err)
+		return nil, nil, "", kmsError("GenerateDataKey", err)
 	}
 	if len(out.Plaintext) != 0 {
 		clear(out.Plaintext)
-		return nil, nil, fmt.Errorf("%w: GenerateDataKey returned the data key in clear despite the Recipient: refused", ErrKMS)
+		return nil, nil, "", fmt.Errorf("%w: GenerateDataKey returned the data key in clear despite the Recipient: refused", ErrKMS)
 	}
-	if len(out.CiphertextBlob) == 0 {
-		return nil, nil, fmt.Errorf("%w: GenerateDataKey returned no CiphertextBlob", ErrKMS)
+	if len(out.CiphertextBlob) == 0 || aws.ToString(out.KeyId) == "" {
+		return nil, nil, "", fmt.Errorf("%w: GenerateDataKey returned no CiphertextBlob or KeyId", ErrKMS)
 	}
 	key, err = open(out.CiphertextForRecipient, priv, "GenerateDataKey")
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, "", err
 	}
-	return key, out.CiphertextBlob, nil
+	return key, out.CiphertextBlob, aws.ToString(out.KeyId), nil
 }
 
-// Open returns the data key that blob (from Generate) encrypts.
-func (d *DataKeys) Open(ctx context.Context, blob []byte) ([]byte, error) {
+// Open returns the data key that blob (from Generate) encrypts, and the
+// ARN of the KMS key that opened it.
+func (d *DataKeys) Open(ctx context.Context, blob []byte) ([]byte, string, error) {
 	if len(blob) == 0 {
-		return nil, errors.New("sealing: empty data key blob")
+		return nil, "", errors.New("sealing: empty data key blob")
 	}
 	r, priv, err := d.recipient()
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	out, err := d.kms.Decrypt(ctx, &kms.DecryptInput{
-		CiphertextBlob: blob,
-		KeyId:          aws.String(d.keyID), // KMS refuses a blob of another key
-		Recipient:      r,
+		CiphertextBlob:    blob,
+		KeyId:             aws.String(d.keyID), // KMS refuses a blob of another key
+		EncryptionContext: EncryptionContext,
+		Recipient:         r,
 	})
 	if err != nil {
-		return nil, kmsError("Decrypt", err)
+		return nil, "", kmsError("Decrypt", err)
 	}
 	if len(out.Plaintext) != 0 {
 		clear(out.Plaintext)
-		return nil, fmt.Errorf("%w: Decrypt returned the data key in clear despite the Recipient: refused", ErrKMS)
+		return nil, "", fmt.Errorf("%w: Decrypt returned the data key in clear despite the Recipient: refused", ErrKMS)
 	}
-	return open(out.CiphertextForRecipient, priv, "Decrypt")
+	key, err := open(out.CiphertextForRecipient, priv, "Decrypt")
+	if err != nil {
+		return nil, "", err
+	}
+	return key, aws.ToString(out.KeyId), nil
 }
 
 // recipient makes a single-use RSA key and the attestation document that

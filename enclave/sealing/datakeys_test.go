@@ -83,16 +83,19 @@ func ctx(t *testing.T) context.Context {
 // clear.
 func TestGenerateThenOpen(t *testing.T) {
 	f := newFixture(t, "")
-	key, blob, err := f.keys.Generate(ctx(t))
+	key, blob, arn, err := f.keys.Generate(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(key) != DataKeySize || len(blob) == 0 || bytes.Contains(blob, key) {
-		t.Fatalf("key %d bytes, blob %d bytes", len(key), len(blob))
+	if len(key) != DataKeySize || len(blob) == 0 || bytes.Contains(blob, key) || arn != f.fake.keyARN {
+		t.Fatalf("key %d bytes, blob %d bytes, key ARN %q", len(key), len(blob), arn)
 	}
-	again, err := f.keys.Open(ctx(t), blob)
+	again, arn2, err := f.keys.Open(ctx(t), blob)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if arn2 != arn {
+		t.Fatalf("opened with %q, generated under %q", arn2, arn)
 	}
 	if !bytes.Equal(again, key) {
 		t.Fatal("Open returned another key than Generate")
@@ -105,7 +108,7 @@ func TestGenerateThenOpen(t *testing.T) {
 // Every way KMS can refuse, or misbehave, is an error that says which.
 func TestRefusals(t *testing.T) {
 	f := newFixture(t, "")
-	_, blob, err := f.keys.Generate(ctx(t))
+	_, blob, _, err := f.keys.Generate(ctx(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,13 +127,13 @@ func TestRefusals(t *testing.T) {
 
 	// The key policy's PCR0 is another image's.
 	f.fake.pcrs = map[uint][]byte{0: bytes.Repeat([]byte{7}, 48)}
-	_, err = f.keys.Open(ctx(t), blob)
+	_, _, err = f.keys.Open(ctx(t), blob)
 	check("another image", err, "Decrypt", "AccessDeniedException", "PCR")
 	f.fake.pcrs = map[uint][]byte{0: attest.SimulatedPCRs()[0]}
 
 	corrupt := append([]byte(nil), blob...)
 	corrupt[len(corrupt)-1] ^= 1
-	_, err = f.keys.Open(ctx(t), corrupt)
+	_, _, err = f.keys.Open(ctx(t), corrupt)
 	check("corrupt blob", err, "InvalidCiphertextException")
 	if !errors.Is(err, ErrKMS) {
 		t.Fatalf("corrupt blob: %v does not wrap ErrKMS", err)
@@ -140,23 +143,31 @@ func TestRefusals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = other.Open(ctx(t), blob)
+	_, _, err = other.Open(ctx(t), blob)
 	check("blob of another KMS key", err, "IncorrectKeyException")
 
 	f.fake.misbehave = "plaintext"
-	_, _, err = f.keys.Generate(ctx(t))
+	_, _, _, err = f.keys.Generate(ctx(t))
 	check("KMS sends the key in clear", err, "in clear despite the Recipient")
 	f.fake.misbehave = "other-recipient"
-	_, err = f.keys.Open(ctx(t), blob)
+	_, _, err = f.keys.Open(ctx(t), blob)
 	check("KMS encrypts to another key", err, "CiphertextForRecipient", "cannot decrypt")
 	f.fake.misbehave = ""
 
 	bad := newFixture(t, "a stolen but wrong secret")
-	_, _, err = bad.keys.Generate(ctx(t))
+	_, _, _, err = bad.keys.Generate(ctx(t))
 	check("wrong credentials", err, "InvalidSignatureException")
 
+	// A blob whose encryption context is not the keysets' (made for
+	// something else) does not open.
+	saved := EncryptionContext
+	EncryptionContext = map[string]string{"nitrosign:purpose": "something-else"}
+	_, _, err = f.keys.Open(ctx(t), blob)
+	EncryptionContext = saved
+	check("another encryption context", err, "InvalidCiphertextException")
+
 	f.srv.Close()
-	_, err = f.keys.Open(ctx(t), blob)
+	_, _, err = f.keys.Open(ctx(t), blob)
 	check("KMS unreachable", err, "AWS KMS Decrypt")
 }
 

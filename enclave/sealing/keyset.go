@@ -6,7 +6,10 @@ import (
 	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
@@ -15,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
@@ -138,6 +142,9 @@ func Seal(ctx context.Context, ks *Keyset, keys *DataKeys, now time.Time) ([]byt
 		if err != nil || id != k.ID {
 			return nil, fmt.Errorf("sealing: key %s: its id is not its public key's", k.ID)
 		}
+		if !typeMatches(k.Type, k.Private) {
+			return nil, fmt.Errorf("sealing: key %s: type %s does not match the key (%T)", k.ID, name, k.Private)
+		}
 		der, err := x509.MarshalPKCS8PrivateKey(k.Private)
 		if err != nil {
 			return nil, fmt.Errorf("sealing: key %s: %w", k.ID, err)
@@ -153,15 +160,15 @@ func Seal(ctx context.Context, ks *Keyset, keys *DataKeys, now time.Time) ([]byt
 		return nil, err
 	}
 	defer clear(pt)
-	hdr, err := json.Marshal(Header{Format: formatVersion, KMSKeyARN: keys.KeyID(), KeyIDs: ids, Created: ks.Created.UTC(), Sealed: now.UTC()})
-	if err != nil {
-		return nil, err
-	}
-	dk, blob, err := keys.Generate(ctx)
+	dk, blob, keyARN, err := keys.Generate(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(dk)
+	hdr, err := json.Marshal(Header{Format: formatVersion, KMSKeyARN: keyARN, KeyIDs: ids, Created: ks.Created.UTC(), Sealed: now.UTC()})
+	if err != nil {
+		return nil, err
+	}
 	if len(hdr) > maxHeaderSize || len(blob) > maxBlobSize {
 		return nil, fmt.Errorf("sealing: header of %d bytes or data key blob of %d bytes too large", len(hdr), len(blob))
 	}
@@ -211,11 +218,12 @@ func split(sealed []byte) (*Header, []byte, int, error) {
 		if len(sealed) < off+4 {
 			return nil, fmt.Errorf("%w: truncated in the %s length", ErrCorrupt, what)
 		}
-		n := int(binary.BigEndian.Uint32(sealed[off:]))
+		n64 := uint64(binary.BigEndian.Uint32(sealed[off:]))
 		off += 4
-		if n == 0 || n > max || len(sealed) < off+n {
-			return nil, fmt.Errorf("%w: %s of %d bytes (at most %d, %d left)", ErrCorrupt, what, n, max, len(sealed)-off)
+		if n64 == 0 || n64 > uint64(max) || uint64(len(sealed)-off) < n64 {
+			return nil, fmt.Errorf("%w: %s of %d bytes (at most %d, %d left)", ErrCorrupt, what, n64, max, len(sealed)-off)
 		}
+		n := int(n64)
 		b := sealed[off : off+n]
 		off += n
 		return b, nil
@@ -249,14 +257,17 @@ func Unseal(ctx context.Context, sealed []byte, keys *DataKeys) (*Keyset, error)
 	if err != nil {
 		return nil, err
 	}
-	if h.KMSKeyARN != keys.KeyID() {
+	if isKeyARN(keys.KeyID()) && h.KMSKeyARN != keys.KeyID() {
 		return nil, fmt.Errorf("%w: sealed under %s, the signer uses %s", ErrWrongKMSKey, h.KMSKeyARN, keys.KeyID())
 	}
-	dk, err := keys.Open(ctx, blob)
+	dk, opened, err := keys.Open(ctx, blob)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(dk)
+	if opened != h.KMSKeyARN {
+		return nil, fmt.Errorf("%w: the header says %s, KMS opened it with %s", ErrWrongKMSKey, h.KMSKeyARN, opened)
+	}
 	gcm, err := newGCM(dk)
 	if err != nil {
 		return nil, err
@@ -300,6 +311,9 @@ func Unseal(ctx context.Context, sealed []byte, keys *DataKeys) (*Keyset, error)
 		if id, err := keyID(signer.Public()); err != nil || id != bk.ID {
 			return nil, fmt.Errorf("%w: key %s: its id is not its public key's", ErrCorrupt, bk.ID)
 		}
+		if !typeMatches(typ, signer) {
+			return nil, fmt.Errorf("%w: key %s: type %s does not match the key", ErrCorrupt, bk.ID, bk.Type)
+		}
 		ks.Keys = append(ks.Keys, Key{ID: bk.ID, Type: typ, Version: bk.Version, State: bk.State, Created: bk.Created, Private: signer})
 		ids = append(ids, bk.ID)
 	}
@@ -307,6 +321,25 @@ func Unseal(ctx context.Context, sealed []byte, keys *DataKeys) (*Keyset, error)
 		return nil, fmt.Errorf("%w: the header lists other keys than the body holds", ErrCorrupt)
 	}
 	return ks, nil
+}
+
+// typeMatches reports whether priv is a key of type t.
+func typeMatches(t pb.KeyType, priv crypto.Signer) bool {
+	switch priv.(type) {
+	case *rsa.PrivateKey:
+		return t == pb.KeyType_KEY_TYPE_RSA
+	case *ecdsa.PrivateKey:
+		return t == pb.KeyType_KEY_TYPE_ECC
+	case ed25519.PrivateKey:
+		return t == pb.KeyType_KEY_TYPE_ED25519
+	}
+	return false
+}
+
+// isKeyARN reports whether id names one KMS key (not an alias or a bare
+// id): then a sealed keyset must name the same.
+func isKeyARN(id string) bool {
+	return strings.HasPrefix(id, "arn:") && strings.Contains(id, ":key/")
 }
 
 func newGCM(key []byte) (cipher.AEAD, error) {

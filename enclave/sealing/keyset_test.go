@@ -201,6 +201,11 @@ func TestSealRefusesBadKeysets(t *testing.T) {
 	if _, err := Seal(ctx(t), ks, f.keys, time.Now()); err == nil || !strings.Contains(err.Error(), "its id is not its public key's") {
 		t.Fatalf("Seal with a wrong id = %v", err)
 	}
+	ks = testKeyset(t)
+	ks.Keys[0].Type = pb.KeyType_KEY_TYPE_ECC // an RSA key
+	if _, err := Seal(ctx(t), ks, f.keys, time.Now()); err == nil || !strings.Contains(err.Error(), "does not match the key") {
+		t.Fatalf("Seal with a wrong type = %v", err)
+	}
 	if _, err := Seal(ctx(t), &Keyset{}, f.keys, time.Now()); err == nil {
 		t.Fatal("Seal of an empty keyset succeeded")
 	}

@@ -184,9 +184,10 @@ func (k *fakeKMS) checkRecipient(r *recipientIn) (*rsa.PublicKey, *kmsFault) {
 
 func (k *fakeKMS) generateDataKey(body []byte) (any, *kmsFault) {
 	var in struct {
-		KeyId     string
-		KeySpec   string
-		Recipient *recipientIn
+		KeyId             string
+		KeySpec           string
+		EncryptionContext map[string]string
+		Recipient         *recipientIn
 	}
 	if err := json.Unmarshal(body, &in); err != nil {
 		return nil, &kmsFault{400, "SerializationException", err.Error()}
@@ -203,7 +204,7 @@ func (k *fakeKMS) generateDataKey(body []byte) (any, *kmsFault) {
 	}
 	dk := make([]byte, 32)
 	_, _ = rand.Read(dk)
-	out := map[string]any{"KeyId": k.keyARN, "CiphertextBlob": k.seal(dk), "CiphertextForRecipient": k.envelope(dk, pub)}
+	out := map[string]any{"KeyId": k.keyARN, "CiphertextBlob": k.seal(dk, in.EncryptionContext), "CiphertextForRecipient": k.envelope(dk, pub)}
 	if k.misbehave == "plaintext" {
 		out["Plaintext"] = dk
 	}
@@ -212,9 +213,10 @@ func (k *fakeKMS) generateDataKey(body []byte) (any, *kmsFault) {
 
 func (k *fakeKMS) decrypt(body []byte) (any, *kmsFault) {
 	var in struct {
-		CiphertextBlob []byte
-		KeyId          string
-		Recipient      *recipientIn
+		CiphertextBlob    []byte
+		KeyId             string
+		EncryptionContext map[string]string
+		Recipient         *recipientIn
 	}
 	if err := json.Unmarshal(body, &in); err != nil {
 		return nil, &kmsFault{400, "SerializationException", err.Error()}
@@ -222,7 +224,7 @@ func (k *fakeKMS) decrypt(body []byte) (any, *kmsFault) {
 	if in.KeyId != "" && in.KeyId != k.keyARN {
 		return nil, &kmsFault{400, "IncorrectKeyException", "the ciphertext was not encrypted under " + in.KeyId}
 	}
-	dk, ok := k.unseal(in.CiphertextBlob)
+	dk, ok := k.unseal(in.CiphertextBlob, in.EncryptionContext)
 	if !ok {
 		return nil, &kmsFault{400, "InvalidCiphertextException", ""}
 	}
@@ -238,23 +240,29 @@ func (k *fakeKMS) decrypt(body []byte) (any, *kmsFault) {
 }
 
 // seal and unseal are the fake's CiphertextBlob: AES-GCM under its master
-// key, the key ARN as associated data.
-func (k *fakeKMS) seal(dk []byte) []byte {
+// key, the key ARN and the encryption context as associated data (KMS
+// binds a blob to its encryption context the same way).
+func (k *fakeKMS) seal(dk []byte, ec map[string]string) []byte {
 	block, _ := aes.NewCipher(k.master)
 	gcm, _ := cipher.NewGCM(block)
 	nonce := make([]byte, gcm.NonceSize())
 	_, _ = rand.Read(nonce)
-	return gcm.Seal(nonce, nonce, dk, []byte(k.keyARN))
+	return gcm.Seal(nonce, nonce, dk, k.aad(ec))
 }
 
-func (k *fakeKMS) unseal(blob []byte) ([]byte, bool) {
+func (k *fakeKMS) unseal(blob []byte, ec map[string]string) ([]byte, bool) {
 	block, _ := aes.NewCipher(k.master)
 	gcm, _ := cipher.NewGCM(block)
 	if len(blob) < gcm.NonceSize() {
 		return nil, false
 	}
-	dk, err := gcm.Open(nil, blob[:gcm.NonceSize()], blob[gcm.NonceSize():], []byte(k.keyARN))
+	dk, err := gcm.Open(nil, blob[:gcm.NonceSize()], blob[gcm.NonceSize():], k.aad(ec))
 	return dk, err == nil
+}
+
+func (k *fakeKMS) aad(ec map[string]string) []byte {
+	b, _ := json.Marshal(ec) // sorted keys
+	return append([]byte(k.keyARN+"\x00"), b...)
 }
 
 // envelope is CiphertextForRecipient: CMS EnvelopedData, version 2, one
