@@ -146,7 +146,11 @@ func TestEnclaveGoneEndsRunWithAnError(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- f.run(t, context.Background()) }()
 	eventually(t, "the enclave running", func() bool { return len(f.enclaves(t)) == 1 })
-	eventually(t, "READY=1, then a watchdog ping", func() bool { return strings.Contains(f.notified(), "WATCHDOG=1") })
+	eventually(t, "READY=1, then a watchdog ping", func() bool {
+		n := f.notified()
+		i := strings.Index(n, "READY=1")
+		return i >= 0 && strings.Contains(n[i:], "WATCHDOG=1")
+	})
 	if c := f.calls(t); !strings.Contains(c, "run-enclave --eif-path /opt/nitrosign/nitrosign-enclave.eif --cpu-count 2 --memory 512 --enclave-cid 16 --enclave-name nitrosign") {
 		t.Fatalf("run-enclave called as %q", c)
 	}
