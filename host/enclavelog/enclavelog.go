@@ -20,7 +20,6 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/mdlayher/vsock"
@@ -68,13 +67,9 @@ type Config struct {
 
 // Receiver writes what enclaves ship to its logger.
 type Receiver struct {
-	cfg Config
-	log *zap.Logger
-
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	cfg   Config
+	log   *zap.Logger
+	conns limits.Conns
 }
 
 // New returns a Receiver that logs through log (named "enclave" and then
@@ -95,65 +90,24 @@ func New(cfg Config, log *zap.Logger) *Receiver {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
-	return &Receiver{cfg: cfg, log: log.Named(enclaveLoggerPrefix), conns: map[net.Conn]struct{}{}}
+	return &Receiver{cfg: cfg, log: log.Named(enclaveLoggerPrefix)}
 }
 
 // Serve accepts connections on l until l is closed (then nil) or Close.
 func (r *Receiver) Serve(l net.Listener) error {
-	th := limits.NewThrottle(time.Second)
-	l = limits.NewListener(l, r.cfg.MaxConns, func(open int64) {
-		if ok, more := th.Allow(); ok {
-			r.log.Warn("enclave log connection refused: too many open", zap.Int64("open", open),
-				zap.Int("limit", r.cfg.MaxConns), zap.Uint64("refused_since_last_line", more+1))
-		}
-	})
-	backoff := 5 * time.Millisecond
-	for {
-		c, err := l.Accept()
+	return r.conns.Serve(l, r.cfg.MaxConns, func(err error, open int64, refused uint64) {
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			// Out of file descriptors and the like: wait and go on.
-			if ok, _ := th.Allow(); ok {
-				r.log.Warn("enclave log receiver: accept failed", zap.Error(err))
-			}
-			time.Sleep(backoff)
-			backoff = min(2*backoff, time.Second)
-			continue
+			r.log.Warn("enclave log receiver: accept failed", zap.Error(err))
+			return
 		}
-		backoff = 5 * time.Millisecond
-		r.mu.Lock()
-		if r.closed {
-			r.mu.Unlock()
-			_ = c.Close()
-			return nil
-		}
-		r.conns[c] = struct{}{}
-		r.wg.Add(1)
-		r.mu.Unlock()
-		go func() {
-			defer r.wg.Done()
-			r.serveConn(c)
-			r.mu.Lock()
-			delete(r.conns, c)
-			r.mu.Unlock()
-			_ = c.Close()
-		}()
-	}
+		r.log.Warn("enclave log connection refused: too many open", zap.Int64("open", open),
+			zap.Int("limit", r.cfg.MaxConns), zap.Uint64("refused_since_last_line", refused))
+	}, r.serveConn)
 }
 
 // Close ends every connection and waits for their last lines to be
 // logged. The listener is the caller's to close.
-func (r *Receiver) Close() {
-	r.mu.Lock()
-	r.closed = true
-	for c := range r.conns {
-		_ = c.Close()
-	}
-	r.mu.Unlock()
-	r.wg.Wait()
-}
+func (r *Receiver) Close() { r.conns.Close() }
 
 // peerFields names the sender: the enclave's CID on vsock, the address
 // otherwise.

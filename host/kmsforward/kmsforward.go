@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"net"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -69,10 +68,7 @@ type Forwarder struct {
 	log  *zap.Logger
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	conns  limits.Conns
 	ctx    context.Context // cancelled by Close: ends dials in progress
 	cancel context.CancelFunc
 }
@@ -93,81 +89,31 @@ func New(cfg Config, log *zap.Logger) (*Forwarder, error) {
 	}
 	d := &net.Dialer{Timeout: cfg.DialTimeout}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Forwarder{cfg: cfg, log: log.Named("kmsforward"), dial: d.DialContext, conns: map[net.Conn]struct{}{}, ctx: ctx, cancel: cancel}, nil
+	return &Forwarder{cfg: cfg, log: log.Named("kmsforward"), dial: d.DialContext, ctx: ctx, cancel: cancel}, nil
 }
 
 // Serve relays every connection l accepts until l is closed (then nil).
 func (f *Forwarder) Serve(l net.Listener) error {
-	th := limits.NewThrottle(time.Second)
-	l = limits.NewListener(l, f.cfg.MaxConns, func(open int64) {
-		if ok, more := th.Allow(); ok {
-			f.log.Warn("KMS forwarder: connection refused, too many open", zap.Int64("open", open),
-				zap.Int("limit", f.cfg.MaxConns), zap.Uint64("refused_since_last_line", more+1))
-		}
-	})
-	backoff := 5 * time.Millisecond
-	for {
-		c, err := l.Accept()
+	return f.conns.Serve(l, f.cfg.MaxConns, func(err error, open int64, refused uint64) {
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			// Out of file descriptors and the like: wait and go on.
-			if ok, _ := th.Allow(); ok {
-				f.log.Warn("KMS forwarder: accept failed", zap.Error(err))
-			}
-			time.Sleep(backoff)
-			backoff = min(2*backoff, time.Second)
-			continue
+			f.log.Warn("KMS forwarder: accept failed", zap.Error(err))
+			return
 		}
-		backoff = 5 * time.Millisecond
-		if !f.track(c) {
-			_ = c.Close()
-			return nil
-		}
-		go func() {
-			defer f.wg.Done()
-			defer f.untrack(c)
-			f.relay(c)
-		}()
-	}
+		f.log.Warn("KMS forwarder: connection refused, too many open", zap.Int64("open", open),
+			zap.Int("limit", f.cfg.MaxConns), zap.Uint64("refused_since_last_line", refused))
+	}, f.relay)
 }
 
-// track registers c, and its relay with the wait group, unless Close ran.
-func (f *Forwarder) track(c net.Conn) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.closed {
-		return false
-	}
-	f.conns[c] = struct{}{}
-	f.wg.Add(1)
-	return true
-}
-
-func (f *Forwarder) untrack(c net.Conn) {
-	f.mu.Lock()
-	delete(f.conns, c)
-	f.mu.Unlock()
-}
-
-// Close ends every relayed connection and waits for them. The listener is
-// the caller's to close.
+// Close ends every relayed connection and dials in progress, and waits
+// for them. The listener is the caller's to close.
 func (f *Forwarder) Close() {
 	f.cancel()
-	f.mu.Lock()
-	f.closed = true
-	for c := range f.conns {
-		_ = c.Close()
-	}
-	f.mu.Unlock()
-	f.wg.Wait()
+	f.conns.Close()
 }
 
 // relay copies bytes both ways between c and the destination until either
 // side ends or both are idle for IdleTimeout.
 func (f *Forwarder) relay(c net.Conn) {
-	defer c.Close()
 	ctx, cancel := context.WithTimeout(f.ctx, f.cfg.DialTimeout)
 	up, err := f.dial(ctx, "tcp", f.cfg.Destination)
 	cancel()
@@ -176,17 +122,11 @@ func (f *Forwarder) relay(c net.Conn) {
 		return
 	}
 	defer up.Close()
-	// Closing c (Close) must end the relay: watch it with up too.
-	f.mu.Lock()
-	closed := f.closed
-	if !closed {
-		f.conns[up] = struct{}{}
-	}
-	f.mu.Unlock()
-	if closed {
+	// Close must end the relay: it closes up too.
+	if !f.conns.Track(up) {
 		return
 	}
-	defer f.untrack(up)
+	defer f.conns.Untrack(up)
 	var last atomicTime
 	last.touch()
 	done := make(chan struct{}, 2)

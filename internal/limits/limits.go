@@ -12,6 +12,8 @@
 //     refuses entries gRPC does not allow with InvalidArgument.
 //   - Listener bounds the connections open at once: one beyond the bound is
 //     accepted and closed at once.
+//   - Conns serves a bounded listener's connections (the parent's small
+//     servers: enclave logs, the KMS forwarder) and ends them on Close.
 //
 // The server packages configure them (enclave/server, host/proxy) and map
 // their outcome to logs and metrics; nothing here logs.
