@@ -12,7 +12,6 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -21,43 +20,30 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nitrosign/nitrosign/internal/keysetfmt"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-// The sealed keyset, format 1 (docs/SEALING.md):
+// The sealed keyset is format 1 of package keysetfmt (docs/SEALING.md):
+// a readable header (the format, the KMS key, the key ids, when it was
+// made and sealed), KMS's CiphertextBlob of the data key, and the body,
+// AES-256-GCM under the data key with every byte before it as associated
+// data. The body, in clear only inside the enclave, is JSON:
 //
-//	"NSKS"                 4 bytes, magic
-//	format                 1 byte, 1
-//	header length          4 bytes, big endian, then the header: JSON
-//	                       {"format":1,"kms_key_arn":...,"key_ids":[...],
-//	                        "created":RFC 3339,"sealed":RFC 3339}
-//	data key blob length   4 bytes, big endian, then KMS's CiphertextBlob of
-//	                       the data key
-//	nonce                  12 bytes
-//	ciphertext             AES-256-GCM under the data key of the keyset
-//	                       body (JSON, below), with every byte before the
-//	                       nonce as associated data
-//
-// The body: {"keys":[{"id":hex SHA-256 of the SPKI,"type":"RSA"|"ECC"|
-// "ED25519","version":n,"state":"ENABLED"|"DISABLED","created":RFC 3339,
-// "pkcs8":base64 PKCS #8}]}.
+//	{"keys":[{"id":hex SHA-256 of the SPKI,"type":"RSA"|"ECC"|"ED25519",
+//	  "version":n,"state":"ENABLED"|"DISABLED","created":RFC 3339,
+//	  "pkcs8":base64 PKCS #8}]}
 //
 // The header is readable without KMS (the host can show which keys a file
 // holds), and bound to the body: changing any header byte, or swapping the
 // data key blob for another file's, makes the body not open.
-const (
-	magic          = "NSKS"
-	formatVersion  = 1
-	maxSealedSize  = 1 << 20
-	maxHeaderSize  = 16 << 10
-	maxBlobSize    = 4 << 10
-	gcmNonceSize   = 12
-	fixedPrefixLen = 4 + 1 + 4
-)
 
 // ErrCorrupt is wrapped by every error about a sealed keyset that does not
 // parse or does not open; nothing of it is used then.
-var ErrCorrupt = errors.New("sealing: sealed keyset corrupt")
+var ErrCorrupt = keysetfmt.ErrCorrupt
+
+// Header is the readable part of a sealed keyset.
+type Header = keysetfmt.Header
 
 // ErrWrongKMSKey: the keyset was sealed under another KMS key than the
 // configured one.
@@ -87,15 +73,6 @@ type Key struct {
 type Keyset struct {
 	Created time.Time
 	Keys    []Key
-}
-
-// Header is the readable part of a sealed keyset.
-type Header struct {
-	Format    int       `json:"format"`
-	KMSKeyARN string    `json:"kms_key_arn"`
-	KeyIDs    []string  `json:"key_ids"`
-	Created   time.Time `json:"created"`
-	Sealed    time.Time `json:"sealed"`
 }
 
 type bodyKey struct {
@@ -165,29 +142,19 @@ func Seal(ctx context.Context, ks *Keyset, keys *DataKeys, now time.Time) ([]byt
 		return nil, err
 	}
 	defer clear(dk)
-	hdr, err := json.Marshal(Header{Format: formatVersion, KMSKeyARN: keyARN, KeyIDs: ids, Created: ks.Created.UTC(), Sealed: now.UTC()})
+	aad, err := keysetfmt.Frame(Header{KMSKeyARN: keyARN, KeyIDs: ids, Created: ks.Created.UTC(), Sealed: now.UTC()}, blob)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("sealing: %w", err)
 	}
-	if len(hdr) > maxHeaderSize || len(blob) > maxBlobSize {
-		return nil, fmt.Errorf("sealing: header of %d bytes or data key blob of %d bytes too large", len(hdr), len(blob))
-	}
-	var out bytes.Buffer
-	out.WriteString(magic)
-	out.WriteByte(formatVersion)
-	_ = binary.Write(&out, binary.BigEndian, uint32(len(hdr)))
-	out.Write(hdr)
-	_ = binary.Write(&out, binary.BigEndian, uint32(len(blob)))
-	out.Write(blob)
-	aad := bytes.Clone(out.Bytes())
 	gcm, err := newGCM(dk)
 	if err != nil {
 		return nil, err
 	}
-	nonce := make([]byte, gcmNonceSize)
+	nonce := make([]byte, keysetfmt.NonceSize)
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
+	out := bytes.NewBuffer(bytes.Clone(aad))
 	out.Write(nonce)
 	out.Write(gcm.Seal(nil, nonce, pt, aad))
 	return out.Bytes(), nil
@@ -196,71 +163,22 @@ func Seal(ctx context.Context, ks *Keyset, keys *DataKeys, now time.Time) ([]byt
 // ReadHeader parses a sealed keyset's header, without KMS: the format,
 // KMS key and key ids it declares, which Unseal then checks against the
 // keys themselves.
-func ReadHeader(sealed []byte) (*Header, error) {
-	h, _, _, err := split(sealed)
-	return h, err
-}
-
-// split parses sealed into its header, its data key blob, and the offset
-// of the nonce.
-func split(sealed []byte) (*Header, []byte, int, error) {
-	if len(sealed) > maxSealedSize {
-		return nil, nil, 0, fmt.Errorf("%w: %d bytes, at most %d", ErrCorrupt, len(sealed), maxSealedSize)
-	}
-	if len(sealed) < fixedPrefixLen || string(sealed[:4]) != magic {
-		return nil, nil, 0, fmt.Errorf("%w: not a sealed keyset (no %q magic)", ErrCorrupt, magic)
-	}
-	if sealed[4] != formatVersion {
-		return nil, nil, 0, fmt.Errorf("%w: format %d, this signer reads format %d", ErrCorrupt, sealed[4], formatVersion)
-	}
-	off := 5
-	field := func(max int, what string) ([]byte, error) {
-		if len(sealed) < off+4 {
-			return nil, fmt.Errorf("%w: truncated in the %s length", ErrCorrupt, what)
-		}
-		n64 := uint64(binary.BigEndian.Uint32(sealed[off:]))
-		off += 4
-		if n64 == 0 || n64 > uint64(max) || uint64(len(sealed)-off) < n64 {
-			return nil, fmt.Errorf("%w: %s of %d bytes (at most %d, %d left)", ErrCorrupt, what, n64, max, len(sealed)-off)
-		}
-		n := int(n64)
-		b := sealed[off : off+n]
-		off += n
-		return b, nil
-	}
-	hdrJSON, err := field(maxHeaderSize, "header")
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	var h Header
-	dec := json.NewDecoder(bytes.NewReader(hdrJSON))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&h); err != nil || h.Format != formatVersion || h.KMSKeyARN == "" || len(h.KeyIDs) == 0 {
-		return nil, nil, 0, fmt.Errorf("%w: header does not parse as format %d", ErrCorrupt, formatVersion)
-	}
-	blob, err := field(maxBlobSize, "data key blob")
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	if len(sealed) < off+gcmNonceSize+16 {
-		return nil, nil, 0, fmt.Errorf("%w: truncated before the encrypted keyset", ErrCorrupt)
-	}
-	return &h, blob, off, nil
-}
+func ReadHeader(sealed []byte) (*Header, error) { return keysetfmt.ReadHeader(sealed) }
 
 // Unseal opens a sealed keyset: its header must name the KMS key keys
 // uses, KMS must release the data key to this enclave, the body must open
 // (so neither it nor the header was changed), and every key must be what
 // the header lists, with an id that is its public key's.
 func Unseal(ctx context.Context, sealed []byte, keys *DataKeys) (*Keyset, error) {
-	h, blob, off, err := split(sealed)
+	p, err := keysetfmt.Parse(sealed)
 	if err != nil {
 		return nil, err
 	}
+	h := p.Header
 	if isKeyARN(keys.KeyID()) && h.KMSKeyARN != keys.KeyID() {
 		return nil, fmt.Errorf("%w: sealed under %s, the signer uses %s", ErrWrongKMSKey, h.KMSKeyARN, keys.KeyID())
 	}
-	dk, opened, err := keys.Open(ctx, blob)
+	dk, opened, err := keys.Open(ctx, p.Blob)
 	if err != nil {
 		return nil, err
 	}
@@ -272,7 +190,7 @@ func Unseal(ctx context.Context, sealed []byte, keys *DataKeys) (*Keyset, error)
 	if err != nil {
 		return nil, err
 	}
-	pt, err := gcm.Open(nil, sealed[off:off+gcmNonceSize], sealed[off+gcmNonceSize:], sealed[:off])
+	pt, err := gcm.Open(nil, p.Nonce, p.Ciphertext, p.AAD)
 	if err != nil {
 		return nil, fmt.Errorf("%w: the keyset does not open with its data key (its header or body was changed)", ErrCorrupt)
 	}

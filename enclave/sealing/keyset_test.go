@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nitrosign/nitrosign/internal/keysetfmt"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -148,13 +149,14 @@ func TestUnsealRefuses(t *testing.T) {
 	}
 	// The data key blob of another sealed keyset (both under this KMS key).
 	swapBlob := func() []byte {
-		_, blobA, offA, _ := split(sealed)
-		_, blobB, _, _ := split(other)
-		if len(blobA) != len(blobB) {
-			t.Skip("blobs of different sizes")
+		a, errA := keysetfmt.Parse(sealed)
+		b, errB := keysetfmt.Parse(other)
+		if errA != nil || errB != nil || len(a.Blob) != len(b.Blob) {
+			t.Fatalf("blobs: %v, %v (the fake's blobs are all one size)", errA, errB)
 		}
+		offA := len(a.AAD)
 		out := bytes.Clone(sealed)
-		copy(out[offA-len(blobA):offA], blobB)
+		copy(out[offA-len(a.Blob):offA], b.Blob)
 		return out
 	}
 	flipped := bytes.Clone(sealed)

@@ -279,6 +279,56 @@ func (MessageType) EnumDescriptor() ([]byte, []int) {
 	return file_nitrosign_v1_signer_proto_rawDescGZIP(), []int{3}
 }
 
+// KeyState is whether a key may sign.
+type KeyState int32
+
+const (
+	KeyState_KEY_STATE_UNSPECIFIED KeyState = 0
+	KeyState_KEY_STATE_ENABLED     KeyState = 1
+	KeyState_KEY_STATE_DISABLED    KeyState = 2
+)
+
+// Enum value maps for KeyState.
+var (
+	KeyState_name = map[int32]string{
+		0: "KEY_STATE_UNSPECIFIED",
+		1: "KEY_STATE_ENABLED",
+		2: "KEY_STATE_DISABLED",
+	}
+	KeyState_value = map[string]int32{
+		"KEY_STATE_UNSPECIFIED": 0,
+		"KEY_STATE_ENABLED":     1,
+		"KEY_STATE_DISABLED":    2,
+	}
+)
+
+func (x KeyState) Enum() *KeyState {
+	p := new(KeyState)
+	*p = x
+	return p
+}
+
+func (x KeyState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (KeyState) Descriptor() protoreflect.EnumDescriptor {
+	return file_nitrosign_v1_signer_proto_enumTypes[4].Descriptor()
+}
+
+func (KeyState) Type() protoreflect.EnumType {
+	return &file_nitrosign_v1_signer_proto_enumTypes[4]
+}
+
+func (x KeyState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use KeyState.Descriptor instead.
+func (KeyState) EnumDescriptor() ([]byte, []int) {
+	return file_nitrosign_v1_signer_proto_rawDescGZIP(), []int{4}
+}
+
 // KeySelector picks one key, by family or by id.
 type KeySelector struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -379,7 +429,18 @@ type KeyInfo struct {
 	// The algorithm used when a Sign call names none.
 	DefaultSigningAlgorithm SigningAlgorithm `protobuf:"varint,6,opt,name=default_signing_algorithm,json=defaultSigningAlgorithm,proto3,enum=nitrosign.v1.SigningAlgorithm" json:"default_signing_algorithm,omitempty"`
 	// When the key was generated.
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Whether the key may sign. A DISABLED key (KeyAdminService.DisableKey)
+	// is still listed, with its public key, so signatures it made can be
+	// verified, but Sign refuses it, by id or by type. Ephemeral keys are
+	// always ENABLED.
+	KeyState KeyState `protobuf:"varint,8,opt,name=key_state,json=keyState,proto3,enum=nitrosign.v1.KeyState" json:"key_state,omitempty"`
+	// The key's version within its type: 1 for the first key of a keyset,
+	// one more for each key KeyAdminService.CreateKey adds.
+	Version uint32 `protobuf:"varint,9,opt,name=version,proto3" json:"version,omitempty"`
+	// Whether Sign with key_type selects this key: the newest ENABLED
+	// version of its type.
+	TypeDefault   bool `protobuf:"varint,10,opt,name=type_default,json=typeDefault,proto3" json:"type_default,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -461,6 +522,27 @@ func (x *KeyInfo) GetCreateTime() *timestamppb.Timestamp {
 		return x.CreateTime
 	}
 	return nil
+}
+
+func (x *KeyInfo) GetKeyState() KeyState {
+	if x != nil {
+		return x.KeyState
+	}
+	return KeyState_KEY_STATE_UNSPECIFIED
+}
+
+func (x *KeyInfo) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *KeyInfo) GetTypeDefault() bool {
+	if x != nil {
+		return x.TypeDefault
+	}
+	return false
 }
 
 // SignRequest asks for one signature.
@@ -724,7 +806,7 @@ func (*ListKeysRequest) Descriptor() ([]byte, []int) {
 	return file_nitrosign_v1_signer_proto_rawDescGZIP(), []int{6}
 }
 
-// ListKeysResponse lists every key, sorted by key_id.
+// ListKeysResponse lists every key, enabled or not, sorted by key_id.
 type ListKeysResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Keys          []*KeyInfo             `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
@@ -778,7 +860,7 @@ const file_nitrosign_v1_signer_proto_rawDesc = "" +
 	"\bkey_type\x18\x01 \x01(\x0e2\x15.nitrosign.v1.KeyTypeH\x00R\akeyType\x12\x17\n" +
 	"\x06key_id\x18\x02 \x01(\tH\x00R\x05keyIdB\n" +
 	"\n" +
-	"\bselector\"\x8b\x03\n" +
+	"\bselector\"\xfd\x03\n" +
 	"\aKeyInfo\x12\x15\n" +
 	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x120\n" +
 	"\bkey_type\x18\x02 \x01(\x0e2\x15.nitrosign.v1.KeyTypeR\akeyType\x120\n" +
@@ -788,7 +870,11 @@ const file_nitrosign_v1_signer_proto_rawDesc = "" +
 	"\x12signing_algorithms\x18\x05 \x03(\x0e2\x1e.nitrosign.v1.SigningAlgorithmR\x11signingAlgorithms\x12Z\n" +
 	"\x19default_signing_algorithm\x18\x06 \x01(\x0e2\x1e.nitrosign.v1.SigningAlgorithmR\x17defaultSigningAlgorithm\x12;\n" +
 	"\vcreate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xdf\x01\n" +
+	"createTime\x123\n" +
+	"\tkey_state\x18\b \x01(\x0e2\x16.nitrosign.v1.KeyStateR\bkeyState\x12\x18\n" +
+	"\aversion\x18\t \x01(\rR\aversion\x12!\n" +
+	"\ftype_default\x18\n" +
+	" \x01(\bR\vtypeDefault\"\xdf\x01\n" +
 	"\vSignRequest\x12+\n" +
 	"\x03key\x18\x01 \x01(\v2\x19.nitrosign.v1.KeySelectorR\x03key\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\fR\amessage\x12<\n" +
@@ -834,7 +920,11 @@ const file_nitrosign_v1_signer_proto_rawDesc = "" +
 	"\vMessageType\x12\x1c\n" +
 	"\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10MESSAGE_TYPE_RAW\x10\x01\x12\x17\n" +
-	"\x13MESSAGE_TYPE_DIGEST\x10\x022\xf0\x01\n" +
+	"\x13MESSAGE_TYPE_DIGEST\x10\x02*T\n" +
+	"\bKeyState\x12\x19\n" +
+	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n" +
+	"\x12KEY_STATE_DISABLED\x10\x022\xf0\x01\n" +
 	"\rSignerService\x12=\n" +
 	"\x04Sign\x12\x19.nitrosign.v1.SignRequest\x1a\x1a.nitrosign.v1.SignResponse\x12U\n" +
 	"\fGetPublicKey\x12!.nitrosign.v1.GetPublicKeyRequest\x1a\".nitrosign.v1.GetPublicKeyResponse\x12I\n" +
@@ -852,22 +942,23 @@ func file_nitrosign_v1_signer_proto_rawDescGZIP() []byte {
 	return file_nitrosign_v1_signer_proto_rawDescData
 }
 
-var file_nitrosign_v1_signer_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_nitrosign_v1_signer_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
 var file_nitrosign_v1_signer_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_nitrosign_v1_signer_proto_goTypes = []any{
 	(KeyType)(0),                  // 0: nitrosign.v1.KeyType
 	(KeySpec)(0),                  // 1: nitrosign.v1.KeySpec
 	(SigningAlgorithm)(0),         // 2: nitrosign.v1.SigningAlgorithm
 	(MessageType)(0),              // 3: nitrosign.v1.MessageType
-	(*KeySelector)(nil),           // 4: nitrosign.v1.KeySelector
-	(*KeyInfo)(nil),               // 5: nitrosign.v1.KeyInfo
-	(*SignRequest)(nil),           // 6: nitrosign.v1.SignRequest
-	(*SignResponse)(nil),          // 7: nitrosign.v1.SignResponse
-	(*GetPublicKeyRequest)(nil),   // 8: nitrosign.v1.GetPublicKeyRequest
-	(*GetPublicKeyResponse)(nil),  // 9: nitrosign.v1.GetPublicKeyResponse
-	(*ListKeysRequest)(nil),       // 10: nitrosign.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),      // 11: nitrosign.v1.ListKeysResponse
-	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(KeyState)(0),                 // 4: nitrosign.v1.KeyState
+	(*KeySelector)(nil),           // 5: nitrosign.v1.KeySelector
+	(*KeyInfo)(nil),               // 6: nitrosign.v1.KeyInfo
+	(*SignRequest)(nil),           // 7: nitrosign.v1.SignRequest
+	(*SignResponse)(nil),          // 8: nitrosign.v1.SignResponse
+	(*GetPublicKeyRequest)(nil),   // 9: nitrosign.v1.GetPublicKeyRequest
+	(*GetPublicKeyResponse)(nil),  // 10: nitrosign.v1.GetPublicKeyResponse
+	(*ListKeysRequest)(nil),       // 11: nitrosign.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),      // 12: nitrosign.v1.ListKeysResponse
+	(*timestamppb.Timestamp)(nil), // 13: google.protobuf.Timestamp
 }
 var file_nitrosign_v1_signer_proto_depIdxs = []int32{
 	0,  // 0: nitrosign.v1.KeySelector.key_type:type_name -> nitrosign.v1.KeyType
@@ -875,25 +966,26 @@ var file_nitrosign_v1_signer_proto_depIdxs = []int32{
 	1,  // 2: nitrosign.v1.KeyInfo.key_spec:type_name -> nitrosign.v1.KeySpec
 	2,  // 3: nitrosign.v1.KeyInfo.signing_algorithms:type_name -> nitrosign.v1.SigningAlgorithm
 	2,  // 4: nitrosign.v1.KeyInfo.default_signing_algorithm:type_name -> nitrosign.v1.SigningAlgorithm
-	12, // 5: nitrosign.v1.KeyInfo.create_time:type_name -> google.protobuf.Timestamp
-	4,  // 6: nitrosign.v1.SignRequest.key:type_name -> nitrosign.v1.KeySelector
-	3,  // 7: nitrosign.v1.SignRequest.message_type:type_name -> nitrosign.v1.MessageType
-	2,  // 8: nitrosign.v1.SignRequest.signing_algorithm:type_name -> nitrosign.v1.SigningAlgorithm
-	2,  // 9: nitrosign.v1.SignResponse.signing_algorithm:type_name -> nitrosign.v1.SigningAlgorithm
-	4,  // 10: nitrosign.v1.GetPublicKeyRequest.key:type_name -> nitrosign.v1.KeySelector
-	5,  // 11: nitrosign.v1.GetPublicKeyResponse.key:type_name -> nitrosign.v1.KeyInfo
-	5,  // 12: nitrosign.v1.ListKeysResponse.keys:type_name -> nitrosign.v1.KeyInfo
-	6,  // 13: nitrosign.v1.SignerService.Sign:input_type -> nitrosign.v1.SignRequest
-	8,  // 14: nitrosign.v1.SignerService.GetPublicKey:input_type -> nitrosign.v1.GetPublicKeyRequest
-	10, // 15: nitrosign.v1.SignerService.ListKeys:input_type -> nitrosign.v1.ListKeysRequest
-	7,  // 16: nitrosign.v1.SignerService.Sign:output_type -> nitrosign.v1.SignResponse
-	9,  // 17: nitrosign.v1.SignerService.GetPublicKey:output_type -> nitrosign.v1.GetPublicKeyResponse
-	11, // 18: nitrosign.v1.SignerService.ListKeys:output_type -> nitrosign.v1.ListKeysResponse
-	16, // [16:19] is the sub-list for method output_type
-	13, // [13:16] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	13, // 5: nitrosign.v1.KeyInfo.create_time:type_name -> google.protobuf.Timestamp
+	4,  // 6: nitrosign.v1.KeyInfo.key_state:type_name -> nitrosign.v1.KeyState
+	5,  // 7: nitrosign.v1.SignRequest.key:type_name -> nitrosign.v1.KeySelector
+	3,  // 8: nitrosign.v1.SignRequest.message_type:type_name -> nitrosign.v1.MessageType
+	2,  // 9: nitrosign.v1.SignRequest.signing_algorithm:type_name -> nitrosign.v1.SigningAlgorithm
+	2,  // 10: nitrosign.v1.SignResponse.signing_algorithm:type_name -> nitrosign.v1.SigningAlgorithm
+	5,  // 11: nitrosign.v1.GetPublicKeyRequest.key:type_name -> nitrosign.v1.KeySelector
+	6,  // 12: nitrosign.v1.GetPublicKeyResponse.key:type_name -> nitrosign.v1.KeyInfo
+	6,  // 13: nitrosign.v1.ListKeysResponse.keys:type_name -> nitrosign.v1.KeyInfo
+	7,  // 14: nitrosign.v1.SignerService.Sign:input_type -> nitrosign.v1.SignRequest
+	9,  // 15: nitrosign.v1.SignerService.GetPublicKey:input_type -> nitrosign.v1.GetPublicKeyRequest
+	11, // 16: nitrosign.v1.SignerService.ListKeys:input_type -> nitrosign.v1.ListKeysRequest
+	8,  // 17: nitrosign.v1.SignerService.Sign:output_type -> nitrosign.v1.SignResponse
+	10, // 18: nitrosign.v1.SignerService.GetPublicKey:output_type -> nitrosign.v1.GetPublicKeyResponse
+	12, // 19: nitrosign.v1.SignerService.ListKeys:output_type -> nitrosign.v1.ListKeysResponse
+	17, // [17:20] is the sub-list for method output_type
+	14, // [14:17] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_nitrosign_v1_signer_proto_init() }
@@ -910,7 +1002,7 @@ func file_nitrosign_v1_signer_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_nitrosign_v1_signer_proto_rawDesc), len(file_nitrosign_v1_signer_proto_rawDesc)),
-			NumEnums:      4,
+			NumEnums:      5,
 			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
