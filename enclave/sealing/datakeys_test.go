@@ -23,6 +23,7 @@ import (
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
 	"github.com/nitrosign/nitrosign/enclave/recipient"
+	"github.com/nitrosign/nitrosign/fakes/kmsfake"
 )
 
 var recipientDecrypt = recipient.Decrypt
@@ -30,7 +31,7 @@ var recipientDecrypt = recipient.Decrypt
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 type fixture struct {
-	fake *fakeKMS
+	fake *kmsfake.KMS
 	keys *DataKeys
 	nsm  attest.NSM
 	srv  *httptest.Server
@@ -50,22 +51,22 @@ func newFixture(t *testing.T, secret string) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fake := newFakeKMS(root, map[uint][]byte{0: attest.SimulatedPCRs()[0]})
+	fake := kmsfake.New(root, map[uint][]byte{0: attest.SimulatedPCRs()[0]})
 	srv := httptest.NewServer(fake)
 	t.Cleanup(srv.Close)
-	creds := fake.creds
+	creds := kmsfake.Credentials()
 	if secret != "" {
 		creds.SecretAccessKey = secret
 	}
 	client := kms.New(kms.Options{
-		Region:       fake.region,
+		Region:       kmsfake.Region,
 		BaseEndpoint: aws.String(srv.URL),
 		Credentials: aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
 			return creds, nil
 		}),
 		RetryMaxAttempts: 1,
 	})
-	keys, err := NewDataKeys(client, nsm, fake.keyARN)
+	keys, err := NewDataKeys(client, nsm, kmsfake.KeyARN)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +88,7 @@ func TestGenerateThenOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(key) != DataKeySize || len(blob) == 0 || bytes.Contains(blob, key) || arn != f.fake.keyARN {
+	if len(key) != DataKeySize || len(blob) == 0 || bytes.Contains(blob, key) || arn != kmsfake.KeyARN {
 		t.Fatalf("key %d bytes, blob %d bytes, key ARN %q", len(key), len(blob), arn)
 	}
 	again, arn2, err := f.keys.Open(ctx(t), blob)
@@ -100,7 +101,7 @@ func TestGenerateThenOpen(t *testing.T) {
 	if !bytes.Equal(again, key) {
 		t.Fatal("Open returned another key than Generate")
 	}
-	if got := f.fake.called(); got != "[GenerateDataKey Decrypt]" {
+	if got := f.fake.Called(); got != "[GenerateDataKey Decrypt]" {
 		t.Fatalf("KMS calls %s", got)
 	}
 }
@@ -126,10 +127,10 @@ func TestRefusals(t *testing.T) {
 	}
 
 	// The key policy's PCR0 is another image's.
-	f.fake.pcrs = map[uint][]byte{0: bytes.Repeat([]byte{7}, 48)}
+	f.fake.SetPCRs(map[uint][]byte{0: bytes.Repeat([]byte{7}, 48)})
 	_, _, err = f.keys.Open(ctx(t), blob)
 	check("another image", err, "Decrypt", "AccessDeniedException", "PCR")
-	f.fake.pcrs = map[uint][]byte{0: attest.SimulatedPCRs()[0]}
+	f.fake.SetPCRs(map[uint][]byte{0: attest.SimulatedPCRs()[0]})
 
 	corrupt := append([]byte(nil), blob...)
 	corrupt[len(corrupt)-1] ^= 1
@@ -146,13 +147,13 @@ func TestRefusals(t *testing.T) {
 	_, _, err = other.Open(ctx(t), blob)
 	check("blob of another KMS key", err, "IncorrectKeyException")
 
-	f.fake.misbehave = "plaintext"
+	f.fake.SetMisbehave("plaintext")
 	_, _, _, err = f.keys.Generate(ctx(t))
 	check("KMS sends the key in clear", err, "in clear despite the Recipient")
-	f.fake.misbehave = "other-recipient"
+	f.fake.SetMisbehave("other-recipient")
 	_, _, err = f.keys.Open(ctx(t), blob)
 	check("KMS encrypts to another key", err, "CiphertextForRecipient", "cannot decrypt")
-	f.fake.misbehave = ""
+	f.fake.SetMisbehave("")
 
 	bad := newFixture(t, "a stolen but wrong secret")
 	_, _, _, err = bad.keys.Generate(ctx(t))
@@ -200,9 +201,9 @@ func TestEnvelopeOpensWithOpenSSL(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFakeKMS(nil, nil)
+	f := kmsfake.New(nil, nil)
 	dk := bytes.Repeat([]byte{0x5a}, 32)
-	env := f.envelope(dk, &priv.PublicKey)
+	env := f.Envelope(dk, &priv.PublicKey)
 	dir := t.TempDir()
 	pkcs8, err := x509.MarshalPKCS8PrivateKey(priv)
 	if err != nil {

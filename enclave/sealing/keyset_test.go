@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nitrosign/nitrosign/fakes/kmsfake"
 	"github.com/nitrosign/nitrosign/internal/keysetfmt"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
@@ -63,7 +64,7 @@ func TestSealUnseal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h.KMSKeyARN != f.fake.keyARN || len(h.KeyIDs) != 3 || h.KeyIDs[0] != ks.Keys[0].ID || !h.Created.Equal(ks.Created) {
+	if h.KMSKeyARN != kmsfake.KeyARN || len(h.KeyIDs) != 3 || h.KeyIDs[0] != ks.Keys[0].ID || !h.Created.Equal(ks.Created) {
 		t.Fatalf("header %+v", h)
 	}
 	got, err := Unseal(ctx(t), sealed, f.keys)
@@ -190,7 +191,7 @@ func TestUnsealRefuses(t *testing.T) {
 		})
 	}
 	// KMS refuses (the enclave's PCRs are not the policy's): KMS's reason.
-	f.fake.pcrs = map[uint][]byte{0: bytes.Repeat([]byte{9}, 48)}
+	f.fake.SetPCRs(map[uint][]byte{0: bytes.Repeat([]byte{9}, 48)})
 	if _, err := Unseal(ctx(t), sealed, f.keys); !errors.Is(err, ErrKMS) || !strings.Contains(err.Error(), "AccessDeniedException") {
 		t.Fatalf("Unseal refused by KMS = %v", err)
 	}
@@ -211,8 +212,8 @@ func TestSealRefusesBadKeysets(t *testing.T) {
 	if _, err := Seal(ctx(t), &Keyset{}, f.keys, time.Now()); err == nil {
 		t.Fatal("Seal of an empty keyset succeeded")
 	}
-	if f.fake.called() != "[]" {
-		t.Fatalf("KMS was called for a keyset that cannot be sealed: %s", f.fake.called())
+	if f.fake.Called() != "[]" {
+		t.Fatalf("KMS was called for a keyset that cannot be sealed: %s", f.fake.Called())
 	}
 }
 

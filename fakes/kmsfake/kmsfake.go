@@ -1,4 +1,18 @@
-package sealing
+// Package kmsfake is an AWS KMS of our own for tests and the demo: it
+// speaks KMS's wire protocol (AWS JSON 1.1 over HTTPS, SigV4-signed,
+// TrentService.GenerateDataKey and TrentService.Decrypt with a Recipient),
+// so what the tests drive is the production path, the official client
+// (github.com/aws/aws-sdk-go-v2/service/kms), pointed here by its
+// endpoint or its transport only. It is never linked into a shipped
+// binary (scripts/floorplan.sh checks).
+//
+// A Recipient's attestation document is verified (host/verify, against
+// the simulated NSM's root) and must carry the PCRs the key policy names,
+// as a policy's kms:RecipientAttestation:PCRn conditions demand; the data
+// key then goes back only as CiphertextForRecipient, a CMS EnvelopedData
+// built here with encoding/asn1 (the enclave opens it with its own parser,
+// enclave/recipient, and a test cross-checks both with openssl cms).
+package kmsfake
 
 import (
 	"bytes"
@@ -26,38 +40,85 @@ import (
 	"github.com/nitrosign/nitrosign/host/verify"
 )
 
-// fakeKMS speaks AWS KMS's wire protocol (AWS JSON 1.1 over HTTP, SigV4
-// signed, TrentService.GenerateDataKey and TrentService.Decrypt with a
-// Recipient), so the production path, the official client, is what the
-// tests drive; only its endpoint points here. A Recipient's attestation
-// document is verified (host/verify, against root) and must carry the
-// expected PCRs, as a key policy's kms:RecipientAttestation conditions
-// demand; the data key then goes back only as CiphertextForRecipient, a
-// CMS EnvelopedData to the document's public key.
-type fakeKMS struct {
+// The fake's one KMS key, its region and the only credentials it takes.
+const (
+	KeyARN          = "arn:aws:kms:eu-west-1:111122223333:key/0b5c5a3e-1f2d-4c6b-9a8e-7d6f5e4d3c2b"
+	Region          = "eu-west-1"
+	AccessKeyID     = "AKIAEXAMPLEENCLAVE"
+	SecretAccessKey = "enclave-role-secret-for-tests"
+	SessionToken    = "session-token-for-tests"
+)
+
+// Host is the name the fake's TLS certificate is for: the real regional
+// endpoint, so a client needs no endpoint change when its transport dials
+// the fake (as the enclave's does, through the parent's forwarder).
+const Host = "kms." + Region + ".amazonaws.com"
+
+// Credentials are the ones the fake checks SigV4 signatures with.
+func Credentials() aws.Credentials {
+	return aws.Credentials{AccessKeyID: AccessKeyID, SecretAccessKey: SecretAccessKey, SessionToken: SessionToken}
+}
+
+// KMS is the fake. It is an http.Handler; Start serves it over TLS.
+type KMS struct {
 	keyARN string
 	region string
 	creds  aws.Credentials
 	root   *x509.Certificate
-	pcrs   map[uint][]byte // the key policy's PCR conditions
-	master []byte          // AES-256-GCM key behind the CiphertextBlobs
+	master []byte // AES-256-GCM key behind the CiphertextBlobs
 
 	mu        sync.Mutex
+	pcrs      map[uint][]byte // the key policy's PCR conditions
 	calls     []string
 	misbehave string // "plaintext": also return Plaintext; "other-recipient": encrypt to another key
+	down      bool   // answer every call 503 KMSInternalException
+	delay     time.Duration
 }
 
-func newFakeKMS(root *x509.Certificate, pcrs map[uint][]byte) *fakeKMS {
+// New returns a fake whose key policy admits documents that chain to root
+// and carry pcrs.
+func New(root *x509.Certificate, pcrs map[uint][]byte) *KMS {
 	master := make([]byte, 32)
 	if _, err := rand.Read(master); err != nil {
-		panic(err)
+		panic(err) // crypto/rand does not fail
 	}
-	return &fakeKMS{
-		keyARN: "arn:aws:kms:eu-west-1:111122223333:key/0b5c5a3e-1f2d-4c6b-9a8e-7d6f5e4d3c2b",
-		region: "eu-west-1",
-		creds:  aws.Credentials{AccessKeyID: "AKIAEXAMPLEENCLAVE", SecretAccessKey: "enclave-role-secret-for-tests", SessionToken: "session"},
+	return &KMS{
+		keyARN: KeyARN,
+		region: Region,
+		creds:  Credentials(),
 		root:   root, pcrs: pcrs, master: master,
 	}
+}
+
+// SetPCRs replaces the key policy's PCR conditions.
+func (k *KMS) SetPCRs(pcrs map[uint][]byte) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.pcrs = pcrs
+}
+
+// SetMisbehave makes the fake break the protocol: "plaintext" returns the
+// data key in clear too; "other-recipient" encrypts it to another key; ""
+// behaves.
+func (k *KMS) SetMisbehave(how string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.misbehave = how
+}
+
+// SetDown makes every call fail with 503 KMSInternalException (a KMS
+// outage), or not.
+func (k *KMS) SetDown(down bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.down = down
+}
+
+// SetDelay makes every call wait d before it is answered (a slow KMS).
+func (k *KMS) SetDelay(d time.Duration) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.delay = d
 }
 
 type kmsFault struct {
@@ -66,7 +127,7 @@ type kmsFault struct {
 	msg    string
 }
 
-func (k *fakeKMS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (k *KMS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
 		k.fail(w, kmsFault{400, "SerializationException", err.Error()})
@@ -79,7 +140,19 @@ func (k *fakeKMS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	op := strings.TrimPrefix(r.Header.Get("X-Amz-Target"), "TrentService.")
 	k.mu.Lock()
 	k.calls = append(k.calls, op)
+	down, delay := k.down, k.delay
 	k.mu.Unlock()
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if down {
+		k.fail(w, kmsFault{503, "KMSInternalException", "the fake KMS is down"})
+		return
+	}
 	var out any
 	var e *kmsFault
 	switch op {
@@ -98,7 +171,7 @@ func (k *fakeKMS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(out)
 }
 
-func (k *fakeKMS) fail(w http.ResponseWriter, e kmsFault) {
+func (k *KMS) fail(w http.ResponseWriter, e kmsFault) {
 	w.Header().Set("Content-Type", "application/x-amz-json-1.1")
 	w.WriteHeader(e.status)
 	_ = json.NewEncoder(w).Encode(map[string]string{"__type": e.typ, "message": e.msg})
@@ -106,7 +179,7 @@ func (k *fakeKMS) fail(w http.ResponseWriter, e kmsFault) {
 
 // checkRequest checks the protocol and recomputes the SigV4 signature with
 // the credentials the client must have used.
-func (k *fakeKMS) checkRequest(r *http.Request, body []byte) *kmsFault {
+func (k *KMS) checkRequest(r *http.Request, body []byte) *kmsFault {
 	if r.Method != http.MethodPost || r.URL.Path != "/" || r.Header.Get("Content-Type") != "application/x-amz-json-1.1" ||
 		!strings.HasPrefix(r.Header.Get("X-Amz-Target"), "TrentService.") {
 		return &kmsFault{400, "SerializationException", "not an AWS JSON 1.1 KMS request"}
@@ -160,14 +233,17 @@ type recipientIn struct {
 
 // checkRecipient verifies the attestation document and the PCR conditions
 // and returns the public key to encrypt to.
-func (k *fakeKMS) checkRecipient(r *recipientIn) (*rsa.PublicKey, *kmsFault) {
+func (k *KMS) checkRecipient(r *recipientIn) (*rsa.PublicKey, *kmsFault) {
 	if r == nil {
 		return nil, &kmsFault{400, "AccessDeniedException", "the key policy requires a Recipient (kms:RecipientAttestation:PCR0)"}
 	}
 	if r.KeyEncryptionAlgorithm != "RSAES_OAEP_SHA_256" {
 		return nil, &kmsFault{400, "ValidationException", "KeyEncryptionAlgorithm " + r.KeyEncryptionAlgorithm}
 	}
-	doc, err := verify.Verify(r.AttestationDocument, verify.Options{Root: k.root, PCRs: k.pcrs})
+	k.mu.Lock()
+	pcrs := k.pcrs
+	k.mu.Unlock()
+	doc, err := verify.Verify(r.AttestationDocument, verify.Options{Root: k.root, PCRs: pcrs})
 	if errors.Is(err, verify.ErrPCRMismatch) {
 		return nil, &kmsFault{400, "AccessDeniedException", "the attestation document does not satisfy the key policy's PCR conditions"}
 	}
@@ -182,7 +258,7 @@ func (k *fakeKMS) checkRecipient(r *recipientIn) (*rsa.PublicKey, *kmsFault) {
 	return rsaPub, nil
 }
 
-func (k *fakeKMS) generateDataKey(body []byte) (any, *kmsFault) {
+func (k *KMS) generateDataKey(body []byte) (any, *kmsFault) {
 	var in struct {
 		KeyId             string
 		KeySpec           string
@@ -204,14 +280,14 @@ func (k *fakeKMS) generateDataKey(body []byte) (any, *kmsFault) {
 	}
 	dk := make([]byte, 32)
 	_, _ = rand.Read(dk)
-	out := map[string]any{"KeyId": k.keyARN, "CiphertextBlob": k.seal(dk, in.EncryptionContext), "CiphertextForRecipient": k.envelope(dk, pub)}
-	if k.misbehave == "plaintext" {
+	out := map[string]any{"KeyId": k.keyARN, "CiphertextBlob": k.seal(dk, in.EncryptionContext), "CiphertextForRecipient": k.Envelope(dk, pub)}
+	if k.misbehaving() == "plaintext" {
 		out["Plaintext"] = dk
 	}
 	return out, nil
 }
 
-func (k *fakeKMS) decrypt(body []byte) (any, *kmsFault) {
+func (k *KMS) decrypt(body []byte) (any, *kmsFault) {
 	var in struct {
 		CiphertextBlob    []byte
 		KeyId             string
@@ -232,8 +308,8 @@ func (k *fakeKMS) decrypt(body []byte) (any, *kmsFault) {
 	if e != nil {
 		return nil, e
 	}
-	out := map[string]any{"KeyId": k.keyARN, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "CiphertextForRecipient": k.envelope(dk, pub)}
-	if k.misbehave == "plaintext" {
+	out := map[string]any{"KeyId": k.keyARN, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "CiphertextForRecipient": k.Envelope(dk, pub)}
+	if k.misbehaving() == "plaintext" {
 		out["Plaintext"] = dk
 	}
 	return out, nil
@@ -242,7 +318,7 @@ func (k *fakeKMS) decrypt(body []byte) (any, *kmsFault) {
 // seal and unseal are the fake's CiphertextBlob: AES-GCM under its master
 // key, the key ARN and the encryption context as associated data (KMS
 // binds a blob to its encryption context the same way).
-func (k *fakeKMS) seal(dk []byte, ec map[string]string) []byte {
+func (k *KMS) seal(dk []byte, ec map[string]string) []byte {
 	block, _ := aes.NewCipher(k.master)
 	gcm, _ := cipher.NewGCM(block)
 	nonce := make([]byte, gcm.NonceSize())
@@ -250,7 +326,7 @@ func (k *fakeKMS) seal(dk []byte, ec map[string]string) []byte {
 	return gcm.Seal(nonce, nonce, dk, k.aad(ec))
 }
 
-func (k *fakeKMS) unseal(blob []byte, ec map[string]string) ([]byte, bool) {
+func (k *KMS) unseal(blob []byte, ec map[string]string) ([]byte, bool) {
 	block, _ := aes.NewCipher(k.master)
 	gcm, _ := cipher.NewGCM(block)
 	if len(blob) < gcm.NonceSize() {
@@ -260,16 +336,16 @@ func (k *fakeKMS) unseal(blob []byte, ec map[string]string) ([]byte, bool) {
 	return dk, err == nil
 }
 
-func (k *fakeKMS) aad(ec map[string]string) []byte {
+func (k *KMS) aad(ec map[string]string) []byte {
 	b, _ := json.Marshal(ec) // sorted keys
 	return append([]byte(k.keyARN+"\x00"), b...)
 }
 
-// envelope is CiphertextForRecipient: CMS EnvelopedData, version 2, one
+// Envelope is CiphertextForRecipient: CMS EnvelopedData, version 2, one
 // KeyTransRecipientInfo (subjectKeyIdentifier) with RSAES-OAEP SHA-256,
 // AES-256-CBC content.
-func (k *fakeKMS) envelope(dk []byte, pub *rsa.PublicKey) []byte {
-	if k.misbehave == "other-recipient" {
+func (k *KMS) Envelope(dk []byte, pub *rsa.PublicKey) []byte {
+	if k.misbehaving() == "other-recipient" {
 		other, _ := rsa.GenerateKey(rand.Reader, 2048)
 		pub = &other.PublicKey
 	}
@@ -291,7 +367,7 @@ func (k *fakeKMS) envelope(dk []byte, pub *rsa.PublicKey) []byte {
 		Algorithm  asn1.ObjectIdentifier
 		Parameters asn1.RawValue `asn1:"optional"`
 	}
-	sha256ID := algID{Algorithm: oidSHA256ForTest}
+	sha256ID := algID{Algorithm: oidSHA256}
 	oaepParams, _ := asn1.Marshal(struct {
 		Hash algID `asn1:"explicit,tag:0"`
 		MGF  algID `asn1:"explicit,tag:1"`
@@ -330,7 +406,7 @@ func (k *fakeKMS) envelope(dk []byte, pub *rsa.PublicKey) []byte {
 	return ci
 }
 
-var oidSHA256ForTest = asn1.ObjectIdentifier{2, 16, 840, 1, 101, 3, 4, 2, 1}
+var oidSHA256 = asn1.ObjectIdentifier{2, 16, 840, 1, 101, 3, 4, 2, 1}
 
 func mustRaw(v any) asn1.RawValue {
 	b, err := asn1.Marshal(v)
@@ -340,8 +416,18 @@ func mustRaw(v any) asn1.RawValue {
 	return asn1.RawValue{FullBytes: b}
 }
 
-func (k *fakeKMS) called() string {
+func (k *KMS) misbehaving() string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return fmt.Sprint(k.calls)
+	return k.misbehave
 }
+
+// Calls lists the operations called so far, in order.
+func (k *KMS) Calls() []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]string(nil), k.calls...)
+}
+
+// Called is Calls as one string, for messages.
+func (k *KMS) Called() string { return fmt.Sprint(k.Calls()) }
