@@ -8,6 +8,7 @@ import (
 	"github.com/nitrosign/nitrosign/enclave/attest"
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
 // attestModule wires attestation into the graph: the NSM seeds the kernel
@@ -31,8 +32,15 @@ func attestModule(c Config) fx.Option {
 				}
 				return s, nil
 			},
-			func(s *signer.Signer) attest.KeySource { return s },
+			// Attestation commits to the keys that may sign.
+			func(s *signer.Signer) attest.KeySource { return enabledKeys{s} },
 			func(a *attest.Attester) server.Attester { return a },
 		),
 	)
 }
+
+// enabledKeys lists the signer's enabled keys: a disabled key cannot sign,
+// so attestation does not vouch for it.
+type enabledKeys struct{ s *signer.Signer }
+
+func (e enabledKeys) Keys() []*pb.KeyInfo { return e.s.EnabledKeys() }

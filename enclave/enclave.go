@@ -1,5 +1,6 @@
 // Package enclave assembles the enclave signer: one fx graph from the
-// listener, signer, attestation, stats and server modules. The binary adds the
+// listener, signer, keyset (sealed keys), attestation, stats and server
+// modules. The binary adds the
 // vsock listener; tests and benchmarks supply their own net.Listener.
 package enclave
 
@@ -11,7 +12,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
+	"github.com/nitrosign/nitrosign/enclave/keyset"
 	"github.com/nitrosign/nitrosign/enclave/listener"
+	"github.com/nitrosign/nitrosign/enclave/sealing"
 	"github.com/nitrosign/nitrosign/enclave/server"
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/enclave/stats"
@@ -28,8 +31,11 @@ type Config struct {
 	LogShip  string
 	Listener listener.Config
 	Signer   signer.Config
-	Server   server.Config
-	Attest   attest.Config
+	// Keyset is where a sealed keyset and KMS are (Signer.KeyMode
+	// "sealed" only).
+	Keyset keyset.Config
+	Server server.Config
+	Attest attest.Config
 }
 
 // DefaultConfig returns the documented defaults of every part: what
@@ -39,14 +45,19 @@ func DefaultConfig() Config {
 		Log:      logging.Config{Level: "info", Format: "json"},
 		LogShip:  fmt.Sprintf("vsock://%d:%d", parentCID, target.LogPort),
 		Listener: listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort},
-		Signer:   signer.Config{RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
+		Signer:   signer.Config{KeyMode: signer.Ephemeral, RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
+		Keyset:   keyset.DefaultConfig(),
 		Server:   server.DefaultConfig(),
 	}
 }
 
 // Validate checks every part and reports every one that is wrong.
 func (c Config) Validate() error {
-	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.Listener.Validate(), c.Signer.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
+	var ks error
+	if c.Signer.IsSealed() {
+		ks = c.Keyset.Validate()
+	}
+	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.Listener.Validate(), c.Signer.Validate(), ks, c.Server.Validate(), c.Attest.Validate(), c.devOnly())
 }
 
 // parentCID is the parent instance's vsock CID, seen from an enclave.
@@ -84,10 +95,19 @@ func (c Config) devOnly() error {
 // Options is the enclave's graph without a listener: the binary adds
 // listener.Module, tests fx.Supply a net.Listener. log is the root logger.
 func Options(c Config, log *zap.Logger) fx.Option {
+	keys := fx.Options()
+	if c.Signer.IsSealed() {
+		keys = fx.Options(
+			fx.Supply(c.Keyset),
+			fx.Provide(func(n attest.NSM) sealing.Attester { return n }),
+			keyset.Module,
+		)
+	}
 	return fx.Options(
 		fx.Supply(log, c.Signer, c.Server),
 		logging.FxLogger(),
 		signer.Module,
+		keys,
 		attestModule(c),
 		server.Module,
 		statsModule(),

@@ -4,10 +4,13 @@
 # next to the EIF, so clients can pin them:
 #   nitrosign attest --pcrs-file nitrosign-enclave.pcrs.json
 #
-# Usage: scripts/build-eif.sh [--output-dir DIR] [--tag TAG]
+# Usage: scripts/build-eif.sh --kms-key-arn ARN [--output-dir DIR] [--tag TAG]
 #          [--signing-certificate CERT --private-key KEY]
 #          [--expect-nitro-cli VERSION]
 #
+#   --kms-key-arn ARN   the KMS key the enclave's keyset is sealed under
+#                       (default $KMS_KEY_ARN; required): baked into the
+#                       image's environment, so measured into PCR2
 #   --output-dir DIR    where nitrosign-enclave.eif, nitrosign-enclave.pcrs.json
 #                       and nitrosign-enclave.build.json go (default build/eif)
 #   --tag TAG           docker image tag (default nitrosign-enclave:local)
@@ -36,6 +39,7 @@ out_dir=$repo/build/eif
 tag=nitrosign-enclave:local
 signing_cert=
 private_key=
+kms_key_arn=${KMS_KEY_ARN:-}
 expect_cli=
 
 while (($# > 0)); do
@@ -60,18 +64,27 @@ while (($# > 0)); do
 		out_dir=$2
 		shift 2
 		;;
+	--kms-key-arn)
+		need_value "$@"
+		kms_key_arn=$2
+		shift 2
+		;;
 	--tag)
 		need_value "$@"
 		tag=$2
 		shift 2
 		;;
 	-h | --help)
-		sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+		sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*) usage_error "unknown argument '$1'" ;;
 	esac
 done
+
+[[ -n $kms_key_arn ]] || usage_error "--kms-key-arn (or KMS_KEY_ARN) is required: the enclave seals its keyset under that KMS key (docs/DEPLOY.md)"
+[[ $kms_key_arn =~ ^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+$ ]] ||
+	usage_error "--kms-key-arn '$kms_key_arn': want a key ARN, arn:aws:kms:REGION:ACCOUNT:key/ID (not an alias: an alias can be moved to another key)"
 
 # Both or neither: a certificate without its key cannot sign.
 if [[ -n $signing_cert || -n $private_key ]]; then
@@ -115,7 +128,7 @@ log "building image $tag from Dockerfile.enclave ($arch)"
 # Plain `docker build`: no buildx plugin needed. Where docker runs BuildKit
 # through buildx anyway, no provenance or SBOM attestations (nitro-cli
 # ignores them, and they would make the image differ between builders).
-BUILDX_NO_DEFAULT_ATTESTATIONS=1 docker build --build-arg "ARCH=$arch" -f "$repo/Dockerfile.enclave" -t "$tag" "$repo" >&2 ||
+BUILDX_NO_DEFAULT_ATTESTATIONS=1 docker build --build-arg "ARCH=$arch" --build-arg "KMS_KEY_ARN=$kms_key_arn" -f "$repo/Dockerfile.enclave" -t "$tag" "$repo" >&2 ||
 	die "docker build failed (see above)"
 image_id=$(docker image inspect --format '{{.Id}}' "$tag") || die "docker image inspect $tag failed"
 
@@ -153,6 +166,7 @@ chmod 0644 "$pcrs"
 	printf '\n  },\n'
 	printf '  "base_image": "%s",\n' "$(sed -n 's/^ARG GO_IMAGE=//p' "$repo/Dockerfile.enclave")"
 	printf '  "docker_image_id": "%s",\n' "$image_id"
+	printf '  "kms_key_arn": "%s",\n' "$kms_key_arn"
 	printf '  "signed": %s,\n' "$([[ -n $signing_cert ]] && echo true || echo false)"
 	printf '  "pcrs_file": "%s"\n' "$(basename "$pcrs")"
 	printf '}\n'

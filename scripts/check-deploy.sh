@@ -110,7 +110,10 @@ expect() {
 		log "ok: $* -> exit $rc: $(head -1 <<<"$out")"
 	fi
 }
-expect 1 "nitro-cli not found" scripts/build-eif.sh --output-dir "$tmp/eif"
+kms_arn=arn:aws:kms:eu-west-1:111122223333:key/0b5c5a3e-1f2d-4c6b-9a8e-7d6f5e4d3c2b
+expect 2 "--kms-key-arn (or KMS_KEY_ARN) is required" scripts/build-eif.sh --output-dir "$tmp/eif"
+expect 2 "not an alias" scripts/build-eif.sh --kms-key-arn arn:aws:kms:eu-west-1:111122223333:alias/nitrosign
+expect 1 "nitro-cli not found" scripts/build-eif.sh --kms-key-arn "$kms_arn" --output-dir "$tmp/eif"
 expect 1 "nitro-cli not found" scripts/run-enclave.sh --eif "$tmp/fake.eif"
 expect 1 "nitro-cli not found" scripts/run-enclave.sh --config deploy/enclave.env --eif "$tmp/fake.eif"
 expect 1 "nitro-cli not found" scripts/terminate-enclave.sh
@@ -160,13 +163,15 @@ chmod +x "$fakes/bin/docker" "$fakes/bin/nitro-cli"
 printf 'cert' >"$fakes/cert.pem"
 printf 'key' >"$fakes/key.pem"
 export FAKE_LOG=$fakes/calls
-if out=$(PATH=$fakes/bin:$PATH NITRO_CLI_BLOBS=$fakes/blobs scripts/build-eif.sh --output-dir "$fakes/out" \
+if out=$(PATH=$fakes/bin:$PATH NITRO_CLI_BLOBS=$fakes/blobs scripts/build-eif.sh --output-dir "$fakes/out" --kms-key-arn "$kms_arn" \
 	--signing-certificate "$fakes/cert.pem" --private-key "$fakes/key.pem" --expect-nitro-cli 1.4.2 2>&1); then
 	record=$fakes/out/nitrosign-enclave.build.json
 	if grep -q -- '--provenance\|--platform\|buildx' "$FAKE_LOG"; then
 		fail "build-eif.sh calls docker with buildx-only flags: $(grep '^docker build' "$FAKE_LOG")"
 	elif ! grep -q -- "docker build --build-arg ARCH=" "$FAKE_LOG"; then
 		fail "build-eif.sh does not pass the architecture: $(grep '^docker build' "$FAKE_LOG")"
+	elif ! grep -q -- "--build-arg KMS_KEY_ARN=$kms_arn" "$FAKE_LOG" || ! grep -q "\"kms_key_arn\": \"$kms_arn\"" "$record"; then
+		fail "build-eif.sh does not bake in the KMS key ARN: $(grep '^docker build' "$FAKE_LOG")"
 	elif ! grep -q -- "--signing-certificate $fakes/cert.pem --private-key $fakes/key.pem" "$FAKE_LOG"; then
 		fail "build-eif.sh did not sign the EIF: $(grep '^nitro-cli build-enclave' "$FAKE_LOG")"
 	elif ! grep -q '"PCR8"' "$fakes/out/nitrosign-enclave.pcrs.json"; then
@@ -181,8 +186,8 @@ if out=$(PATH=$fakes/bin:$PATH NITRO_CLI_BLOBS=$fakes/blobs scripts/build-eif.sh
 else
 	fail "build-eif.sh with stand-ins failed: $out"
 fi
-expect 1 "not 9.9.9" env PATH="$fakes/bin:$PATH" NITRO_CLI_BLOBS="$fakes/blobs" scripts/build-eif.sh --output-dir "$fakes/out2" --expect-nitro-cli 9.9.9
-expect 2 "go together" scripts/build-eif.sh --signing-certificate "$fakes/cert.pem"
+expect 1 "not 9.9.9" env PATH="$fakes/bin:$PATH" NITRO_CLI_BLOBS="$fakes/blobs" scripts/build-eif.sh --kms-key-arn "$kms_arn" --output-dir "$fakes/out2" --expect-nitro-cli 9.9.9
+expect 2 "go together" scripts/build-eif.sh --kms-key-arn "$kms_arn" --signing-certificate "$fakes/cert.pem"
 
 if ((failed)); then
 	log "FAILED"

@@ -62,6 +62,13 @@ type Config struct {
 	// exist. Development only: its documents are not genuine. Ignored (with
 	// a warning) when the device exists. Default false.
 	DevSimulatedNSM bool
+	// DevRootFile, DEVELOPMENT ONLY, is a PEM file with a development
+	// root certificate and its private key (NewDevRoot) that the
+	// simulated NSM issues from, instead of a throwaway root of its own:
+	// several simulated enclaves then chain to one root, which a test KMS
+	// can trust as AWS KMS trusts the AWS Nitro root. Needs
+	// DevSimulatedNSM. Default none.
+	DevRootFile string
 	// DevicePath is the NSM device node. Default /dev/nsm.
 	DevicePath string
 	// EntropyPath is where SeedKernelEntropy writes NSM random bytes.
@@ -84,6 +91,9 @@ func (c Config) Validate() error {
 	}
 	if c.CacheMaxAge < 0 {
 		return fmt.Errorf("attest: cache max age %v must not be negative", c.CacheMaxAge)
+	}
+	if c.DevRootFile != "" && !c.DevSimulatedNSM {
+		return errors.New("attest: --dev-simulated-nsm-root is for the simulated NSM: it needs --dev-simulated-nsm")
 	}
 	return nil
 }
@@ -163,6 +173,13 @@ func open(cfg Config, log *zap.Logger) (nsmSeeder, error) {
 		if !cfg.DevSimulatedNSM {
 			return nil, fmt.Errorf("%w: no %s: not running in a Nitro Enclave; pass --dev-simulated-nsm "+
 				"for development (documents will not be genuine)", ErrNoDevice, cfg.DevicePath)
+		}
+		if cfg.DevRootFile != "" {
+			pemBytes, err := os.ReadFile(cfg.DevRootFile)
+			if err != nil {
+				return nil, fmt.Errorf("%w: simulated NSM root: %w", ErrNSM, err)
+			}
+			return NewSimulatedFromRoot(log, pemBytes)
 		}
 		return NewSimulated(log)
 	default:

@@ -9,7 +9,7 @@ import (
 // Test hooks: the clocks and the NSM session are not part of the API.
 
 func NewSimulatedAt(log *zap.Logger, now func() time.Time) (*Simulated, error) {
-	return newSimulated(log, now)
+	return newSimulated(log, now, nil, nil)
 }
 
 func SetClock(a *Attester, now func() time.Time) { a.now = now }

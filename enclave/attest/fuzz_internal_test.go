@@ -15,7 +15,7 @@ import (
 //
 //	go test -run='^$' -fuzz=FuzzLeafNotAfter -fuzztime=30s ./enclave/attest/
 func FuzzLeafNotAfter(f *testing.F) {
-	sim, err := newSimulated(zap.NewNop(), time.Now)
+	sim, err := newSimulated(zap.NewNop(), time.Now, nil, nil)
 	if err != nil {
 		f.Fatal(err)
 	}

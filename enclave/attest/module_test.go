@@ -1,6 +1,7 @@
 package attest_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
+	"github.com/nitrosign/nitrosign/fakes/devroot"
 	"github.com/nitrosign/nitrosign/internal/keycommit/keycommittest"
 )
 
@@ -64,5 +66,31 @@ func TestModuleWithoutDevice(t *testing.T) {
 	)
 	if err := app.Err(); !errors.Is(err, attest.ErrNoDevice) {
 		t.Fatalf("app error = %v, want ErrNoDevice", err)
+	}
+}
+
+// Simulated NSMs given one development root chain their documents to it,
+// so that one test KMS can trust several simulated enclaves.
+func TestSimulatedFromOneRoot(t *testing.T) {
+	root, err := devroot.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := attest.NewSimulatedFromRoot(nil, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := attest.NewSimulatedFromRoot(nil, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(a.DevRootDER(), b.DevRootDER()) {
+		t.Fatal("two simulated NSMs from one root report different roots")
+	}
+	if _, err := attest.NewSimulatedFromRoot(nil, root[:len(root)/2]); err == nil {
+		t.Fatal("a root file without its key was accepted")
+	}
+	if err := (attest.Config{DevRootFile: "/x"}).Validate(); err == nil {
+		t.Fatal("a development root without the simulated NSM was accepted")
 	}
 }

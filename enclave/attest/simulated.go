@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
 	"math/big"
 	"strconv"
@@ -85,10 +86,60 @@ var (
 // P-384 self-signed CA -> intermediate CA -> leaf P-384) and logs a warning
 // that its documents are not genuine.
 func NewSimulated(log *zap.Logger) (*Simulated, error) {
-	return newSimulated(log, time.Now)
+	return newSimulated(log, time.Now, nil, nil)
 }
 
-func newSimulated(log *zap.Logger, now func() time.Time) (*Simulated, error) {
+// NewSimulatedFromRoot is NewSimulated issuing from the development root
+// in pemBytes (a CA certificate and its P-384 key, PEM; fakes/devroot
+// makes one) instead of a fresh one, so that several simulated enclaves
+// chain to one root.
+func NewSimulatedFromRoot(log *zap.Logger, pemBytes []byte) (*Simulated, error) {
+	var cert *x509.Certificate
+	var key *ecdsa.PrivateKey
+	for rest := pemBytes; ; {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		switch b.Type {
+		case "CERTIFICATE":
+			c, err := x509.ParseCertificate(b.Bytes)
+			if err != nil {
+				return nil, fmt.Errorf("%w: simulated NSM root: %w", ErrNSM, err)
+			}
+			cert = c
+		case "PRIVATE KEY":
+			k, err := x509.ParsePKCS8PrivateKey(b.Bytes)
+			ek, ok := k.(*ecdsa.PrivateKey)
+			if err != nil || !ok || ek.Curve != elliptic.P384() {
+				return nil, fmt.Errorf("%w: simulated NSM root: the key is not an ECDSA P-384 PKCS #8 key", ErrNSM)
+			}
+			key = ek
+		}
+	}
+	if cert == nil || key == nil || !cert.IsCA || !key.PublicKey.Equal(cert.PublicKey) {
+		return nil, fmt.Errorf("%w: simulated NSM root: want a CA certificate and its P-384 key (PEM)", ErrNSM)
+	}
+	return newSimulated(log, time.Now, cert, key)
+}
+
+func devRootTemplate(t time.Time) *x509.Certificate {
+	return &x509.Certificate{
+		Subject: pkix.Name{
+			CommonName:         "nitrosign-dev-root NOT GENUINE",
+			OrganizationalUnit: []string{"simulated NSM"},
+			Organization:       []string{"nitrosign development"},
+		},
+		NotBefore:             t.Add(-simBackdate),
+		NotAfter:              t.Add(simRootLifetime),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+	}
+}
+
+func newSimulated(log *zap.Logger, now func() time.Time, root *x509.Certificate, rootKey *ecdsa.PrivateKey) (*Simulated, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -110,24 +161,13 @@ func newSimulated(log *zap.Logger, now func() time.Time) (*Simulated, error) {
 	}
 
 	t := now()
-	rootKey, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("%w: simulated NSM: %w", ErrNSM, err)
-	}
-	root, err := issue(&x509.Certificate{
-		Subject: pkix.Name{
-			CommonName:         "nitrosign-dev-root NOT GENUINE",
-			OrganizationalUnit: []string{"simulated NSM"},
-			Organization:       []string{"nitrosign development"},
-		},
-		NotBefore:             t.Add(-simBackdate),
-		NotAfter:              t.Add(simRootLifetime),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-	}, nil, &rootKey.PublicKey, rootKey)
-	if err != nil {
-		return nil, err
+	if root == nil {
+		if rootKey, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader); err != nil {
+			return nil, fmt.Errorf("%w: simulated NSM: %w", ErrNSM, err)
+		}
+		if root, err = issue(devRootTemplate(t), nil, &rootKey.PublicKey, rootKey); err != nil {
+			return nil, err
+		}
 	}
 	s.rootDER = root.Raw
 	if s.intermediateKey, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader); err != nil {

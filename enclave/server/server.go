@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"go.uber.org/fx"
@@ -19,6 +20,7 @@ import (
 	_ "google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
@@ -127,6 +129,13 @@ var Services = []string{
 	pb.EchoService_ServiceDesc.ServiceName,
 	pb.SignerService_ServiceDesc.ServiceName,
 	pb.AttestationService_ServiceDesc.ServiceName,
+	pb.KeyAdminService_ServiceDesc.ServiceName,
+}
+
+// KeyAdmin rotates a sealed keyset (*keyset.Manager).
+type KeyAdmin interface {
+	CreateKey(ctx context.Context, typ pb.KeyType) (*pb.KeyInfo, error)
+	SetKeyEnabled(ctx context.Context, keyID string, enabled bool) (*pb.KeyInfo, error)
 }
 
 // Params are New's dependencies.
@@ -139,6 +148,9 @@ type Params struct {
 	Signer    *signer.Signer
 	Attester  Attester     `optional:"true"`
 	Lifecycle fx.Lifecycle `optional:"true"`
+	// KeyAdmin serves KeyAdminService; without one (ephemeral keys) it
+	// answers FAILED_PRECONDITION.
+	KeyAdmin KeyAdmin `optional:"true"`
 
 	// Stats, when present, counts every call (a grpc stats handler) and
 	// every signature, and is served as nitrosign.v1.StatsService (the
@@ -153,7 +165,12 @@ type Server struct {
 	lis    net.Listener
 	grpc   *grpc.Server
 	health *health.Server
+	signer *signer.Signer
 	served chan struct{} // closed when Serve returns
+
+	mu      sync.Mutex
+	started bool
+	serving bool
 }
 
 // Module provides *Server and starts it with the app.
@@ -174,13 +191,14 @@ func New(p Params) (*Server, error) {
 		log:    log,
 		lis:    limitListener(p.Listener, cfg, log),
 		health: health.NewServer(),
+		signer: p.Signer,
 		served: make(chan struct{}),
 	}
 	// Calls are counted by a stats handler (below), outside every
 	// interceptor: it sees the code each call was answered with, whatever
 	// turned it into that (a panic, a malformed request, a limit), and the
 	// calls grpc-go answers before any interceptor runs.
-	unary := []grpc.UnaryServerInterceptor{unaryLogging(log)}
+	unary := []grpc.UnaryServerInterceptor{unaryLogging(log), s.unaryNotReady}
 	stream := []grpc.StreamServerInterceptor{streamLogging(log)}
 	// A unary request is decoded before any interceptor runs: the
 	// malformed check comes before the limits, which may refuse the call,
@@ -221,6 +239,7 @@ func New(p Params) (*Server, error) {
 	pb.RegisterEchoServiceServer(s.grpc, &echoService{})
 	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log, stats: p.Stats})
 	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: p.Attester, log: log})
+	pb.RegisterKeyAdminServiceServer(s.grpc, &keyAdminService{admin: p.KeyAdmin, log: log})
 	if p.Stats != nil {
 		pb.RegisterStatsServiceServer(s.grpc, stats.NewService(p.Stats))
 	}
@@ -244,8 +263,10 @@ func (s *Server) setServing(st healthpb.HealthCheckResponse_ServingStatus) {
 	}
 }
 
-// Start serves in the background and reports SERVING: the keys were made
-// and self-tested before the server was constructed.
+// Start serves in the background and reports SERVING when the signer has
+// its keys: ephemeral keys were made and self-tested before the server
+// was constructed; a sealed keyset reports through KeysChanged once it is
+// unsealed. Until then health is NOT_SERVING and says why.
 func (s *Server) Start(context.Context) error {
 	go func() {
 		defer close(s.served)
@@ -253,15 +274,60 @@ func (s *Server) Start(context.Context) error {
 			s.log.Error("serve ended", zap.Error(err))
 		}
 	}()
-	s.setServing(healthpb.HealthCheckResponse_SERVING)
-	s.log.Info("serving", zap.String("addr", s.lis.Addr().String()))
+	s.mu.Lock()
+	s.started = true
+	s.mu.Unlock()
+	s.KeysChanged()
+	s.log.Info("listening", zap.String("addr", s.lis.Addr().String()))
 	return nil
+}
+
+// KeysChanged sets health from the signer: SERVING once it has keys,
+// NOT_SERVING (with the reason on Health/Check's trailer) while it has
+// none.
+func (s *Server) KeysChanged() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.started {
+		return
+	}
+	ready := s.signer.NotReady() == ""
+	if ready == s.serving {
+		return
+	}
+	s.serving = ready
+	if ready {
+		s.setServing(healthpb.HealthCheckResponse_SERVING)
+		s.log.Info("serving", zap.String("addr", s.lis.Addr().String()))
+		return
+	}
+	s.setServing(healthpb.HealthCheckResponse_NOT_SERVING)
+	s.log.Warn("not serving: the signer has no keys", zap.String("reason", s.signer.NotReady()))
+}
+
+// NotReadyTrailer is the trailer on a grpc.health.v1.Health/Check answer
+// that says why the enclave is NOT_SERVING (grpcurl -v shows it):
+// the sealed keyset not unsealed yet, and why.
+const NotReadyTrailer = "nitrosign-not-ready"
+
+// unaryNotReady adds NotReadyTrailer to health checks while the signer
+// has no keys.
+func (s *Server) unaryNotReady(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if info.FullMethod == healthpb.Health_Check_FullMethodName {
+		if reason := s.signer.NotReady(); reason != "" {
+			_ = grpc.SetTrailer(ctx, metadata.Pairs(NotReadyTrailer, reason))
+		}
+	}
+	return handler(ctx, req)
 }
 
 // Stop drains: NOT_SERVING first (so the proxy stops routing new calls
 // here), then GracefulStop bounded by the configured timeout and by ctx,
 // then a hard Stop for whatever is left.
 func (s *Server) Stop(ctx context.Context) error {
+	s.mu.Lock()
+	s.started = false // KeysChanged leaves health alone from here
+	s.mu.Unlock()
 	s.health.Shutdown()
 	done := make(chan struct{})
 	go func() {

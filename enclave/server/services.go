@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 
 	"go.uber.org/zap"
@@ -20,6 +21,7 @@ var (
 	_ pb.EchoServiceServer        = (*echoService)(nil)
 	_ pb.SignerServiceServer      = (*signerService)(nil)
 	_ pb.AttestationServiceServer = (*attestationService)(nil)
+	_ pb.KeyAdminServiceServer    = (*keyAdminService)(nil)
 )
 
 type echoService struct {
@@ -57,8 +59,62 @@ func (s *signerService) GetPublicKey(_ context.Context, req *pb.GetPublicKeyRequ
 }
 
 func (s *signerService) ListKeys(context.Context, *pb.ListKeysRequest) (*pb.ListKeysResponse, error) {
+	if reason := s.signer.NotReady(); reason != "" {
+		return nil, toStatus(s.log, "list keys", fmt.Errorf("%w: %s", signer.ErrNotReady, reason))
+	}
 	return &pb.ListKeysResponse{Keys: s.signer.Keys()}, nil
 }
+
+// errEphemeral answers KeyAdminService on an enclave with ephemeral keys.
+var errEphemeral = status.Error(codes.FailedPrecondition, "this enclave's keys are ephemeral (--key-mode ephemeral): they are never stored, so there is no keyset to rotate; run it with --key-mode sealed")
+
+type keyAdminService struct {
+	pb.UnimplementedKeyAdminServiceServer
+	admin KeyAdmin
+	log   *zap.Logger
+}
+
+func (s *keyAdminService) CreateKey(ctx context.Context, req *pb.CreateKeyRequest) (*pb.CreateKeyResponse, error) {
+	if s.admin == nil {
+		return nil, errEphemeral
+	}
+	k, err := s.admin.CreateKey(ctx, req.GetKeyType())
+	if err != nil {
+		return nil, toStatus(s.log, "create key", err)
+	}
+	return &pb.CreateKeyResponse{Key: k}, nil
+}
+
+func (s *keyAdminService) DisableKey(ctx context.Context, req *pb.DisableKeyRequest) (*pb.DisableKeyResponse, error) {
+	if s.admin == nil {
+		return nil, errEphemeral
+	}
+	k, err := s.admin.SetKeyEnabled(ctx, req.GetKeyId(), false)
+	if err != nil {
+		return nil, toStatus(s.log, "disable key", err)
+	}
+	return &pb.DisableKeyResponse{Key: k}, nil
+}
+
+func (s *keyAdminService) EnableKey(ctx context.Context, req *pb.EnableKeyRequest) (*pb.EnableKeyResponse, error) {
+	if s.admin == nil {
+		return nil, errEphemeral
+	}
+	k, err := s.admin.SetKeyEnabled(ctx, req.GetKeyId(), true)
+	if err != nil {
+		return nil, toStatus(s.log, "enable key", err)
+	}
+	return &pb.EnableKeyResponse{Key: k}, nil
+}
+
+// Errors of KeyAdmin, besides the signer's: ErrAborted when the change
+// lost a race (another enclave changed the keyset first: read it again
+// and retry), ErrAdminUnavailable when KMS or the host could not be
+// reached to seal or store it (nothing changed; retry later).
+var (
+	ErrAborted          = errors.New("keyset change aborted")
+	ErrAdminUnavailable = errors.New("keyset change not possible now")
+)
 
 // detail drops the sentinel's own words ("invalid argument: ") from a
 // message the status code already says.
@@ -76,6 +132,14 @@ func toStatus(log *zap.Logger, op string, err error) error {
 		return status.Error(codes.InvalidArgument, detail(err, signer.ErrInvalidArgument))
 	case errors.Is(err, signer.ErrNotFound):
 		return status.Error(codes.NotFound, detail(err, signer.ErrNotFound))
+	case errors.Is(err, signer.ErrDisabled):
+		return status.Error(codes.FailedPrecondition, detail(err, signer.ErrDisabled))
+	case errors.Is(err, signer.ErrNotReady):
+		return status.Error(codes.Unavailable, "signing keys not ready: "+detail(err, signer.ErrNotReady))
+	case errors.Is(err, ErrAborted):
+		return status.Error(codes.Aborted, detail(err, ErrAborted))
+	case errors.Is(err, ErrAdminUnavailable):
+		return status.Error(codes.Unavailable, detail(err, ErrAdminUnavailable))
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, "call canceled by the caller")
 	case errors.Is(err, context.DeadlineExceeded):

@@ -299,8 +299,8 @@ func seedForms(seed []byte) []string {
 func TestDevKeySeedWarning(t *testing.T) {
 	seed := randomSeed(t)
 	s, logs := seededSigner(t, Config{Ed25519: true, DevKeySeed: seed})
-	if len(logs) != len(s.keys)+1 {
-		t.Fatalf("%d log lines for %d keys", len(logs), len(s.keys))
+	if len(logs) != len(s.Keys())+1 {
+		t.Fatalf("%d log lines for %d keys", len(logs), len(s.Keys()))
 	}
 	w := logs[0]
 	if w.Level != zapcore.WarnLevel || !strings.Contains(w.Message, "DEVELOPMENT ONLY: keys derived from --dev-key-seed: anyone who knows the seed has the keys") {

@@ -7,8 +7,12 @@ import "crypto"
 // compiled into the test binary only: the package itself never hands a
 // private key out.
 func PrivateKeys(s *Signer) map[string]crypto.Signer {
-	out := make(map[string]crypto.Signer, len(s.keys))
-	for _, k := range s.keys {
+	r := s.ring.Load()
+	if r == nil {
+		return nil
+	}
+	out := make(map[string]crypto.Signer, len(r.keys))
+	for _, k := range r.keys {
 		out[k.info.KeyId] = k.priv
 	}
 	return out

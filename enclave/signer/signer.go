@@ -1,7 +1,10 @@
-// Package signer holds the enclave's signing keys. They are generated at
-// start-up (or, for development only, derived from Config.DevKeySeed),
-// self-tested, and never leave the process: nothing in this package
-// returns, logs or serialises private key material.
+// Package signer holds the enclave's signing keys and signs with them.
+// With ephemeral keys (the default) they are generated at start-up (or,
+// for development only, derived from Config.DevKeySeed); with sealed keys
+// the keyset manager (package keyset) installs the keys it unsealed, and
+// again after every rotation. Every key is self-tested before it signs.
+// Nothing in this package returns, logs or serialises private key
+// material: the keyset manager, which seals it, holds its own copy.
 package signer
 
 import (
@@ -17,7 +20,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/fx"
@@ -35,10 +40,26 @@ var (
 	ErrInvalidArgument = sigalg.ErrInvalid
 	// ErrNotFound: no key matches the selector.
 	ErrNotFound = errors.New("key not found")
+	// ErrDisabled: the selected key is disabled (KeyAdminService).
+	ErrDisabled = errors.New("key disabled")
+	// ErrNotReady: no keys yet (a sealed keyset not unsealed yet); the
+	// error says why.
+	ErrNotReady = errors.New("keys not ready")
+)
+
+// Key modes (Config.KeyMode).
+const (
+	// Ephemeral keys are generated at every start and never stored.
+	Ephemeral = "ephemeral"
+	// Sealed keys come from a keyset sealed with AWS KMS (package keyset).
+	Sealed = "sealed"
 )
 
 // Config chooses which keys the enclave generates.
 type Config struct {
+	// KeyMode is Ephemeral (default: new keys at every start) or Sealed
+	// (the keys of a KMS-sealed keyset, installed by package keyset).
+	KeyMode string
 	// RSABits is the RSA modulus size: 2048 (default), 3072 or 4096.
 	RSABits int
 	// ECCCurve is "P-256" (default) or "P-384".
@@ -69,12 +90,24 @@ func (c Config) Validate() error {
 	default:
 		return fmt.Errorf("ECC curve %q: want P-256 or P-384", c.ECCCurve)
 	}
+	switch c.KeyMode {
+	case "", Ephemeral:
+	case Sealed:
+		if c.DevKeySeed != nil {
+			return errors.New("a dev key seed derives ephemeral keys: it cannot be used with --key-mode sealed")
+		}
+	default:
+		return fmt.Errorf("key mode %q: want %s or %s", c.KeyMode, Ephemeral, Sealed)
+	}
 	// The length only: the seed itself never goes into an error.
 	if c.DevKeySeed != nil && len(c.DevKeySeed) != DevKeySeedSize {
 		return fmt.Errorf("dev key seed is %d bytes: want %d (%d hex characters)", len(c.DevKeySeed), DevKeySeedSize, 2*DevKeySeedSize)
 	}
 	return nil
 }
+
+// IsSealed reports whether the keys come from a sealed keyset.
+func (c Config) IsSealed() bool { return c.KeyMode == Sealed }
 
 // seeded reports whether the keys are derived from DevKeySeed.
 func (c Config) seeded() bool { return len(c.DevKeySeed) > 0 }
@@ -109,12 +142,27 @@ type key struct {
 	took time.Duration
 }
 
-// Signer signs with the enclave's keys. It is immutable after New and safe
-// for concurrent use.
-type Signer struct {
+// keyring is one immutable set of keys; Install swaps in a new one.
+type keyring struct {
 	keys   []*key // sorted by key id
 	byType map[pb.KeyType]*key
 	byID   map[string]*key
+}
+
+// Signer signs with the enclave's keys. It is safe for concurrent use: a
+// call uses the keys that were installed when it started.
+type Signer struct {
+	ring     atomic.Pointer[keyring]
+	notReady atomic.Pointer[string] // why there are no keys; nil once installed
+}
+
+// Key is one key to install (package keyset, from a sealed keyset).
+type Key struct {
+	Type     pb.KeyType
+	Version  int
+	Disabled bool
+	Created  time.Time
+	Private  crypto.Signer
 }
 
 // Params are New's dependencies.
@@ -142,6 +190,11 @@ func New(p Params) (*Signer, error) {
 		if err := p.Seeder.SeedKernelEntropy(); err != nil {
 			return nil, fmt.Errorf("seed entropy: %w", err)
 		}
+	}
+	if p.Config.IsSealed() {
+		s := &Signer{}
+		s.SetNotReady("the sealed keyset is not unsealed yet")
+		return s, nil
 	}
 	seed := p.Config.DevKeySeed
 	if p.Config.seeded() {
@@ -179,14 +232,14 @@ func New(p Params) (*Signer, error) {
 			return k, err
 		}})
 	}
-	s := &Signer{byType: map[pb.KeyType]*key{}, byID: map[string]*key{}}
+	ring := &keyring{byType: map[pb.KeyType]*key{}, byID: map[string]*key{}}
 	for _, g := range gens {
 		start := time.Now()
 		priv, err := g.fn()
 		if err != nil {
 			return nil, fmt.Errorf("generate %s key: %w", sigalg.TypeName(g.typ), err)
 		}
-		k, err := newKey(g.typ, priv, start)
+		k, err := newKey(Key{Type: g.typ, Version: 1, Created: start, Private: priv})
 		if err != nil {
 			return nil, err
 		}
@@ -194,9 +247,10 @@ func New(p Params) (*Signer, error) {
 			return nil, err
 		}
 		k.took = time.Since(start)
-		s.keys = append(s.keys, k)
-		s.byType[g.typ] = k
-		s.byID[k.info.KeyId] = k
+		k.info.TypeDefault = true
+		ring.keys = append(ring.keys, k)
+		ring.byType[g.typ] = k
+		ring.byID[k.info.KeyId] = k
 		fields := []zap.Field{
 			zap.String("key_id", k.info.KeyId),
 			zap.String("key_spec", sigalg.SpecName(k.info.KeySpec)),
@@ -207,11 +261,105 @@ func New(p Params) (*Signer, error) {
 		}
 		log.Info("key ready", fields...)
 	}
-	sort.Slice(s.keys, func(i, j int) bool { return s.keys[i].info.KeyId < s.keys[j].info.KeyId })
+	sort.Slice(ring.keys, func(i, j int) bool { return ring.keys[i].info.KeyId < ring.keys[j].info.KeyId })
+	s := &Signer{}
+	s.ring.Store(ring)
 	return s, nil
 }
 
-func newKey(typ pb.KeyType, priv crypto.Signer, created time.Time) (*key, error) {
+// Generate makes a new private key of type typ with c's size or curve
+// (never from a dev key seed): package keyset's new keys.
+func Generate(c Config, typ pb.KeyType) (crypto.Signer, error) {
+	switch typ {
+	case pb.KeyType_KEY_TYPE_RSA:
+		return rsa.GenerateKey(rand.Reader, c.rsaBits())
+	case pb.KeyType_KEY_TYPE_ECC:
+		curve := elliptic.P256()
+		if c.eccCurve() == "P-384" {
+			curve = elliptic.P384()
+		}
+		return ecdsa.GenerateKey(curve, rand.Reader)
+	case pb.KeyType_KEY_TYPE_ED25519:
+		_, k, err := ed25519.GenerateKey(rand.Reader)
+		return k, err
+	}
+	return nil, fmt.Errorf("%w: key type %s cannot be generated", ErrInvalidArgument, sigalg.TypeName(typ))
+}
+
+// Types lists the key types c makes in a new keyset.
+func Types(c Config) []pb.KeyType {
+	t := []pb.KeyType{pb.KeyType_KEY_TYPE_RSA, pb.KeyType_KEY_TYPE_ECC}
+	if c.Ed25519 {
+		t = append(t, pb.KeyType_KEY_TYPE_ED25519)
+	}
+	return t
+}
+
+// SetNotReady removes every key: Sign, Key and Keys answer ErrNotReady
+// with reason until the next Install. Package keyset says why (the
+// sealed keyset not loaded yet, KMS refused, ...).
+func (s *Signer) SetNotReady(reason string) {
+	s.notReady.Store(&reason)
+	s.ring.Store(nil)
+}
+
+// NotReady returns why there are no keys, or "" when there are.
+func (s *Signer) NotReady() string {
+	if r := s.notReady.Load(); r != nil && s.ring.Load() == nil {
+		return *r
+	}
+	return ""
+}
+
+// Install self-tests keys and, when every enabled one passes, makes them
+// the keys the signer uses, at once for the calls that start after it.
+// The newest enabled version of each type becomes its default. An error
+// leaves the keys in use as they were.
+func (s *Signer) Install(keys []Key) error {
+	if len(keys) == 0 {
+		return errors.New("install: no keys")
+	}
+	ring := &keyring{byType: map[pb.KeyType]*key{}, byID: map[string]*key{}}
+	for _, in := range keys {
+		if in.Private == nil {
+			return errors.New("install: a key without its private half")
+		}
+		start := time.Now()
+		k, err := newKey(in)
+		if err != nil {
+			return err
+		}
+		if _, dup := ring.byID[k.info.KeyId]; dup {
+			return fmt.Errorf("install: key %s twice", k.info.KeyId)
+		}
+		// A disabled key is tested too: it may be enabled again.
+		if err := k.selfTest(); err != nil {
+			return err
+		}
+		k.took = time.Since(start)
+		ring.keys = append(ring.keys, k)
+		ring.byID[k.info.KeyId] = k
+		if d := ring.byType[in.Type]; !in.Disabled && (d == nil || in.Version > int(d.info.Version)) {
+			ring.byType[in.Type] = k
+		}
+	}
+	for _, k := range ring.byType {
+		k.info.TypeDefault = true
+	}
+	sort.Slice(ring.keys, func(i, j int) bool { return ring.keys[i].info.KeyId < ring.keys[j].info.KeyId })
+	s.ring.Store(ring)
+	return nil
+}
+
+func newKey(in Key) (*key, error) {
+	typ, priv := in.Type, in.Private
+	if in.Version < 1 || in.Version > math.MaxUint32 {
+		return nil, fmt.Errorf("install: %s key version %d", sigalg.TypeName(typ), in.Version)
+	}
+	state := pb.KeyState_KEY_STATE_ENABLED
+	if in.Disabled {
+		state = pb.KeyState_KEY_STATE_DISABLED
+	}
 	pub := priv.Public()
 	spki, err := x509.MarshalPKIXPublicKey(pub)
 	if err != nil {
@@ -220,6 +368,9 @@ func newKey(typ pb.KeyType, priv crypto.Signer, created time.Time) (*key, error)
 	spec, err := sigalg.SpecOf(pub)
 	if err != nil {
 		return nil, err
+	}
+	if t := typeOf(spec); t != typ {
+		return nil, fmt.Errorf("install: a %s key given as %s", sigalg.SpecName(spec), sigalg.TypeName(typ))
 	}
 	algs := sigalg.ForKey(spec)
 	return &key{
@@ -230,7 +381,9 @@ func newKey(typ pb.KeyType, priv crypto.Signer, created time.Time) (*key, error)
 			PublicKey:               spki,
 			SigningAlgorithms:       algs,
 			DefaultSigningAlgorithm: algs[0],
-			CreateTime:              timestamppb.New(created),
+			CreateTime:              timestamppb.New(in.Created),
+			KeyState:                state,
+			Version:                 uint32(in.Version),
 		},
 		pub:  pub,
 		priv: priv,
@@ -264,26 +417,62 @@ func KeyID(spki []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// Keys returns a copy of every key's public description, sorted by key id.
+// typeOf is the type of a key spec.
+func typeOf(spec pb.KeySpec) pb.KeyType {
+	switch spec {
+	case pb.KeySpec_KEY_SPEC_RSA_2048, pb.KeySpec_KEY_SPEC_RSA_3072, pb.KeySpec_KEY_SPEC_RSA_4096:
+		return pb.KeyType_KEY_TYPE_RSA
+	case pb.KeySpec_KEY_SPEC_ECC_NIST_P256, pb.KeySpec_KEY_SPEC_ECC_NIST_P384:
+		return pb.KeyType_KEY_TYPE_ECC
+	case pb.KeySpec_KEY_SPEC_ECC_NIST_EDWARDS25519:
+		return pb.KeyType_KEY_TYPE_ED25519
+	}
+	return pb.KeyType_KEY_TYPE_UNSPECIFIED
+}
+
+// Keys returns a copy of every key's public description, enabled or not,
+// sorted by key id; none while the keys are not ready.
 func (s *Signer) Keys() []*pb.KeyInfo {
-	out := make([]*pb.KeyInfo, len(s.keys))
-	for i, k := range s.keys {
+	r := s.ring.Load()
+	if r == nil {
+		return nil
+	}
+	out := make([]*pb.KeyInfo, len(r.keys))
+	for i, k := range r.keys {
 		out[i] = proto.Clone(k.info).(*pb.KeyInfo)
 	}
 	return out
 }
 
+// EnabledKeys is Keys without the disabled ones: what attestation commits
+// to.
+func (s *Signer) EnabledKeys() []*pb.KeyInfo {
+	all := s.Keys()
+	out := all[:0]
+	for _, k := range all {
+		if k.GetKeyState() != pb.KeyState_KEY_STATE_DISABLED {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
 // GenerationTimes returns, by key id, how long each key took to generate
-// and self-test at start-up.
+// (or, installed, to parse) and self-test.
 func (s *Signer) GenerationTimes() map[string]time.Duration {
-	out := make(map[string]time.Duration, len(s.keys))
-	for _, k := range s.keys {
+	r := s.ring.Load()
+	if r == nil {
+		return nil
+	}
+	out := make(map[string]time.Duration, len(r.keys))
+	for _, k := range r.keys {
 		out[k.info.KeyId] = k.took
 	}
 	return out
 }
 
-// Key returns the public description of the selected key.
+// Key returns the public description of the selected key: by id, a
+// disabled key too (its public key still verifies what it signed).
 func (s *Signer) Key(sel *pb.KeySelector) (*pb.KeyInfo, error) {
 	k, err := s.find(sel)
 	if err != nil {
@@ -292,7 +481,21 @@ func (s *Signer) Key(sel *pb.KeySelector) (*pb.KeyInfo, error) {
 	return proto.Clone(k.info).(*pb.KeyInfo), nil
 }
 
+// ring returns the keys in use, or ErrNotReady with its reason.
+func (s *Signer) keys() (*keyring, error) {
+	if r := s.ring.Load(); r != nil {
+		return r, nil
+	}
+	reason := "no keys"
+	if p := s.notReady.Load(); p != nil {
+		reason = *p
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotReady, reason)
+}
+
 func (s *Signer) find(sel *pb.KeySelector) (*key, error) {
+	// The selector is checked first: a malformed request is the caller's
+	// mistake whether or not keys are loaded.
 	switch v := sel.GetSelector().(type) {
 	case *pb.KeySelector_KeyType:
 		t := v.KeyType
@@ -302,23 +505,31 @@ func (s *Signer) find(sel *pb.KeySelector) (*key, error) {
 		if t == pb.KeyType_KEY_TYPE_UNSPECIFIED {
 			return nil, fmt.Errorf("%w: key.key_type is KEY_TYPE_UNSPECIFIED; name KEY_TYPE_RSA, KEY_TYPE_ECC or KEY_TYPE_ED25519", ErrInvalidArgument)
 		}
-		k, ok := s.byType[t]
+	case *pb.KeySelector_KeyId:
+		if !validKeyID(v.KeyId) {
+			return nil, fmt.Errorf("%w: key.key_id must be 64 lower-case hex characters (SHA-256 of the DER public key), got %d characters", ErrInvalidArgument, len(v.KeyId))
+		}
+	default:
+		return nil, fmt.Errorf("%w: key is required: set key.key_type or key.key_id", ErrInvalidArgument)
+	}
+	r, err := s.keys()
+	if err != nil {
+		return nil, err
+	}
+	switch v := sel.GetSelector().(type) {
+	case *pb.KeySelector_KeyType:
+		k, ok := r.byType[v.KeyType]
 		if !ok {
-			return nil, fmt.Errorf("%w: this enclave has no %s key", ErrNotFound, sigalg.TypeName(t))
+			return nil, fmt.Errorf("%w: this enclave has no enabled %s key", ErrNotFound, sigalg.TypeName(v.KeyType))
 		}
 		return k, nil
-	case *pb.KeySelector_KeyId:
-		id := v.KeyId
-		if !validKeyID(id) {
-			return nil, fmt.Errorf("%w: key.key_id must be 64 lower-case hex characters (SHA-256 of the DER public key), got %d characters", ErrInvalidArgument, len(id))
-		}
-		k, ok := s.byID[id]
+	default:
+		id := sel.GetKeyId()
+		k, ok := r.byID[id]
 		if !ok {
 			return nil, fmt.Errorf("%w: no key with id %s", ErrNotFound, id)
 		}
 		return k, nil
-	default:
-		return nil, fmt.Errorf("%w: key is required: set key.key_type or key.key_id", ErrInvalidArgument)
 	}
 }
 
@@ -350,6 +561,9 @@ func (s *Signer) Sign(ctx context.Context, req *pb.SignRequest) (*Signature, err
 	k, err := s.find(req.GetKey())
 	if err != nil {
 		return nil, err
+	}
+	if k.info.KeyState == pb.KeyState_KEY_STATE_DISABLED {
+		return nil, fmt.Errorf("%w: key %s is disabled; enable it (KeyAdminService.EnableKey) or sign with another key", ErrDisabled, k.info.KeyId)
 	}
 	alg := req.GetSigningAlgorithm()
 	if _, known := pb.SigningAlgorithm_name[int32(alg)]; !known {

@@ -252,8 +252,8 @@ func TestNoKeyMaterialInLogs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if logs.Len() != len(s.keys) {
-		t.Fatalf("%d log lines for %d keys", logs.Len(), len(s.keys))
+	if logs.Len() != len(s.Keys()) {
+		t.Fatalf("%d log lines for %d keys", logs.Len(), len(s.Keys()))
 	}
 	for _, e := range logs.All() {
 		for name := range e.ContextMap() {

@@ -71,7 +71,8 @@ type KMS struct {
 	pcrs      map[uint][]byte // the key policy's PCR conditions
 	calls     []string
 	misbehave string // "plaintext": also return Plaintext; "other-recipient": encrypt to another key
-	down      bool   // answer every call 503 KMSInternalException
+	issued    [][]byte
+	down      bool // answer every call 503 KMSInternalException
 	delay     time.Duration
 }
 
@@ -280,6 +281,9 @@ func (k *KMS) generateDataKey(body []byte) (any, *kmsFault) {
 	}
 	dk := make([]byte, 32)
 	_, _ = rand.Read(dk)
+	k.mu.Lock()
+	k.issued = append(k.issued, bytes.Clone(dk))
+	k.mu.Unlock()
 	out := map[string]any{"KeyId": k.keyARN, "CiphertextBlob": k.seal(dk, in.EncryptionContext), "CiphertextForRecipient": k.Envelope(dk, pub)}
 	if k.misbehaving() == "plaintext" {
 		out["Plaintext"] = dk
@@ -427,6 +431,14 @@ func (k *KMS) Calls() []string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return append([]string(nil), k.calls...)
+}
+
+// DataKeys returns every data key the fake made, in clear: for tests
+// that search logs for them.
+func (k *KMS) DataKeys() [][]byte {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([][]byte(nil), k.issued...)
 }
 
 // Called is Calls as one string, for messages.

@@ -38,7 +38,8 @@ Usage:
 
 Examples:
   # inside a Nitro Enclave (see Dockerfile.enclave)
-  nitrosign-enclave --port 5005
+  nitrosign-enclave --port 5005 --key-mode sealed \
+      --kms-key-arn arn:aws:kms:eu-west-1:111122223333:key/0b5c5a3e-1f2d-4c6b-9a8e-7d6f5e4d3c2b
   # on a machine with vsock_loopback, for development
   nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --log-format console
   # two development enclaves serving one keyset (behind one proxy)
@@ -101,6 +102,10 @@ func run(args []string) int {
 	return runApp(app, log, c.Server.GracefulStopTimeout)
 }
 
+// kmsKeyARNEnv is the KMS key's environment variable: an image's ENV is
+// part of the EIF, and so measured like its ENTRYPOINT.
+const kmsKeyARNEnv = "NITROSIGN_KMS_KEY_ARN"
+
 // shipFlushTimeout bounds the wait, at exit, for the last log lines to
 // reach the host.
 const shipFlushTimeout = 3 * time.Second
@@ -121,6 +126,12 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	)
 	fs.Var(&cid, "cid", `vsock context ID to bind: "any" (default) or a number, e.g. 1 for local loopback`)
 	port := fs.Uint("port", uint(listener.DefaultPort), "vsock port to listen on (not 9000: nitro-cli's heartbeat)")
+	fs.StringVar(&c.Signer.KeyMode, "key-mode", c.Signer.KeyMode, "where the keys come from: ephemeral (new keys at every start, never stored) or sealed (a keyset sealed with AWS KMS, kept by the host, unsealed only by an attested enclave: docs/SEALING.md)")
+	fs.StringVar(&c.Keyset.KMSKeyARN, "kms-key-arn", os.Getenv(kmsKeyARNEnv), "sealed: the `ARN` of the KMS key the keyset is sealed under (arn:aws:kms:REGION:ACCOUNT:key/ID; its region is the KMS endpoint's); default $"+kmsKeyARNEnv+", which Dockerfile.enclave sets from its KMS_KEY_ARN build argument (measured into PCR2)")
+	fs.StringVar(&c.Keyset.HostAddr, "keyset-host", c.Keyset.HostAddr, "sealed: the host's keyset service (nitrosign-proxy --enclave-host-port), vsock://CID:PORT or tcp://HOST:PORT")
+	fs.StringVar(&c.Keyset.KMSProxy, "kms-proxy", c.Keyset.KMSProxy, "sealed: where KMS connections go: the parent's forwarder to kms.REGION.amazonaws.com:443 (nitrosign-proxy --kms-forward-port, or AWS's vsock-proxy); TLS runs end to end")
+	fs.StringVar(&c.Keyset.KMSCAFile, "kms-ca-file", "", "sealed, TESTS: trust only the CA certificates in this PEM `file` for KMS instead of the compiled-in Amazon roots")
+	fs.StringVar(&c.Keyset.KMSEndpoint, "kms-endpoint", "", "sealed: the KMS endpoint `URL` instead of https://kms.REGION.amazonaws.com (e.g. a FIPS endpoint)")
 	fs.IntVar(&c.Signer.RSABits, "rsa-bits", c.Signer.RSABits, "RSA key size: 2048, 3072 or 4096")
 	fs.StringVar(&c.Signer.ECCCurve, "ecc-curve", c.Signer.ECCCurve, "ECC curve: P-256 or P-384")
 	fs.BoolVar(&c.Signer.Ed25519, "ed25519", c.Signer.Ed25519, "also generate an Ed25519 key")
@@ -128,6 +139,7 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	// Limits (docs/RELIABILITY.md), with the server package's defaults.
 	c.Server.Limits.RegisterFlags(fs, "connection")
 	fs.BoolVar(&c.Attest.DevSimulatedNSM, "dev-simulated-nsm", false, "DEVELOPMENT ONLY: without /dev/nsm, attest with a simulated NSM whose documents chain to a throwaway dev root, never to AWS")
+	fs.StringVar(&c.Attest.DevRootFile, "dev-simulated-nsm-root", "", "DEVELOPMENT ONLY: the simulated NSM issues from the root certificate and key in this PEM `file` (several simulated enclaves then chain to one root, which a test KMS trusts); needs --dev-simulated-nsm")
 	// Read as text and decoded below: the flag package would print a
 	// malformed value back, and the seed must never reach an output.
 	var seedHex string

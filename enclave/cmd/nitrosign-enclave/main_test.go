@@ -117,10 +117,19 @@ func TestDockerfileEntrypoint(t *testing.T) {
 	if len(argv) == 0 || argv[0] != "/nitrosign-enclave" {
 		t.Fatalf("ENTRYPOINT runs %q, want /nitrosign-enclave", argv)
 	}
+	// The KMS key comes from the image's environment, set from the
+	// KMS_KEY_ARN build argument (measured like the flags).
+	if !strings.Contains(dockerfile(t), "\nARG KMS_KEY_ARN\nENV "+kmsKeyARNEnv+"=${KMS_KEY_ARN}\n") {
+		t.Fatalf("Dockerfile.enclave does not set %s from the KMS_KEY_ARN build argument", kmsKeyARNEnv)
+	}
+	t.Setenv(kmsKeyARNEnv, "arn:aws:kms:eu-west-1:111122223333:key/0b5c5a3e-1f2d-4c6b-9a8e-7d6f5e4d3c2b")
 	var stderr bytes.Buffer
 	c, err := parseFlags(argv[1:], &stderr)
 	if err != nil {
 		t.Fatalf("ENTRYPOINT flags do not parse: %v (%s)", err, stderr.String())
+	}
+	if !c.Signer.IsSealed() || c.Keyset.KMSKeyARN == "" {
+		t.Fatal("ENTRYPOINT does not select sealed keys: every restart of a production enclave would make new keys")
 	}
 	if c.Attest.DevSimulatedNSM {
 		t.Fatal("ENTRYPOINT enables the simulated NSM: documents would not be genuine")
