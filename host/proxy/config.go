@@ -1,13 +1,20 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
 	"net"
+	"regexp"
 	"strconv"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
+
+	"github.com/nitrosign/nitrosign/host/keystore"
+	"github.com/nitrosign/nitrosign/host/kmsforward"
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/pool"
 	"github.com/nitrosign/nitrosign/internal/limits"
@@ -72,6 +79,34 @@ type Config struct {
 	// enclave's fields (package enclavelog). 0: off. Default 0; the
 	// systemd unit sets 5050.
 	EnclaveLogPort uint32
+	// EnclaveHostPort is the vsock port (any CID) on which the proxy
+	// serves its enclaves the HostService (package keystore): the sealed
+	// keyset kept in KeysetFile, and the AWS credentials of the instance
+	// role, for nitrosign-enclave --key-mode sealed (its --keyset-host,
+	// vsock://3:5051 by default). 0: off, and no credentials are loaded.
+	// Default 0; the systemd unit sets 5051.
+	EnclaveHostPort uint32
+	// KeysetFile is the sealed keyset the host service keeps, an absolute
+	// path; PATH.prev (the keyset it replaced) and PATH.init (nitrosign
+	// keyset init) go beside it. Default /var/lib/nitrosign/keyset.sealed
+	// (the unit's StateDirectory).
+	KeysetFile string
+	// KMSForwardPort is the vsock port (any CID) on which the proxy
+	// relays its enclaves' connections to AWS KMS (package kmsforward),
+	// to KMSDestination and nowhere else; TLS runs end to end between the
+	// enclave and KMS (the enclave's --kms-proxy, vsock://3:8000 by
+	// default). 0: off. Default 0; the systemd unit sets 8000.
+	KMSForwardPort uint32
+	// KMSRegion is the AWS region whose KMS endpoint the forwarder relays
+	// to, e.g. eu-west-1: kms.eu-west-1.amazonaws.com:443 (the partition's
+	// domain elsewhere: kms.cn-north-1.amazonaws.com.cn:443). It must be
+	// the region of the enclave's KMS key. Default empty; KMSRegion or
+	// KMSEndpoint is required when KMSForwardPort is set.
+	KMSRegion string
+	// KMSEndpoint is the HOST:PORT the forwarder relays to instead of
+	// KMSRegion's endpoint: a FIPS endpoint (kms-fips.REGION.amazonaws.com
+	// :443), a VPC endpoint, or a test KMS. Default empty.
+	KMSEndpoint string
 
 	// Limits protect the proxy, and the enclave behind it, from load and
 	// from hostile or broken clients (internal/limits; docs/RELIABILITY.md
@@ -161,6 +196,7 @@ func DefaultConfig() Config {
 		MaxClientResets:      1000,
 		MaxConnectionBuffer:  1 << 20,
 		MemoryBudget:         128 << 20,
+		KeysetFile:           keystore.DefaultPath,
 	}
 }
 
@@ -206,8 +242,85 @@ func (c Config) Validate() error {
 	if c.EnclaveLogPort == target.ReservedVsockPort {
 		errs = append(errs, fmt.Errorf("enclave log port %d is nitro-cli's boot heartbeat", c.EnclaveLogPort))
 	}
+	errs = append(errs, c.validateEnclaveServices()...)
 	errs = append(errs, c.validateLimits()...)
 	return errors.Join(errs...)
+}
+
+// validateEnclaveServices checks the vsock services the proxy offers its
+// enclaves: the host service and the KMS forwarder.
+func (c Config) validateEnclaveServices() []error {
+	var errs []error
+	if c.EnclaveHostPort == target.ReservedVsockPort {
+		errs = append(errs, fmt.Errorf("enclave host port %d is nitro-cli's boot heartbeat: choose another --enclave-host-port (the enclave's default is 5051)", c.EnclaveHostPort))
+	}
+	if c.KMSForwardPort == target.ReservedVsockPort {
+		errs = append(errs, fmt.Errorf("KMS forward port %d is nitro-cli's boot heartbeat: choose another --kms-forward-port (the enclave's default is 8000)", c.KMSForwardPort))
+	}
+	ports := []struct {
+		flag string
+		port uint32
+	}{{"--enclave-log-port", c.EnclaveLogPort}, {"--enclave-host-port", c.EnclaveHostPort}, {"--kms-forward-port", c.KMSForwardPort}}
+	for i, a := range ports {
+		for _, b := range ports[i+1:] {
+			if a.port != 0 && a.port == b.port {
+				errs = append(errs, fmt.Errorf("%s and %s are both vsock port %d: each service needs its own port", a.flag, b.flag, a.port))
+			}
+		}
+	}
+	if c.EnclaveHostPort != 0 {
+		if err := keystore.ValidatePath(c.KeysetFile); err != nil {
+			errs = append(errs, fmt.Errorf("--keyset-file: %w", err))
+		}
+	}
+	if c.KMSRegion != "" && !kmsRegion.MatchString(c.KMSRegion) {
+		errs = append(errs, fmt.Errorf("KMS region %q: want an AWS region name such as eu-west-1 (the region of the enclave's KMS key)", c.KMSRegion))
+	} else if c.KMSRegion != "" && c.KMSEndpoint == "" {
+		if _, err := c.KMSDestination(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.KMSEndpoint != "" {
+		if err := (kmsforward.Config{Destination: c.KMSEndpoint}).Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("--kms-endpoint: %w", err))
+		}
+	}
+	switch {
+	case c.KMSForwardPort != 0 && c.KMSRegion == "" && c.KMSEndpoint == "":
+		errs = append(errs, fmt.Errorf("KMS forward port %d has no destination: give --kms-region (the region of the enclave's KMS key, e.g. eu-west-1) or --kms-endpoint HOST:PORT", c.KMSForwardPort))
+	case c.KMSForwardPort == 0 && (c.KMSRegion != "" || c.KMSEndpoint != ""):
+		errs = append(errs, errors.New("--kms-region and --kms-endpoint set where the KMS forwarder relays to, and it is off: give --kms-forward-port too (the enclave's default is 8000)"))
+	}
+	return errs
+}
+
+// kmsRegion is the shape of an AWS region name: eu-west-1, us-gov-west-1,
+// cn-north-1, eusc-de-east-1.
+var kmsRegion = regexp.MustCompile(`^[a-z]{2,}(-[a-z]+)+-[0-9]+$`)
+
+// KMSDestination is where the KMS forwarder relays to: KMSEndpoint, or
+// KMSRegion's KMS endpoint as the official SDK resolves it, on port 443.
+func (c Config) KMSDestination() (string, error) {
+	if c.KMSEndpoint != "" {
+		return c.KMSEndpoint, nil
+	}
+	if !kmsRegion.MatchString(c.KMSRegion) {
+		return "", fmt.Errorf("KMS region %q: want an AWS region name such as eu-west-1", c.KMSRegion)
+	}
+	ep, err := kms.NewDefaultEndpointResolverV2().ResolveEndpoint(context.Background(), kms.EndpointParameters{
+		Region: aws.String(c.KMSRegion), UseFIPS: aws.Bool(false), UseDualStack: aws.Bool(false),
+	})
+	if err != nil {
+		return "", fmt.Errorf("KMS region %q: no KMS endpoint: %w", c.KMSRegion, err)
+	}
+	if ep.URI.Scheme != "https" || ep.URI.Hostname() == "" {
+		return "", fmt.Errorf("KMS region %q: unexpected KMS endpoint %q", c.KMSRegion, ep.URI.String())
+	}
+	port := ep.URI.Port()
+	if port == "" {
+		port = "443"
+	}
+	return net.JoinHostPort(ep.URI.Hostname(), port), nil
 }
 
 func validateListen(s string) error {

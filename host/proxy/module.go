@@ -9,10 +9,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mdlayher/vsock"
 	"go.uber.org/fx"
 	"go.uber.org/zap"
 
 	"github.com/nitrosign/nitrosign/host/enclavelog"
+	"github.com/nitrosign/nitrosign/host/keystore"
+	"github.com/nitrosign/nitrosign/host/kmsforward"
 	"github.com/nitrosign/nitrosign/host/metrics"
 	"github.com/nitrosign/nitrosign/host/sdnotify"
 	"github.com/nitrosign/nitrosign/internal/logging"
@@ -128,7 +131,9 @@ func provideNotifier(px *Proxy, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Noti
 
 // Options is the whole nitrosign-proxy application for cfg: logger, fx
 // event logging, upstream connections, metrics (served when
-// cfg.Metrics.Listen is set) and proxy. The binary runs exactly this, and
+// cfg.Metrics.Listen is set), the services for enclaves on vsock (log
+// receiver, host service with the sealed keyset and credentials, KMS
+// forwarder; each when its port is set) and proxy. The binary runs exactly this, and
 // its fx.ValidateApp test validates exactly this.
 func Options(cfg Config) fx.Option {
 	return fx.Options(
@@ -140,6 +145,7 @@ func Options(cfg Config) fx.Option {
 			func(c Config) metrics.Config { return c.Metrics },
 			func(m *metrics.Metrics) Observer { return m },
 			func(c Config) enclavelog.Config { return enclavelog.Config{Port: c.EnclaveLogPort} },
+			func(c Config) keystore.Config { return keystore.Config{Port: c.EnclaveHostPort, Path: c.KeysetFile} },
 		),
 		logging.FxLogger(),
 		// The proxy's stop waits up to GracefulStopTimeout; leave fx room
@@ -147,8 +153,76 @@ func Options(cfg Config) fx.Option {
 		fx.StopTimeout(cfg.GracefulStopTimeout+5*time.Second),
 		metrics.Module,
 		enclavelog.Module,
+		keystore.Module,
+		kmsForwardModule,
 		Module,
 	)
+}
+
+// kmsForwardModule relays the enclaves' KMS connections (package
+// kmsforward) from vsock port Config.KMSForwardPort (any CID) to
+// Config.KMSDestination, with the app; nothing when the port is 0.
+var kmsForwardModule = fx.Module("kmsforward", fx.Invoke(registerKMSForward))
+
+// KMSForwardListen, when the graph has one, opens the KMS forwarder's
+// listener instead of vsock.Listen (tests: a TCP loopback listener).
+type KMSForwardListen func() (net.Listener, error)
+
+type kmsForwardParams struct {
+	fx.In
+
+	Config    Config
+	Log       *zap.Logger
+	Lifecycle fx.Lifecycle
+	Listen    KMSForwardListen `optional:"true"`
+}
+
+func registerKMSForward(p kmsForwardParams) error {
+	port := p.Config.KMSForwardPort
+	if port == 0 {
+		return nil
+	}
+	dest, err := p.Config.KMSDestination()
+	if err != nil {
+		return err
+	}
+	f, err := kmsforward.New(kmsforward.Config{Destination: dest}, p.Log)
+	if err != nil {
+		return err
+	}
+	listen := p.Listen
+	if listen == nil {
+		listen = func() (net.Listener, error) { return vsock.Listen(port, nil) }
+	}
+	log := p.Log.Named("kmsforward")
+	var l net.Listener
+	served := make(chan struct{})
+	p.Lifecycle.Append(fx.Hook{
+		OnStart: func(context.Context) error {
+			var err error
+			if l, err = listen(); err != nil {
+				// Nothing of f runs before Serve; Close ends its context.
+				f.Close()
+				return fmt.Errorf("KMS forwarder: listen on vsock port %d: %w (turn it off with --kms-forward-port 0)", port, err)
+			}
+			log.Info("forwarding the enclaves' KMS connections", zap.Uint32("vsock_port", port), zap.String("addr", l.Addr().String()),
+				zap.String("destination", dest), zap.Bool("endpoint_override", p.Config.KMSEndpoint != ""))
+			go func() {
+				defer close(served)
+				if err := f.Serve(l); err != nil {
+					log.Error("KMS forwarder stopped", zap.Error(err))
+				}
+			}()
+			return nil
+		},
+		OnStop: func(context.Context) error {
+			_ = l.Close()
+			<-served
+			f.Close()
+			return nil
+		},
+	})
+	return nil
 }
 
 // provideUpstreams prepares the upstream connections; the proxy starts

@@ -6,6 +6,7 @@
 //
 //	nitrosign-proxy --upstream vsock://16:5005 [--listen 127.0.0.1:8443]
 //	    [--tls-cert FILE --tls-key FILE [--client-ca FILE]] [--metrics-listen 127.0.0.1:9464]
+//	    [--enclave-host-port 5051 --keyset-file FILE] [--kms-forward-port 8000 --kms-region REGION]
 //
 // Run nitrosign-proxy -h for every flag and more examples.
 package main
@@ -164,6 +165,14 @@ func logStartFailure(log *zap.Logger, err error) {
 func startHint(err error) string {
 	msg := err.Error()
 	switch {
+	case strings.Contains(msg, "keyset directory"):
+		return "the directory of --keyset-file must exist and be writable by the proxy: the unit's StateDirectory=nitrosign makes /var/lib/nitrosign"
+	case strings.Contains(msg, "vsock port") && errors.Is(err, syscall.EADDRINUSE):
+		return "another process already listens on that vsock port: stop it, or choose another --enclave-log-port, --enclave-host-port or --kms-forward-port (0 turns one off)"
+	case strings.Contains(msg, "vsock port"):
+		return "this machine cannot listen on vsock (is /dev/vsock there? modprobe vsock_loopback on a development machine): or turn the service off with --enclave-log-port, --enclave-host-port or --kms-forward-port 0"
+	case strings.Contains(msg, "AWS credentials") || strings.Contains(msg, "AWS configuration"):
+		return "the AWS configuration files (AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE, ~/.aws) could not be read: fix or remove them; on EC2 the instance role needs none"
 	case errors.Is(err, syscall.EADDRINUSE):
 		return "another process already listens on that address (see: ss -ltnp): stop it, or choose another --listen, --metrics-listen or --pprof-listen"
 	case errors.Is(err, syscall.EADDRNOTAVAIL):
@@ -214,9 +223,22 @@ metrics, and the enclave's own counters, fetched over vsock at each scrape.
 Under systemd (Type=notify) the proxy sends READY=1 once a connection to the
 enclave is ready, and pings the watchdog when WatchdogSec= is set.
 
+Sealed keys (nitrosign-enclave --key-mode sealed, docs/SEALING.md): the proxy
+serves its enclaves, over vsock, the host service (--enclave-host-port): the
+sealed keyset, kept in --keyset-file (the host never sees a key in clear), and
+this instance's AWS credentials for KMS (the instance role, through IMDSv2;
+never logged); and relays their KMS connections to the region's KMS endpoint
+(--kms-forward-port, --kms-region or --kms-endpoint). A new keyset is made
+only after 'nitrosign keyset init'; 'nitrosign keyset show' prints the file's
+header.
+
 Examples:
   # Enclave started with: nitro-cli run-enclave --enclave-cid 16 ...
   nitrosign-proxy --upstream vsock://16:5005
+
+  # Sealed keys: host service and KMS forwarder for enclaves (as the unit)
+  nitrosign-proxy --upstream vsock://16:5005 --enclave-host-port 5051 \
+    --keyset-file /var/lib/nitrosign/keyset.sealed --kms-forward-port 8000 --kms-region eu-west-1
 
   # Development against a signer on vsock loopback, readable debug logs
   nitrosign-proxy --upstream vsock://1:5005 --log-level debug --log-format console
@@ -233,6 +255,18 @@ Examples:
 
 Flags:
 `
+
+// vsockPort parses a vsock port flag into dst.
+func vsockPort(dst *uint32) func(string) error {
+	return func(s string) error {
+		v, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return errors.New("want a vsock port number")
+		}
+		*dst = uint32(v)
+		return nil
+	}
+}
 
 // parseFlags turns the command line into a validated Config. On -h it
 // prints the usage and returns flag.ErrHelp; on a bad flag it prints a
@@ -263,14 +297,13 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	fs.StringVar(&cfg.TLS.ClientCAFile, "client-ca", cfg.TLS.ClientCAFile, "PEM `file` of the CA(s) client certificates must chain to: mutual TLS (with --tls-cert)")
 	fs.BoolVar(&cfg.Insecure, "insecure", cfg.Insecure, "allow plaintext on a non-loopback --listen address (anyone who reaches it can sign)")
 	fs.StringVar(&cfg.PprofListen, "pprof-listen", cfg.PprofListen, "serve Go profiles (/debug/pprof/) on this loopback `HOST:PORT`, for profiling; off when empty")
-	fs.Func("enclave-log-port", "receive the log lines enclaves ship (nitrosign-enclave --log-ship) on this vsock `port` (any CID) and write them to this log, with the enclave's fields; 0: off (default 0; deploy/nitrosign-proxy.service sets 5050)", func(s string) error {
-		v, err := strconv.ParseUint(s, 10, 32)
-		if err != nil {
-			return errors.New("want a vsock port number")
-		}
-		cfg.EnclaveLogPort = uint32(v)
-		return nil
-	})
+	fs.Func("enclave-log-port", "receive the log lines enclaves ship (nitrosign-enclave --log-ship) on this vsock `port` (any CID) and write them to this log, with the enclave's fields; 0: off (default 0; deploy/nitrosign-proxy.service sets 5050)", vsockPort(&cfg.EnclaveLogPort))
+	// Sealed keys (nitrosign-enclave --key-mode sealed, docs/SEALING.md).
+	fs.Func("enclave-host-port", "serve enclaves the host service on this vsock `port` (any CID): the sealed keyset kept in --keyset-file, and this instance's AWS credentials (instance role, through IMDSv2) for their KMS calls; 0: off, and no credentials are loaded (default 0; deploy/nitrosign-proxy.service sets 5051)", vsockPort(&cfg.EnclaveHostPort))
+	fs.StringVar(&cfg.KeysetFile, "keyset-file", cfg.KeysetFile, "the sealed keyset `file` the host service keeps, absolute path; FILE.prev (the one it replaced) and FILE.init (nitrosign keyset init) go beside it")
+	fs.Func("kms-forward-port", "relay enclaves' connections to AWS KMS from this vsock `port` (any CID) to --kms-region's KMS endpoint, or --kms-endpoint, and nowhere else (TLS end to end); 0: off (default 0; deploy/nitrosign-proxy.service sets 8000)", vsockPort(&cfg.KMSForwardPort))
+	fs.StringVar(&cfg.KMSRegion, "kms-region", cfg.KMSRegion, "AWS `region` of the enclave's KMS key, e.g. eu-west-1: the KMS forwarder relays to kms.REGION.amazonaws.com:443")
+	fs.StringVar(&cfg.KMSEndpoint, "kms-endpoint", cfg.KMSEndpoint, "the KMS forwarder relays to this `HOST:PORT` instead of --kms-region's endpoint (a FIPS or VPC endpoint, a test KMS)")
 	fs.StringVar(&cfg.Metrics.Listen, "metrics-listen", cfg.Metrics.Listen, "serve Prometheus metrics on `HOST:PORT` (plain HTTP, /metrics); off when empty")
 	// Limits (docs/RELIABILITY.md): those both servers share, then the
 	// relay's own.
@@ -289,7 +322,14 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 		fmt.Fprintf(stderr, "nitrosign-proxy: %v (see nitrosign-proxy -h)\n", err)
 		return proxy.Config{Log: cfg.Log}, err
 	}
-	if err := cfg.Validate(); err != nil {
+	err := cfg.Validate()
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	if given["kms-region"] && cfg.KMSRegion == "" && cfg.KMSEndpoint == "" && cfg.KMSForwardPort != 0 {
+		// The unit passes --kms-region ${NITROSIGN_KMS_REGION}.
+		err = errors.Join(err, errors.New("--kms-region is empty: under systemd, set NITROSIGN_KMS_REGION in /etc/nitrosign/proxy.env (deploy/proxy.env) to the region of the enclave's KMS key"))
+	}
+	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			fmt.Fprintf(stderr, "nitrosign-proxy: %s\n", line)
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -84,6 +85,61 @@ func TestParseFlags(t *testing.T) {
 		{name: "not a number", args: []string{"--pool-size", "four"}, wantErr: "invalid value"},
 		{name: "stray argument", args: []string{"vsock://16:5005"}, wantErr: `unexpected argument "vsock://16:5005"`},
 		{name: "help", args: []string{"-h"}, wantHelp: true, wantStderr: "Examples:"},
+
+		// Services for enclaves on vsock.
+		{name: "enclave services off by default", args: nil, check: func(t *testing.T, c proxy.Config) {
+			if c.EnclaveLogPort != 0 || c.EnclaveHostPort != 0 || c.KMSForwardPort != 0 || c.KMSRegion != "" || c.KMSEndpoint != "" ||
+				c.KeysetFile != "/var/lib/nitrosign/keyset.sealed" {
+				t.Fatalf("defaults: %+v", c)
+			}
+		}},
+		{name: "host service and KMS forwarder", args: []string{"--enclave-log-port", "5050", "--enclave-host-port", "5051",
+			"--keyset-file", "/srv/nitrosign/ks", "--kms-forward-port", "8000", "--kms-region", "eu-west-1"}, check: func(t *testing.T, c proxy.Config) {
+			if c.EnclaveLogPort != 5050 || c.EnclaveHostPort != 5051 || c.KeysetFile != "/srv/nitrosign/ks" || c.KMSForwardPort != 8000 || c.KMSRegion != "eu-west-1" {
+				t.Fatalf("flags not applied: %+v", c)
+			}
+			if d, err := c.KMSDestination(); err != nil || d != "kms.eu-west-1.amazonaws.com:443" {
+				t.Fatalf("KMSDestination = %q, %v", d, err)
+			}
+		}},
+		{name: "KMS endpoint overrides the region", args: []string{"--kms-forward-port", "8000", "--kms-region", "eu-west-1", "--kms-endpoint", "kms-fips.eu-west-1.amazonaws.com:443"}, check: func(t *testing.T, c proxy.Config) {
+			if d, err := c.KMSDestination(); err != nil || d != "kms-fips.eu-west-1.amazonaws.com:443" {
+				t.Fatalf("KMSDestination = %q, %v", d, err)
+			}
+		}},
+		{name: "KMS endpoint alone", args: []string{"--kms-forward-port", "8000", "--kms-endpoint", "127.0.0.1:4443"}, check: func(t *testing.T, c proxy.Config) {
+			if d, err := c.KMSDestination(); err != nil || d != "127.0.0.1:4443" {
+				t.Fatalf("KMSDestination = %q, %v", d, err)
+			}
+		}},
+		{name: "China region", args: []string{"--kms-forward-port", "8000", "--kms-region", "cn-north-1"}, check: func(t *testing.T, c proxy.Config) {
+			if d, err := c.KMSDestination(); err != nil || d != "kms.cn-north-1.amazonaws.com.cn:443" {
+				t.Fatalf("KMSDestination = %q, %v", d, err)
+			}
+		}},
+		{name: "GovCloud region", args: []string{"--kms-forward-port", "8000", "--kms-region", "us-gov-west-1"}, check: func(t *testing.T, c proxy.Config) {
+			if d, err := c.KMSDestination(); err != nil || d != "kms.us-gov-west-1.amazonaws.com:443" {
+				t.Fatalf("KMSDestination = %q, %v", d, err)
+			}
+		}},
+		{name: "host port is the heartbeat", args: []string{"--enclave-host-port", "9000"}, wantErr: "enclave host port 9000 is nitro-cli's boot heartbeat"},
+		{name: "KMS port is the heartbeat", args: []string{"--kms-forward-port", "9000", "--kms-region", "eu-west-1"}, wantErr: "KMS forward port 9000 is nitro-cli's boot heartbeat"},
+		{name: "host port is the log port", args: []string{"--enclave-log-port", "5050", "--enclave-host-port", "5050"}, wantErr: "--enclave-log-port and --enclave-host-port are both vsock port 5050"},
+		{name: "KMS port is the host port", args: []string{"--enclave-host-port", "5051", "--kms-forward-port", "5051", "--kms-region", "eu-west-1"}, wantErr: "--enclave-host-port and --kms-forward-port are both vsock port 5051"},
+		{name: "KMS port is the log port", args: []string{"--enclave-log-port", "8000", "--kms-forward-port", "8000", "--kms-region", "eu-west-1"}, wantErr: "--enclave-log-port and --kms-forward-port are both vsock port 8000"},
+		{name: "host port not a number", args: []string{"--enclave-host-port", "x"}, wantErr: "want a vsock port number"},
+		{name: "KMS port too big", args: []string{"--kms-forward-port", "4294967296"}, wantErr: "want a vsock port number"},
+		{name: "relative keyset file", args: []string{"--enclave-host-port", "5051", "--keyset-file", "keyset.sealed"}, wantErr: `--keyset-file: keyset file "keyset.sealed": want an absolute path`},
+		{name: "keyset file a directory", args: []string{"--enclave-host-port", "5051", "--keyset-file", "/var/lib/nitrosign/"}, wantErr: "want a clean path to a file"},
+		{name: "keyset file unchecked while off", args: []string{"--keyset-file", "relative"}, check: func(*testing.T, proxy.Config) {}},
+		{name: "KMS forwarder without destination", args: []string{"--kms-forward-port", "8000"}, wantErr: "KMS forward port 8000 has no destination: give --kms-region"},
+		{name: "KMS region empty, as from an unset environment file", args: []string{"--kms-forward-port", "8000", "--kms-region", ""}, wantErr: "has no destination", wantStderr: "set NITROSIGN_KMS_REGION in /etc/nitrosign/proxy.env"},
+		{name: "KMS region malformed", args: []string{"--kms-forward-port", "8000", "--kms-region", "EU-WEST-1"}, wantErr: `KMS region "EU-WEST-1": want an AWS region name such as eu-west-1`},
+		{name: "KMS region a URL", args: []string{"--kms-forward-port", "8000", "--kms-region", "kms.eu-west-1.amazonaws.com"}, wantErr: "want an AWS region name"},
+		{name: "KMS endpoint without port", args: []string{"--kms-forward-port", "8000", "--kms-endpoint", "kms.eu-west-1.amazonaws.com"}, wantErr: "--kms-endpoint: KMS endpoint \"kms.eu-west-1.amazonaws.com\": want HOST:PORT"},
+		{name: "KMS endpoint port 0", args: []string{"--kms-forward-port", "8000", "--kms-endpoint", "localhost:0"}, wantErr: "port must be 1-65535"},
+		{name: "KMS region without the forwarder", args: []string{"--kms-region", "eu-west-1"}, wantErr: "it is off: give --kms-forward-port too"},
+		{name: "KMS endpoint without the forwarder", args: []string{"--kms-endpoint", "localhost:443"}, wantErr: "it is off: give --kms-forward-port too"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -126,8 +182,9 @@ func TestValidateApp(t *testing.T) {
 }
 
 // execStart returns the arguments of the last non-empty ExecStart= of a
-// systemd unit or drop-in, continuation lines joined.
-func execStart(t *testing.T, path string) []string {
+// systemd unit or drop-in, continuation lines joined, each ${NAME} replaced
+// by env's value as systemd does (one argument, empty when unset).
+func execStart(t *testing.T, path string, env map[string]string) []string {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -143,7 +200,34 @@ func execStart(t *testing.T, path string) []string {
 	if len(args) == 0 || args[0] != "/usr/local/bin/nitrosign-proxy" {
 		t.Fatalf("%s: ExecStart runs %q, want /usr/local/bin/nitrosign-proxy", path, args)
 	}
+	for i, a := range args {
+		if name, ok := strings.CutPrefix(a, "${"); ok && strings.HasSuffix(name, "}") {
+			args[i] = env[strings.TrimSuffix(name, "}")]
+		}
+	}
 	return args[1:]
+}
+
+// proxyEnv is deploy/proxy.env, the unit's EnvironmentFile, as systemd
+// reads it.
+func proxyEnv(t *testing.T) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("../../../deploy/proxy.env")
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			t.Fatalf("deploy/proxy.env: %q is not NAME=value", line)
+		}
+		env[k] = v
+	}
+	return env
 }
 
 // The flags of the shipped unit and of its TLS drop-in parse, and keep to
@@ -164,21 +248,63 @@ func TestDeployUnitFlags(t *testing.T) {
 			}
 		}},
 	}
+	shipped := proxyEnv(t)
+	if _, ok := shipped["NITROSIGN_KMS_REGION"]; !ok {
+		t.Fatal("deploy/proxy.env does not name NITROSIGN_KMS_REGION")
+	}
+	// What an operator sets in /etc/nitrosign/proxy.env.
+	env := map[string]string{"NITROSIGN_KMS_REGION": "eu-west-1"}
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {
 			var stderr bytes.Buffer
-			c, err := parseFlags(execStart(t, tt.file), &stderr)
+			c, err := parseFlags(execStart(t, tt.file, env), &stderr)
 			if err != nil {
 				t.Fatalf("ExecStart flags: %v\n%s", err, stderr.String())
 			}
 			if c.Metrics.Listen != "127.0.0.1:9464" {
 				t.Errorf("metrics on %q, want 127.0.0.1:9464", c.Metrics.Listen)
 			}
+			// The enclave's defaults (enclave/keyset: vsock://3:5051 and
+			// vsock://3:8000; enclave/logship: 5050).
+			if c.EnclaveLogPort != 5050 || c.EnclaveHostPort != 5051 || c.KMSForwardPort != 8000 ||
+				c.KeysetFile != "/var/lib/nitrosign/keyset.sealed" || c.KMSRegion != "eu-west-1" || c.KMSEndpoint != "" {
+				t.Errorf("enclave services: log %d, host %d, kms %d, keyset %q, region %q, endpoint %q",
+					c.EnclaveLogPort, c.EnclaveHostPort, c.KMSForwardPort, c.KeysetFile, c.KMSRegion, c.KMSEndpoint)
+			}
+			// As shipped, the region is empty: refused, saying where to
+			// set it.
+			stderr.Reset()
+			if _, err := parseFlags(execStart(t, tt.file, shipped), &stderr); shipped["NITROSIGN_KMS_REGION"] == "" &&
+				(err == nil || !strings.Contains(stderr.String(), "set NITROSIGN_KMS_REGION in /etc/nitrosign/proxy.env")) {
+				t.Errorf("with the shipped proxy.env: %v, stderr %q; want the region asked for", err, stderr.String())
+			}
 			if want := "vsock://" + enclaveCID(t) + ":5005"; strings.Join(c.Upstreams, ",") != want {
 				t.Errorf("upstreams %q, want %q: keep it in step with ENCLAVE_CID in deploy/enclave.env", c.Upstreams, want)
 			}
 			tt.check(t, c)
 		})
+	}
+}
+
+// The keyset file is in the unit's state directory, which only the
+// service may read.
+func TestDeployUnitStateDirectory(t *testing.T) {
+	b, err := os.ReadFile("../../../deploy/nitrosign-proxy.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := string(b)
+	for _, want := range []string{"\nStateDirectory=nitrosign\n", "\nStateDirectoryMode=0700\n", "\nEnvironmentFile=-/etc/nitrosign/proxy.env\n"} {
+		if !strings.Contains(unit, want) {
+			t.Errorf("the unit has no %q", strings.TrimSpace(want))
+		}
+	}
+	c, err := parseFlags(execStart(t, "../../../deploy/nitrosign-proxy.service", map[string]string{"NITROSIGN_KMS_REGION": "eu-west-1"}), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if filepath.Dir(c.KeysetFile) != "/var/lib/nitrosign" {
+		t.Errorf("--keyset-file %s is not in /var/lib/nitrosign, the StateDirectory", c.KeysetFile)
 	}
 }
 

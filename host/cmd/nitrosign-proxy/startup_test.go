@@ -56,6 +56,9 @@ func TestRunStartupFailuresAreLogged(t *testing.T) {
 		{"missing client CA", tls(srv.CertFile, srv.KeyFile, "--client-ca", filepath.Join(dir, "ca-nope.pem")), 1, "ca-nope.pem: no such file", "--client-ca"},
 		{"listen port in use", []string{"--upstream", "tcp://127.0.0.1:1", "--listen", busy.Addr().String()}, 1, "address already in use", "another process already listens"},
 		{"metrics port in use", append(append([]string{}, base...), "--metrics-listen", busy.Addr().String()), 1, "address already in use", "another process already listens"},
+		{"no keyset directory", append(append([]string{}, base...), "--enclave-host-port", "5051", "--keyset-file", filepath.Join(dir, "nope", "keyset.sealed")),
+			1, "keyset directory", "StateDirectory=nitrosign makes /var/lib/nitrosign"},
+		{"KMS region unset", append(append([]string{}, base...), "--kms-forward-port", "8000", "--kms-region", ""), 2, "has no destination", "nitrosign-proxy -h"},
 		{"bad flag", []string{"--pool-size", "0"}, 2, "pool size 0", "nitrosign-proxy -h"},
 		{"unknown flag", []string{"--port", "1"}, 2, "flag provided but not defined: -port", "nitrosign-proxy -h"},
 	}
