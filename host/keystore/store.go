@@ -39,25 +39,10 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/host/keystore/keyfile"
 	"github.com/nitrosign/nitrosign/internal/keysetfmt"
 	"github.com/nitrosign/nitrosign/internal/limits"
 )
-
-// DefaultPath is where the sealed keyset lives: in the proxy's systemd
-// StateDirectory (deploy/nitrosign-proxy.service).
-const DefaultPath = "/var/lib/nitrosign/keyset.sealed"
-
-// Suffixes of the files beside PATH.
-const (
-	PrevSuffix = ".prev"
-	InitSuffix = ".init"
-)
-
-// PrevPath is where the keyset PATH replaced last is kept.
-func PrevPath(path string) string { return path + PrevSuffix }
-
-// InitPath is the operator's init marker for the keyset at path.
-func InitPath(path string) string { return path + InitSuffix }
 
 // Errors of the store, each wrapped with the details; the gRPC service maps
 // them to status codes (see statusOf).
@@ -71,27 +56,7 @@ var (
 	// ErrNoInit: a first keyset without the operator's init request
 	// (FailedPrecondition).
 	ErrNoInit = errors.New("no new keyset was requested")
-	// ErrTooLarge: the file at PATH is larger than any sealed keyset
-	// (FailedPrecondition).
-	ErrTooLarge = errors.New("sealed keyset file too large")
-	// ErrExists: nitrosign keyset init refused, a keyset exists.
-	ErrExists = errors.New("a keyset exists")
 )
-
-// ValidatePath checks a keyset path: absolute and clean, naming a file.
-func ValidatePath(path string) error {
-	switch {
-	case path == "":
-		return errors.New("keyset file: empty; want an absolute path such as " + DefaultPath)
-	case !filepath.IsAbs(path):
-		return fmt.Errorf("keyset file %q: want an absolute path such as %s", path, DefaultPath)
-	case filepath.Dir(path) == path:
-		return fmt.Errorf("keyset file %q: names a directory, want a file in one", path)
-	case filepath.Clean(path) != path || strings.HasSuffix(path, "/"):
-		return fmt.Errorf("keyset file %q: want a clean path to a file (%s)", path, filepath.Clean(path))
-	}
-	return nil
-}
 
 // Stored is what Get found.
 type Stored struct {
@@ -158,12 +123,12 @@ func (s *Store) Check() error {
 	info, err := Inspect(s.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		init, ierr := exists(InitPath(s.path))
+		init, ierr := keyfile.Exists(InitPath(s.path))
 		if ierr != nil {
 			return ierr
 		}
 		fields := []zap.Field{zap.String("location", s.path), zap.Bool("init_requested", init)}
-		if prev, _ := exists(PrevPath(s.path)); prev && !init {
+		if prev, _ := keyfile.Exists(PrevPath(s.path)); prev && !init {
 			s.log.Warn("no sealed keyset, but a previous one is kept beside it: enclaves in sealed mode will not start until it is restored (mv "+
 				PrevPath(s.path)+" "+s.path+") or a new keyset is requested (nitrosign keyset init, after moving it away)", fields...)
 			return nil
@@ -185,9 +150,9 @@ func (s *Store) Check() error {
 // a new one. A file that does not parse is returned as it is (and a warning
 // logged); a file larger than a keyset can be is refused (ErrTooLarge).
 func (s *Store) Get() (Stored, error) {
-	b, err := readKeyset(s.path)
+	b, err := keyfile.Read(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
-		init, err := exists(InitPath(s.path))
+		init, err := keyfile.Exists(InitPath(s.path))
 		if err != nil {
 			return Stored{}, err
 		}
@@ -236,7 +201,7 @@ func (s *Store) Put(sealed, replaces []byte) (PutResult, error) {
 	}
 	res := PutResult{Location: s.path}
 	if have && cur == newSum {
-		if prev, _ := exists(PrevPath(s.path)); prev {
+		if prev, _ := keyfile.Exists(PrevPath(s.path)); prev {
 			res.PreviousLocation = PrevPath(s.path)
 		}
 		s.log.Info("sealed keyset stored already: nothing to change", zap.String("location", s.path), zap.String("sha256", hex.EncodeToString(newSum[:])))
@@ -250,7 +215,7 @@ func (s *Store) Put(sealed, replaces []byte) (PutResult, error) {
 	case have && !bytes.Equal(cur[:], replaces):
 		return PutResult{}, fmt.Errorf("%w: %s holds keyset sha256 %s, not %s that this one replaces: another enclave changed it first; read it again", ErrChanged, s.path, short(cur[:]), short(replaces))
 	case !have:
-		init, err := exists(InitPath(s.path))
+		init, err := keyfile.Exists(InitPath(s.path))
 		if err != nil {
 			return PutResult{}, err
 		}
@@ -267,7 +232,7 @@ func (s *Store) Put(sealed, replaces []byte) (PutResult, error) {
 	initRemoved := false
 	if err := os.Remove(InitPath(s.path)); err == nil {
 		initRemoved = true
-		_ = syncDir(filepath.Dir(s.path))
+		_ = keyfile.SyncDir(filepath.Dir(s.path))
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		// The keyset is stored; the marker matters only while there is none.
 		s.log.Warn("stored the keyset but could not remove the init marker: remove it by hand", zap.String("marker", InitPath(s.path)), zap.Error(err))
@@ -344,7 +309,7 @@ func (s *Store) write(sealed []byte, keepPrev bool) (err error) {
 		return err
 	}
 	// The renames are durable once the directory is.
-	if err := syncDir(dir); err != nil {
+	if err := keyfile.SyncDir(dir); err != nil {
 		return fmt.Errorf("keyset file: syncing directory %s: %w", dir, err)
 	}
 	return s.hook(stepDirSynced)
@@ -389,53 +354,6 @@ func (s *Store) removeTemps() {
 	}
 }
 
-// syncDir makes the directory's entries (renames, removals) durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
-
-// readKeyset reads the file at path, refusing one larger than a sealed
-// keyset can be, and anything but a regular file (without blocking on a
-// FIFO).
-func readKeyset(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("keyset file %s is not a regular file (%s)", path, fi.Mode().Type())
-	}
-	if fi.Size() > keysetfmt.MaxSize {
-		return nil, tooLarge(path, fi.Size())
-	}
-	b, err := io.ReadAll(io.LimitReader(f, keysetfmt.MaxSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("keyset file: %w", err)
-	}
-	if len(b) > keysetfmt.MaxSize {
-		return nil, tooLarge(path, int64(len(b)))
-	}
-	return b, nil
-}
-
-func tooLarge(path string, size int64) error {
-	return fmt.Errorf("%w: %s is %d bytes, and a sealed keyset is at most %d: it is not one; move it away and restore %s or a backup",
-		ErrTooLarge, path, size, keysetfmt.MaxSize, PrevPath(path))
-}
-
 // fileSum is the SHA-256 of the file at path; false when there is none.
 func fileSum(path string) (sum [sha256.Size]byte, ok bool, err error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
@@ -455,19 +373,6 @@ func fileSum(path string) (sum [sha256.Size]byte, ok bool, err error) {
 	}
 	copy(sum[:], h.Sum(nil))
 	return sum, true, nil
-}
-
-// exists reports whether path exists; errors other than "does not exist"
-// are returned.
-func exists(path string) (bool, error) {
-	_, err := os.Lstat(path)
-	switch {
-	case err == nil:
-		return true, nil
-	case errors.Is(err, fs.ErrNotExist):
-		return false, nil
-	}
-	return false, fmt.Errorf("keyset file: %w", err)
 }
 
 // short is the first 16 hex digits of a SHA-256, for messages (nitrosign

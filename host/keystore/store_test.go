@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"io/fs"
 	"os"
@@ -107,22 +106,6 @@ func noTemps(t *testing.T, dir string) {
 	for _, e := range entries {
 		if strings.Contains(e.Name(), ".tmp-") {
 			t.Fatalf("temporary file %s left behind", e.Name())
-		}
-	}
-}
-
-func TestValidatePath(t *testing.T) {
-	for _, tt := range []struct{ path, want string }{
-		{"/var/lib/nitrosign/keyset.sealed", ""},
-		{"", "empty"},
-		{"keyset.sealed", "want an absolute path"},
-		{"/var/lib/../lib/nitrosign/keyset.sealed", "want a clean path"},
-		{"/var/lib/nitrosign/", "want a clean path"},
-		{"/", "names a directory"},
-	} {
-		err := keystore.ValidatePath(tt.path)
-		if tt.want == "" && err != nil || tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)) {
-			t.Errorf("ValidatePath(%q) = %v, want %q", tt.path, err, tt.want)
 		}
 	}
 }
@@ -530,54 +513,4 @@ func TestCheck(t *testing.T) {
 			t.Fatalf("want a warning saying how to restore: %v", f.logs.All())
 		}
 	})
-}
-
-func TestRequestInit(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "keyset.sealed")
-	now := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
-	created, err := keystore.RequestInit(path, now)
-	if err != nil || !created {
-		t.Fatalf("RequestInit = %v, %v", created, err)
-	}
-	if b := read(t, keystore.InitPath(path)); !strings.Contains(string(b), "2025-03-01T12:00:00Z") {
-		t.Fatalf("marker %q", b)
-	}
-	if created, err := keystore.RequestInit(path, now); err != nil || created {
-		t.Fatalf("second RequestInit = %v, %v; want the request to stand", created, err)
-	}
-	for _, existing := range []string{path, keystore.PrevPath(path)} {
-		d := t.TempDir()
-		p := filepath.Join(d, "keyset.sealed")
-		write(t, strings.Replace(existing, dir, d, 1), sealed(t))
-		_, err := keystore.RequestInit(p, now)
-		if !errors.Is(err, keystore.ErrExists) || !strings.Contains(err.Error(), "init would replace nothing but is refused so that no keyset is ever replaced by accident") {
-			t.Fatalf("RequestInit with %s = %v", existing, err)
-		}
-		absent(t, keystore.InitPath(p))
-	}
-	if _, err := keystore.RequestInit(filepath.Join(dir, "nope", "keyset.sealed"), now); err == nil || !strings.Contains(err.Error(), "StateDirectory") {
-		t.Fatalf("RequestInit without a directory = %v", err)
-	}
-}
-
-func TestInspect(t *testing.T) {
-	f := newStore(t)
-	if _, err := keystore.Inspect(f.path); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("Inspect of nothing = %v", err)
-	}
-	ks := sealed(t, "k1", "k2")
-	write(t, f.path, ks)
-	info, err := keystore.Inspect(f.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.Size != int64(len(ks)) || info.SHA256 != hex.EncodeToString(sum(ks)) || info.Header == nil || info.Header.KMSKeyARN != testARN || info.ParseErr != nil {
-		t.Fatalf("Inspect = %+v", info)
-	}
-	write(t, f.path, []byte("junk"))
-	info, err = keystore.Inspect(f.path)
-	if err != nil || info.Header != nil || !errors.Is(info.ParseErr, keysetfmt.ErrCorrupt) {
-		t.Fatalf("Inspect of junk = %+v, %v", info, err)
-	}
 }
