@@ -56,6 +56,7 @@ var commands = []command{
 	{"sign", "sign a message or digest", signUsage, server | keyed, runSign},
 	{"verify", "verify a signature locally (exit 0 only when valid)", verifyUsage, server | keyed, runVerify},
 	{"attest", "fetch (or read) an attestation document and verify it", attestUsage, server, runAttest},
+	{"keyset", "on the parent: request a new sealed keyset, or show its header", keysetUsage, 0, runKeyset},
 	{"bench", "load-test one target: throughput and latency percentiles", benchUsage, 0, runBench},
 	{"compare", "benchmark several targets in interleaved rounds and compare them", compareUsage, 0, runCompare},
 }
