@@ -220,7 +220,7 @@ func statusOf(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, ErrChanged):
 		code = codes.Aborted
-	case errors.Is(err, ErrNoInit), errors.Is(err, ErrTooLarge):
+	case errors.Is(err, ErrNoInit), errors.Is(err, ErrTooLarge), errors.Is(err, ErrEmpty):
 		code = codes.FailedPrecondition
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		code = codes.ResourceExhausted

@@ -178,6 +178,12 @@ func TestServiceRefusals(t *testing.T) {
 	_, err = f.client.GetSealedKeyset(ctx, &pb.GetSealedKeysetRequest{})
 	wantCode(t, err, codes.FailedPrecondition, "is 1048586 bytes")
 
+	if err := os.WriteFile(f.path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.client.GetSealedKeyset(ctx, &pb.GetSealedKeysetRequest{})
+	wantCode(t, err, codes.FailedPrecondition, "is empty")
+
 	// A corrupt file is handed over as it is.
 	if err := os.WriteFile(f.path, []byte("corrupt"), 0o600); err != nil {
 		t.Fatal(err)
@@ -296,7 +302,41 @@ func encodings(sealed []byte) []string {
 // connections neither crash nor hang the service, and a good client is
 // served after them.
 func TestServiceHostileConnections(t *testing.T) {
-	f := startServer(t, keystore.Config{MaxConns: 2, HandshakeTimeout: 300 * time.Millisecond}, staticCreds(time.Time{}))
+	f := startServer(t, keystore.Config{MaxConns: 2, HandshakeTimeout: 500 * time.Millisecond}, staticCreds(time.Time{}))
+
+	// Two silent connections take both slots (each is served: the server
+	// sends its SETTINGS); a third is closed at once, without a byte.
+	var silent []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", f.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			t.Fatalf("silent connection not served: %v", err)
+		}
+		silent = append(silent, c)
+	}
+	third, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer third.Close()
+	_ = third.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := third.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("third connection: %d bytes, %v; want it closed at once", n, err)
+	}
+	// The silent ones are closed after the handshake timeout.
+	for _, c := range silent {
+		if _, err := io.Copy(io.Discard, c); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("silent connection not closed after the handshake timeout: %v", err)
+		}
+	}
+	if f.logs.FilterMessageSnippet("connection refused: too many open").Len() == 0 {
+		t.Fatal("the refused connection was not logged")
+	}
 
 	// Garbage instead of the HTTP/2 preface: the connection is closed.
 	g, err := net.Dial("tcp", f.addr)
@@ -310,37 +350,7 @@ func TestServiceHostileConnections(t *testing.T) {
 		t.Fatalf("garbage connection not closed: %v", err)
 	}
 
-	// Two silent connections take both slots; a third is closed at once.
-	var silent []net.Conn
-	for range 2 {
-		c, err := net.Dial("tcp", f.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		silent = append(silent, c)
-	}
-	time.Sleep(50 * time.Millisecond) // both accepted
-	third, err := net.Dial("tcp", f.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer third.Close()
-	_ = third.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-	if _, err := third.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
-		t.Fatalf("third connection: %v, want it closed at once (EOF)", err)
-	}
-	// The silent ones are closed after the handshake timeout.
-	for _, c := range silent {
-		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.Copy(io.Discard, c); err != nil {
-			t.Fatalf("silent connection not closed after the handshake timeout: %v", err)
-		}
-	}
-	if f.logs.FilterMessageSnippet("connection refused: too many open").Len() == 0 {
-		t.Fatal("the refused connection was not logged")
-	}
-	// And an enclave is served.
+	// And an enclave is served (once the slots are given back).
 	ctx := callCtx(t)
 	var lastErr error
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {

@@ -56,6 +56,11 @@ var (
 	// ErrNoInit: a first keyset without the operator's init request
 	// (FailedPrecondition).
 	ErrNoInit = errors.New("no new keyset was requested")
+	// ErrEmpty: the file at PATH is empty (FailedPrecondition). It is not
+	// handed over as it is, as a corrupt file is: on the wire an empty
+	// keyset means none, and the enclave would ask for an init instead
+	// of reporting the loss.
+	ErrEmpty = errors.New("sealed keyset file empty")
 )
 
 // Stored is what Get found.
@@ -148,7 +153,8 @@ func (s *Store) Check() error {
 
 // Get returns the sealed keyset, or none and whether the operator asked for
 // a new one. A file that does not parse is returned as it is (and a warning
-// logged); a file larger than a keyset can be is refused (ErrTooLarge).
+// logged); a file larger than a keyset can be (ErrTooLarge), or empty
+// (ErrEmpty), is refused.
 func (s *Store) Get() (Stored, error) {
 	b, err := keyfile.Read(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -160,6 +166,10 @@ func (s *Store) Get() (Stored, error) {
 	}
 	if err != nil {
 		return Stored{}, err
+	}
+	if len(b) == 0 {
+		return Stored{}, fmt.Errorf("%w: %s is empty, so it holds no keyset; the host never replaces it: restore %s or a backup (or, to start over, move it away and run nitrosign keyset init)",
+			ErrEmpty, s.path, PrevPath(s.path))
 	}
 	if _, perr := keysetfmt.Parse(b); perr != nil {
 		if ok, more := s.corrupt.Allow(); ok {

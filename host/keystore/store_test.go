@@ -123,7 +123,6 @@ func TestGet(t *testing.T) {
 		{"none, only a previous one: no init", func(t *testing.T, p string) { write(t, keystore.PrevPath(p), ks) }, nil, false},
 		{"a keyset", func(t *testing.T, p string) { write(t, p, ks) }, ks, false},
 		{"a keyset and a stale init marker", func(t *testing.T, p string) { write(t, p, ks); write(t, keystore.InitPath(p), nil) }, ks, false},
-		{"an empty file is returned as it is", func(t *testing.T, p string) { write(t, p, []byte{}) }, []byte{}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -178,6 +177,15 @@ func TestGetRefuses(t *testing.T) {
 		}
 		if _, err := os.Stat(f.path); err != nil {
 			t.Fatal("the oversized file was removed")
+		}
+	})
+	t.Run("empty", func(t *testing.T) {
+		f := newStore(t)
+		write(t, f.path, nil)
+		write(t, keystore.InitPath(f.path), nil)
+		_, err := f.store.Get()
+		if !errors.Is(err, keystore.ErrEmpty) || !strings.Contains(err.Error(), "is empty, so it holds no keyset") {
+			t.Fatalf("Get = %v, want ErrEmpty", err)
 		}
 	})
 	t.Run("exactly the largest size", func(t *testing.T) {
