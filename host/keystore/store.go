@@ -110,9 +110,10 @@ func NewStore(path string, log *zap.Logger) (*Store, error) {
 // Path is PATH.
 func (s *Store) Path() string { return s.path }
 
-// Check makes sure the directory is there, removes the temporary files a
-// crash in the middle of a Put may have left, and logs what the host holds
-// (header only). It is for start-up.
+// Check makes sure the directory is there (an error otherwise), removes
+// the temporary files a crash in the middle of a Put may have left, and
+// logs what the host holds (header only), or why it cannot be read. It is
+// for start-up.
 func (s *Store) Check() error {
 	dir := filepath.Dir(s.path)
 	fi, err := os.Stat(dir)
@@ -141,7 +142,11 @@ func (s *Store) Check() error {
 		s.log.Info("no sealed keyset yet", fields...)
 		return nil
 	case err != nil:
-		return err
+		// The proxy's other work goes on; enclaves are refused the file,
+		// with this reason, until it is fixed.
+		s.log.Error("the sealed keyset cannot be read: enclaves in sealed mode are refused it until it is fixed; the host never replaces or deletes it",
+			zap.String("location", s.path), zap.Error(err))
+		return nil
 	case info.ParseErr != nil:
 		s.log.Warn("the sealed keyset does not parse: it is handed to enclaves as it is, which refuse it, and it is never replaced or deleted by the host",
 			zap.String("location", s.path), zap.Int64("bytes", info.Size), zap.String("sha256", info.SHA256), zap.String("error", info.ParseErr.Error()))

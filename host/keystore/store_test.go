@@ -511,6 +511,16 @@ func TestCheck(t *testing.T) {
 			t.Fatalf("Check = %v", err)
 		}
 	})
+	t.Run("an unreadable keyset is logged, not fatal", func(t *testing.T) {
+		f := newStore(t)
+		write(t, f.path, make([]byte, keysetfmt.MaxSize+1))
+		if err := f.store.Check(); err != nil {
+			t.Fatalf("Check = %v", err)
+		}
+		if e := f.logs.FilterMessageSnippet("cannot be read").All(); len(e) != 1 || e[0].Level != zap.ErrorLevel {
+			t.Fatalf("want one error line: %v", f.logs.All())
+		}
+	})
 	t.Run("only a previous keyset", func(t *testing.T) {
 		f := newStore(t)
 		write(t, keystore.PrevPath(f.path), sealed(t))
