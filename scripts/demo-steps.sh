@@ -16,10 +16,14 @@ FAILED=0
 SUMMARY=""
 ENCLAVE_PID=""
 PROXY_PID=""
+KMS_PID=""
+HOST_PORT=5051
+FORWARD_PORT=8000
 
 cleanup() {
 	[ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null
 	[ -n "$ENCLAVE_PID" ] && kill "$ENCLAVE_PID" 2>/dev/null && wait "$ENCLAVE_PID" 2>/dev/null
+	[ -n "$KMS_PID" ] && kill "$KMS_PID" 2>/dev/null && wait "$KMS_PID" 2>/dev/null
 	rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -74,14 +78,42 @@ wait_serving() {
 	return 1
 }
 
-banner "starting the enclave signer on $DIRECT (simulated NSM: no /dev/nsm here)"
-nitrosign-enclave --cid 1 --port "$PORT" --dev-simulated-nsm --log-format console --log-level warn &
-ENCLAVE_PID=$!
-wait_serving "$DIRECT" || exit 1
-banner "starting the host proxy on $PROXY -> $DIRECT"
-nitrosign-proxy --listen "$LISTEN" --upstream "$DIRECT" --pool-size 4 --log-format console --log-level warn &
+# start_enclave: the enclave with sealed keys. There is no AWS here: KMS
+# is nitrosign-kmsfake (a test KMS that speaks KMS's protocol and checks
+# the attestation document against the simulated NSM's root), reached as
+# in production through the proxy's forwarder; the keyset lives in a file
+# the proxy keeps.
+start_enclave() {
+	nitrosign-enclave --cid 1 --port "$PORT" --dev-simulated-nsm --dev-simulated-nsm-root "$WORK/kms/dev-root.pem" \
+		--key-mode sealed --kms-key-arn "$KMS_KEY_ARN" --keyset-host "vsock://1:$HOST_PORT" \
+		--kms-proxy "vsock://1:$FORWARD_PORT" --kms-ca-file "$WORK/kms/kms-ca.pem" \
+		--log-ship "" --log-format console --log-level warn &
+	ENCLAVE_PID=$!
+}
+
+banner "starting a test KMS (nitrosign-kmsfake: no AWS here)"
+mkdir -p "$WORK/kms"
+nitrosign-kmsfake --dir "$WORK/kms" &
+KMS_PID=$!
+i=0
+while [ ! -s "$WORK/kms/kms.env" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+# shellcheck disable=SC1091
+. "$WORK/kms/kms.env" || exit 1
+# The proxy reads the credentials it hands to the enclave from the AWS
+# SDK's default chain: on EC2 the instance role (IMDSv2), here these.
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_EC2_METADATA_DISABLED=true
+
+banner "starting the host proxy on $PROXY -> $DIRECT (keyset file, enclave host service and KMS forwarder on vsock)"
+nitrosign-proxy --listen "$LISTEN" --upstream "$DIRECT" --pool-size 4 --log-format console --log-level warn \
+	--keyset-file "$WORK/keyset.sealed" --enclave-host-port "$HOST_PORT" \
+	--kms-forward-port "$FORWARD_PORT" --kms-endpoint "$KMS_ADDR" &
 PROXY_PID=$!
+step "the operator asks for a new keyset (only this makes new keys)" nitrosign keyset init --file "$WORK/keyset.sealed"
+banner "starting the enclave signer on $DIRECT (simulated NSM: no /dev/nsm here; sealed keys)"
+start_enclave
+wait_serving "$DIRECT" || exit 1
 wait_serving "$PROXY" || exit 1
+step "the sealed keyset, as the host holds it (no KMS needed to read its header)" nitrosign keyset show --file "$WORK/keyset.sealed"
 
 step "list the keys through the proxy" nitrosign keys --target "$PROXY"
 step "echo directly over vsock" nitrosign echo --target "$DIRECT" --payload "hello enclave" --count 3
@@ -107,6 +139,24 @@ step "benchmark: echo, direct vsock vs proxy, interleaved rounds" \
 	no_tty nitrosign compare --rpc echo --target "direct=$DIRECT" --target "proxy=$PROXY" --concurrency 16 --duration 2s --rounds 2 --warmup 500ms
 step "benchmark: ECDSA P-256 signing, direct vsock vs proxy" \
 	no_tty nitrosign compare --rpc sign --key-type ecc --target "direct=$DIRECT" --target "proxy=$PROXY" --concurrency 16 --duration 2s --rounds 2 --warmup 500ms
+
+# Keys that outlive the enclave: sign, restart the enclave, the same key
+# id signs again and the signature from before verifies.
+nitrosign keys --target "$PROXY" --output json >"$WORK/keys.before.json"
+ECC_ID=$(nitrosign pubkey --target "$PROXY" --key-type ecc --output json | sed -n 's/.*"key_id": "\([0-9a-f]*\)".*/\1/p' | head -1)
+step "sign with the ECC key $ECC_ID before the restart" \
+	nitrosign sign --target "$PROXY" --key-id "$ECC_ID" --in "$WORK/order.txt" --out "$WORK/before.sig"
+banner "restarting the enclave (SIGTERM, then a new process)"
+kill "$ENCLAVE_PID" && wait "$ENCLAVE_PID" 2>/dev/null
+start_enclave
+wait_serving "$DIRECT" || exit 1
+step "the same key ids after the restart" sh -c "nitrosign keys --target '$PROXY' --output json >'$WORK/keys.after.json' && cmp '$WORK/keys.before.json' '$WORK/keys.after.json' && echo 'key ids unchanged'"
+step "the same key id signs again after the restart" \
+	nitrosign sign --target "$PROXY" --key-id "$ECC_ID" --in "$WORK/order.txt" --out "$WORK/after.sig"
+step "the signature from before the restart verifies with the key served after it" \
+	sh -c "nitrosign pubkey --target '$PROXY' --key-id '$ECC_ID' --out '$WORK/ecc.after.pem' && nitrosign verify --public-key '$WORK/ecc.after.pem' --in '$WORK/order.txt' --signature-file '$WORK/before.sig'"
+step "rotate: a new RSA key version becomes the default" nitrosign keys create --target "$PROXY" --type rsa
+step "the keyset after the rotation (the previous one kept beside it)" sh -c "nitrosign keys --target '$PROXY' && ls -l '$WORK'/keyset.sealed*"
 
 banner "summary"
 printf '%s\n\n%d steps passed, %d failed\n' "$SUMMARY" "$PASSED" "$FAILED"

@@ -18,7 +18,7 @@ bundle=$tmp/bundle
 mkdir -p "$bundle"
 
 log "building static binaries (CGO_ENABLED=0)"
-CGO_ENABLED=0 go build -trimpath -o "$bundle/" ./enclave/cmd/nitrosign-enclave ./host/cmd/nitrosign-proxy ./host/cmd/nitrosign
+CGO_ENABLED=0 go build -trimpath -o "$bundle/" ./enclave/cmd/nitrosign-enclave ./host/cmd/nitrosign-proxy ./host/cmd/nitrosign ./fakes/cmd/nitrosign-kmsfake
 cp scripts/demo-steps.sh "$bundle/demo-steps.sh"
 CGO_ENABLED=0 go build -trimpath -o "$tmp/vsockprobe" ./e2e/vsockprobe
 

@@ -95,6 +95,9 @@ type keyJSON struct {
 	DefaultAlgorithm  string   `json:"default_signing_algorithm"`
 	SigningAlgorithms []string `json:"signing_algorithms"`
 	CreateTime        string   `json:"create_time,omitempty"`
+	Version           uint32   `json:"version"`
+	State             string   `json:"state"`
+	TypeDefault       bool     `json:"type_default"`
 	PublicKeyPEM      string   `json:"public_key_pem"`
 }
 
@@ -109,6 +112,9 @@ func toKeyJSON(k *pb.KeyInfo) keyJSON {
 		KeySpec:           sigalg.SpecName(k.GetKeySpec()),
 		DefaultAlgorithm:  sigalg.Name(k.GetDefaultSigningAlgorithm()),
 		SigningAlgorithms: algs,
+		Version:           max(k.GetVersion(), 1),
+		State:             stateName(k.GetKeyState()),
+		TypeDefault:       k.GetTypeDefault(),
 		PublicKeyPEM:      publicPEM(k.GetPublicKey()),
 	}
 	if k.GetCreateTime() != nil {
@@ -122,15 +128,22 @@ func publicPEM(spki []byte) string {
 }
 
 const keysUsage = `Usage: nitrosign keys [flags]
+       nitrosign keys create|disable|enable ... (nitrosign keys create -h)
 
-Lists the enclave's signing keys: id, type, spec and algorithms.
+Lists the enclave's signing keys: id, type, spec, version, state and
+algorithms; the type's default (what --key-type selects) is marked *.
+create, disable and enable rotate a sealed keyset.
 
 Examples:
   nitrosign keys
   nitrosign keys --target vsock://16:5005 --output json
+  nitrosign keys create --type rsa
 `
 
 func runKeys(ctx context.Context, c *cmd, args []string) error {
+	if len(args) > 0 && keyAdminVerbs[args[0]] {
+		return runKeyAdmin(ctx, c, args[0], args[1:])
+	}
 	if err := c.parse(args); err != nil {
 		return err
 	}
@@ -151,10 +164,14 @@ func runKeys(ctx context.Context, c *cmd, args []string) error {
 		return printJSON(c.Stdout, out)
 	}
 	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEY ID\tTYPE\tSPEC\tDEFAULT ALGORITHM\tALGORITHMS")
+	fmt.Fprintln(tw, "KEY ID\tTYPE\tSPEC\tVERSION\tSTATE\tDEFAULT ALGORITHM\tALGORITHMS")
 	for _, k := range resp.GetKeys() {
 		j := toKeyJSON(k)
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", j.KeyID, j.KeyType, j.KeySpec, j.DefaultAlgorithm, strings.Join(j.SigningAlgorithms, ","))
+		mark := ""
+		if k.GetTypeDefault() {
+			mark = " *"
+		}
+		fmt.Fprintf(tw, "%s\t%s%s\t%s\t%d\t%s\t%s\t%s\n", j.KeyID, j.KeyType, mark, j.KeySpec, max(k.GetVersion(), 1), stateName(k.GetKeyState()), j.DefaultAlgorithm, strings.Join(j.SigningAlgorithms, ","))
 	}
 	return tw.Flush()
 }

@@ -49,7 +49,9 @@ type Client struct {
 	Echo        pb.EchoServiceClient
 	Signer      pb.SignerServiceClient
 	Attestation pb.AttestationServiceClient
-	Health      healthpb.HealthClient
+	// KeyAdmin rotates a sealed keyset (the enclave's --key-mode sealed).
+	KeyAdmin pb.KeyAdminServiceClient
+	Health   healthpb.HealthClient
 }
 
 // Dial parses addr, opens the connections and waits until one is ready or
@@ -86,6 +88,7 @@ func Dial(ctx context.Context, addr string, o Options) (*Client, error) {
 		Echo:        pb.NewEchoServiceClient(p),
 		Signer:      pb.NewSignerServiceClient(p),
 		Attestation: pb.NewAttestationServiceClient(p),
+		KeyAdmin:    pb.NewKeyAdminServiceClient(p),
 		Health:      healthpb.NewHealthClient(p),
 	}, nil
 }
