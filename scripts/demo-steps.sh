@@ -64,11 +64,12 @@ no_tty() {
 	return $rc
 }
 
-# wait_serving TARGET: polls health through the CLI (echo) until it answers.
+# wait_serving TARGET: polls through the CLI until the keys are listed
+# (Echo answers before a sealed keyset is unsealed; ListKeys does not).
 wait_serving() {
 	i=0
-	while [ $i -lt 100 ]; do
-		if nitrosign echo --target "$1" --timeout 2s >/dev/null 2>&1; then
+	while [ $i -lt 150 ]; do
+		if nitrosign keys --target "$1" --timeout 2s >/dev/null 2>&1; then
 			return 0
 		fi
 		i=$((i + 1))
@@ -150,6 +151,7 @@ banner "restarting the enclave (SIGTERM, then a new process)"
 kill "$ENCLAVE_PID" && wait "$ENCLAVE_PID" 2>/dev/null
 start_enclave
 wait_serving "$DIRECT" || exit 1
+wait_serving "$PROXY" || exit 1
 step "the same key ids after the restart" sh -c "nitrosign keys --target '$PROXY' --output json >'$WORK/keys.after.json' && cmp '$WORK/keys.before.json' '$WORK/keys.after.json' && echo 'key ids unchanged'"
 step "the same key id signs again after the restart" \
 	nitrosign sign --target "$PROXY" --key-id "$ECC_ID" --in "$WORK/order.txt" --out "$WORK/after.sig"

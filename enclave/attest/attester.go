@@ -111,7 +111,13 @@ func New(p Params) (*Attester, error) {
 	}
 	if p.Lifecycle != nil {
 		p.Lifecycle.Append(fx.StartHook(func(ctx context.Context) {
-			if _, err := a.Attest(ctx, nil, nil); err != nil {
+			_, err := a.Attest(ctx, nil, nil)
+			switch {
+			case errors.Is(err, keycommit.ErrNoKeys):
+				// Sealed keys are installed after start: the document is
+				// made on the first request after that.
+				a.log.Info("no signing keys yet (a sealed keyset is being loaded); the start-up attestation document is made on first request")
+			case err != nil:
 				a.log.Warn("start-up attestation document not ready; will retry on first request", zap.Error(err))
 			}
 		}))
