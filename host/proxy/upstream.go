@@ -54,6 +54,8 @@ type Upstreams struct {
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 
+	recheck chan struct{} // read every upstream's keyset now (buffered 1)
+
 	mu        sync.Mutex
 	live      map[*lane]struct{} // every lane serving, draining ones included
 	reference string             // the keyset in rotation ("" none yet)
@@ -121,7 +123,7 @@ func NewUpstreams(cfg Config, log *zap.Logger) (*Upstreams, error) {
 
 func newUpstreamSet(cfg pool.Config, log *zap.Logger) *Upstreams {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Upstreams{cfg: cfg, log: log, ctx: ctx, cancel: cancel, live: map[*lane]struct{}{}, readyCh: make(chan struct{})}
+	return &Upstreams{cfg: cfg, log: log, ctx: ctx, cancel: cancel, live: map[*lane]struct{}{}, readyCh: make(chan struct{}), recheck: make(chan struct{}, 1)}
 }
 
 func (u *Upstreams) add(name, authority string, dial func(context.Context) (net.Conn, error), n int, keepalive time.Duration, health, keysets bool) *upstream {
@@ -160,6 +162,52 @@ func (u *Upstreams) start(mem *account) {
 			go s.keep()
 		}
 	}
+	if len(u.all) > 1 {
+		u.wg.Add(1)
+		go u.refreshKeysets()
+	}
+}
+
+// keysetRefresh is how often every upstream's key ids are read again: a
+// rotation of a sealed keyset (KeyAdminService) changes them with no
+// change of health, and every enclave takes the rotated keyset within
+// its own refresh (30 s).
+const keysetRefresh = 30 * time.Second
+
+// refreshKeysets reads every serving upstream's key ids every
+// keysetRefresh, and at once when an upstream was just taken out of
+// rotation: the keysets on record for the others may be from before a
+// rotation, and the one taken out may be the only one up to date.
+func (u *Upstreams) refreshKeysets() {
+	defer u.wg.Done()
+	t := time.NewTicker(keysetRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-u.ctx.Done():
+			return
+		case <-t.C:
+		case <-u.recheck:
+		}
+		for _, up := range u.all {
+			if l := up.servingLane(); up.keysets && l != nil {
+				up.readKeyset(l)
+			}
+		}
+	}
+}
+
+// servingLane is a lane on which the upstream said SERVING, or nil.
+func (up *upstream) servingLane() *lane {
+	for _, s := range up.slots {
+		s.mu.Lock()
+		l, ok := s.lane.Load(), s.health.Load()
+		s.mu.Unlock()
+		if ok && l != nil && l.ready() {
+			return l
+		}
+	}
+	return nil
 }
 
 // Close stops redialling and ends every connection; calls on them fail
@@ -577,6 +625,10 @@ func (u *Upstreams) compareKeysets() {
 			continue
 		}
 		if out {
+			select {
+			case u.recheck <- struct{}{}:
+			default:
+			}
 			u.log.Error("upstream serves a different keyset from the other upstreams: taken out of rotation "+
 				"(a Sign by key id must be valid on every upstream; give every enclave the same sealed keyset)",
 				zap.String("upstream", up.name), zap.String("keyset", (*k)[:16]), zap.String("in_rotation", ref[:min(16, len(ref))]))
