@@ -157,7 +157,9 @@ step "the same key id signs again after the restart" \
 	nitrosign sign --target "$PROXY" --key-id "$ECC_ID" --in "$WORK/order.txt" --out "$WORK/after.sig"
 step "the signature from before the restart verifies with the key served after it" \
 	sh -c "nitrosign pubkey --target '$PROXY' --key-id '$ECC_ID' --out '$WORK/ecc.after.pem' && nitrosign verify --public-key '$WORK/ecc.after.pem' --in '$WORK/order.txt' --signature-file '$WORK/before.sig'"
-step "rotate: a new RSA key version becomes the default" nitrosign keys create --target "$PROXY" --type rsa
+step "rotation is refused through the proxy (its clients may sign, not replace keys)" \
+	must_fail nitrosign keys create --target "$PROXY" --type rsa
+step "rotate from the parent over vsock: a new RSA key version becomes the default" nitrosign keys create --target "$DIRECT" --type rsa
 step "the keyset after the rotation (the previous one kept beside it)" sh -c "nitrosign keys --target '$PROXY' && ls -l '$WORK'/keyset.sealed*"
 
 banner "summary"

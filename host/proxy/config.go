@@ -134,6 +134,14 @@ type Config struct {
 	// The limits below are the proxy's own: what a relay that multiplexes
 	// many clients onto a few upstream connections must bound per client.
 
+	// AllowKeyAdmin forwards nitrosign.v1.KeyAdminService (key rotation)
+	// from the proxy's clients. Default false: they are answered
+	// PermissionDenied, and the operator rotates from the parent, over
+	// vsock to the enclave directly (nitrosign keys create --target
+	// vsock://CID:5005). The enclave does not authorise callers itself
+	// yet: this keeps whoever may sign through the proxy from also
+	// replacing or disabling keys.
+	AllowKeyAdmin bool
 	// DefaultStreamTimeout is the deadline given to a streaming call, or a
 	// call of a method the proxy does not know, that arrived without one,
 	// so that no stream holds its share of the enclave for ever by

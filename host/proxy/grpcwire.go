@@ -13,6 +13,7 @@ import (
 
 	"github.com/nitrosign/nitrosign/internal/limits"
 	"github.com/nitrosign/nitrosign/internal/requestid"
+	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
 // The rules of gRPC over HTTP/2 that the relay applies: which request
@@ -135,6 +136,10 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 	if !strings.HasPrefix(c.method, "/") {
 		return nil, 0, &statusError{codes.Unimplemented, fmt.Sprintf("malformed method name: %q", c.method), 0, 0}
 	}
+	if !p.cfg.AllowKeyAdmin && strings.HasPrefix(c.method, keyAdminPrefix) {
+		return nil, 0, &statusError{codes.PermissionDenied, "key administration is not served through this proxy (nitrosign-proxy --allow-key-admin): " +
+			"rotate from the parent, over vsock to the enclave: nitrosign keys create --target vsock://CID:5005", 0, 0}
+	}
 	if size > p.cfg.Limits.MaxMetadataSize {
 		return nil, 0, &statusError{codes.ResourceExhausted, fmt.Sprintf(
 			"request metadata is %d bytes (names + values + 32 per entry), limit %d", size, p.cfg.Limits.MaxMetadataSize), 0, 0}
@@ -162,6 +167,9 @@ func (p *Proxy) requestHeaders(c *call, f *http2.MetaHeadersFrame) ([]hpack.Head
 	// left of the deadline then.
 	return out, timeout, nil
 }
+
+// keyAdminPrefix is the path prefix of KeyAdminService's methods.
+var keyAdminPrefix = "/" + pb.KeyAdminService_ServiceDesc.ServiceName + "/"
 
 // headerListSize is the size of fields as HTTP/2 counts it against
 // SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 section 6.5.2).

@@ -308,6 +308,7 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	// Limits (docs/RELIABILITY.md): those both servers share, then the
 	// relay's own.
 	cfg.Limits.RegisterFlags(fs, "client connection")
+	fs.BoolVar(&cfg.AllowKeyAdmin, "allow-key-admin", false, "forward nitrosign.v1.KeyAdminService (key rotation) from this proxy's clients; default: PermissionDenied, and the operator rotates from the parent over vsock (nitrosign keys create --target vsock://CID:5005)")
 	fs.DurationVar(&cfg.DefaultStreamTimeout, "default-stream-timeout", cfg.DefaultStreamTimeout, "deadline given to a streaming or unknown call that arrives without one (0: none)")
 	fs.IntVar(&cfg.MaxConnectionCalls, "max-connection-calls", cfg.MaxConnectionCalls, "calls one client connection may have open at the enclave at once (its share); beyond it RESOURCE_EXHAUSTED")
 	fs.IntVar(&cfg.MaxClientResets, "max-client-resets", cfg.MaxClientResets, "streams a client connection may reset at once (a tenth earned back per second); beyond it GOAWAY ENHANCE_YOUR_CALM")
