@@ -136,4 +136,3 @@ func waitKeys(t *testing.T, cc *grpc.ClientConn, n int) {
 		return err == nil && len(r.GetKeys()) == n
 	})
 }
-

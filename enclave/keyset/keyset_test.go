@@ -40,14 +40,13 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // serves from its file (host/keystore), with the same contract.
 type memHost struct {
 	pb.UnimplementedHostServiceServer
-	mu       sync.Mutex
-	sealed   []byte
-	prev     []byte
-	init     bool
-	puts     int
-	creds    int
-	unreach  bool
-	location string
+	mu      sync.Mutex
+	sealed  []byte
+	prev    []byte
+	init    bool
+	puts    int
+	creds   int
+	unreach bool
 }
 
 func (h *memHost) GetSealedKeyset(context.Context, *pb.GetSealedKeysetRequest) (*pb.GetSealedKeysetResponse, error) {
