@@ -46,6 +46,7 @@ type memHost struct {
 	init    bool
 	puts    int
 	creds   int
+	credTTL time.Duration // how long the credentials handed out last (default 1h)
 	unreach bool
 }
 
@@ -80,10 +81,14 @@ func (h *memHost) PutSealedKeyset(_ context.Context, r *pb.PutSealedKeysetReques
 func (h *memHost) GetCredentials(context.Context, *pb.GetCredentialsRequest) (*pb.GetCredentialsResponse, error) {
 	h.mu.Lock()
 	h.creds++
+	ttl := h.credTTL
 	h.mu.Unlock()
+	if ttl == 0 {
+		ttl = time.Hour
+	}
 	c := kmsfake.Credentials()
 	return &pb.GetCredentialsResponse{AccessKeyId: c.AccessKeyID, SecretAccessKey: c.SecretAccessKey, SessionToken: c.SessionToken,
-		Expiration: timestamppb.New(time.Now().Add(time.Hour))}, nil
+		Expiration: timestamppb.New(time.Now().Add(ttl))}, nil
 }
 
 func (h *memHost) get() []byte {
@@ -545,5 +550,31 @@ func TestEphemeralHasNoAdmin(t *testing.T) {
 	_, err := c.admin.CreateKey(ctx(t), &pb.CreateKeyRequest{KeyType: pb.KeyType_KEY_TYPE_RSA})
 	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "--key-mode sealed") {
 		t.Fatalf("CreateKey on ephemeral keys: %v", err)
+	}
+}
+
+// The enclave asks the host for credentials once and keeps them while
+// they last, and asks again before they expire (within 5 minutes of it).
+func TestCredentialsRefreshedBeforeExpiry(t *testing.T) {
+	fetches := func(ttl time.Duration) int {
+		e := newEnv(t)
+		e.host.init = true
+		e.host.credTTL = ttl
+		c := dial(t, enclavetest.Start(t, e.config(), 0))
+		c.waitServing(t) // GenerateDataKey
+		for range 3 {
+			if _, err := c.admin.CreateKey(ctx(t), &pb.CreateKeyRequest{KeyType: pb.KeyType_KEY_TYPE_ED25519}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e.host.mu.Lock()
+		defer e.host.mu.Unlock()
+		return e.host.creds
+	}
+	if n := fetches(time.Hour); n != 1 {
+		t.Fatalf("credentials with an hour left fetched %d times for 4 KMS calls, want once", n)
+	}
+	if n := fetches(4 * time.Minute); n < 4 {
+		t.Fatalf("credentials with 4 minutes left fetched %d times for 4 KMS calls, want again before each (they expire within 5 minutes)", n)
 	}
 }
