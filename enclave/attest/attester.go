@@ -3,6 +3,7 @@ package attest
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -32,6 +33,13 @@ type KeySource interface {
 	Keys() []*pb.KeyInfo
 }
 
+// PolicySource gives the caller policy the enclave enforces (the policy
+// file's bytes), which documents then commit to (key commitment version
+// 2); nil or empty: none.
+type PolicySource interface {
+	PolicyFile() []byte
+}
+
 // Params are the Attester's dependencies.
 type Params struct {
 	fx.In
@@ -40,6 +48,8 @@ type Params struct {
 	Logger *zap.Logger
 	NSM    NSM
 	Keys   KeySource
+	// Policy, when present and not empty, is committed to as well.
+	Policy PolicySource `optional:"true"`
 	// Lifecycle, when present, warms the start-up document on start.
 	Lifecycle fx.Lifecycle `optional:"true"`
 }
@@ -50,6 +60,8 @@ type Result struct {
 	Document []byte
 	// Keys are the keys its user_data commits to, sorted by key_id.
 	Keys []*pb.KeyInfo
+	// Policy is the policy file it commits to (version 2); nil: none.
+	Policy []byte
 	// Simulated is true when the document comes from the simulated NSM;
 	// RootDER is then the development root it chains to.
 	Simulated bool
@@ -62,6 +74,7 @@ type Attester struct {
 	log     *zap.Logger
 	nsm     NSM
 	keys    KeySource
+	policy  []byte // committed to when not nil
 	maxAge  time.Duration
 	now     func() time.Time
 	rootDER []byte // nil unless simulated
@@ -109,6 +122,11 @@ func New(p Params) (*Attester, error) {
 	if sim, ok := p.NSM.(Simulation); ok {
 		a.rootDER = sim.DevRootDER()
 	}
+	if p.Policy != nil {
+		if f := p.Policy.PolicyFile(); len(f) > 0 {
+			a.policy = bytes.Clone(f)
+		}
+	}
 	if p.Lifecycle != nil {
 		p.Lifecycle.Append(fx.StartHook(func(ctx context.Context) {
 			_, err := a.Attest(ctx, nil, nil)
@@ -142,7 +160,13 @@ func (a *Attester) Attest(ctx context.Context, nonce, userData []byte) (*Result,
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrKeys, err)
 	}
-	commitment, err := keycommit.Compute(keys, userData)
+	var commitment []byte
+	if a.policy != nil {
+		sum := sha256.Sum256(a.policy)
+		commitment, err = keycommit.ComputeWithPolicy(keys, sum[:], userData)
+	} else {
+		commitment, err = keycommit.Compute(keys, userData)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrKeys, err)
 	}
@@ -160,6 +184,7 @@ func (a *Attester) Attest(ctx context.Context, nonce, userData []byte) (*Result,
 		Keys:      make([]*pb.KeyInfo, len(keys)),
 		Simulated: a.rootDER != nil,
 		RootDER:   bytes.Clone(a.rootDER),
+		Policy:    bytes.Clone(a.policy),
 	}
 	for i, k := range keys {
 		res.Keys[i] = proto.CloneOf(k)

@@ -36,7 +36,7 @@ func (s *attestationService) Attest(ctx context.Context, req *pb.AttestRequest) 
 	if err != nil {
 		return nil, toStatus(s.log, "attest", err)
 	}
-	resp := &pb.AttestResponse{Document: res.Document, Keys: res.Keys, Simulated: res.Simulated}
+	resp := &pb.AttestResponse{Document: res.Document, Keys: res.Keys, Simulated: res.Simulated, Policy: res.Policy}
 	if res.Simulated {
 		resp.SimulatedRootCertificate = res.RootDER
 	}

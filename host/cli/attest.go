@@ -1,8 +1,10 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
@@ -23,17 +25,18 @@ import (
 // attestFlags are the verification policy, shared by attest and by
 // sign/verify --attested.
 type attestFlags struct {
-	pcrs        pcrFlag
-	pcrsFile    string
-	rootFile    string
-	devRoot     bool
-	allowDebug  bool
-	nonceHex    string
-	noNonce     bool
-	userData    string
-	at          string
-	saveDocFile string
-	pinPCRs     string
+	pcrs         pcrFlag
+	pcrsFile     string
+	rootFile     string
+	devRoot      bool
+	allowDebug   bool
+	nonceHex     string
+	noNonce      bool
+	userData     string
+	at           string
+	saveDocFile  string
+	pinPCRs      string
+	policySHA256 string
 }
 
 func (a *attestFlags) register(fs *flag.FlagSet) {
@@ -47,6 +50,7 @@ func (a *attestFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&a.noNonce, "no-nonce", false, "send no nonce: accept the enclave's cached start-up document")
 	fs.StringVar(&a.userData, "user-data", "", "user data to bind into the document with the keys")
 	fs.StringVar(&a.at, "at", "", "verify certificates at this time (RFC 3339 or Unix milliseconds; default now)")
+	fs.StringVar(&a.policySHA256, "policy-sha256", "", "require the enclave to enforce the caller policy with this SHA-256 (hex; sha256sum of the deploy/policy.json baked into the image): the document must commit to it")
 }
 
 // pcrFlag collects --pcr INDEX=HEX.
@@ -208,6 +212,7 @@ type attested struct {
 	doc       *verify.Document
 	keys      []*pb.KeyInfo
 	simulated bool
+	policy    []byte // the caller policy the document commits to; nil: none
 }
 
 // fetchAndVerify asks the server for a document bound to a fresh nonce and
@@ -241,6 +246,20 @@ func (a *attestFlags) fetchAndVerify(ctx context.Context, cl *client.Client) (*a
 	opts.Keys = resp.GetKeys()
 	opts.UserData = []byte(a.userData)
 	opts.RequireKeyCommitment = true
+	opts.Policy = resp.GetPolicy()
+	if a.policySHA256 != "" {
+		want, err := hex.DecodeString(a.policySHA256)
+		if err != nil || len(want) != sha256.Size {
+			return nil, usagef("--policy-sha256 %q: want 64 hex characters", a.policySHA256)
+		}
+		got := sha256.Sum256(resp.GetPolicy())
+		if len(resp.GetPolicy()) == 0 {
+			return nil, errors.New("attestation REJECTED: the enclave enforces no caller policy (a development enclave with --dev-allow-anonymous), and --policy-sha256 requires one")
+		}
+		if !bytes.Equal(got[:], want) {
+			return nil, fmt.Errorf("attestation REJECTED: the enclave enforces the policy with SHA-256 %x, not %s", got, a.policySHA256)
+		}
+	}
 	doc, err := verify.Verify(resp.GetDocument(), opts)
 	if err != nil {
 		return nil, fmt.Errorf("attestation document REJECTED: %w", err)
@@ -250,7 +269,7 @@ func (a *attestFlags) fetchAndVerify(ctx context.Context, cl *client.Client) (*a
 			return nil, err
 		}
 	}
-	return &attested{doc: doc, keys: resp.GetKeys(), simulated: resp.GetSimulated()}, nil
+	return &attested{doc: doc, keys: resp.GetKeys(), simulated: resp.GetSimulated(), policy: resp.GetPolicy()}, nil
 }
 
 // attestedKey fetches and verifies a document under the flags' policy and
@@ -378,6 +397,13 @@ func printAttested(io IO, output string, at *attested) error {
 			"user_data":   hex.EncodeToString(d.UserData),
 			"certificate": d.Certificate.Subject.String(),
 			"keys":        keys,
+			"policy_sha256": func() string {
+				if at.policy == nil {
+					return ""
+				}
+				sum := sha256.Sum256(at.policy)
+				return hex.EncodeToString(sum[:])
+			}(),
 		})
 	}
 	w := io.Stdout
@@ -395,6 +421,12 @@ func printAttested(io IO, output string, at *attested) error {
 			continue
 		}
 		fmt.Fprintf(w, "  PCR%-2d        %s\n", i, hex.EncodeToString(v))
+	}
+	if at.policy != nil {
+		sum := sha256.Sum256(at.policy)
+		fmt.Fprintf(w, "  caller policy: sha256 %x (%d bytes), committed to\n", sum, len(at.policy))
+	} else if at.doc != nil && len(at.keys) > 0 {
+		fmt.Fprintln(w, "  caller policy: NONE (a development enclave: anyone who reaches it may sign)")
 	}
 	if len(at.keys) > 0 {
 		fmt.Fprintln(w, "  attested signing keys:")

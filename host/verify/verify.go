@@ -16,6 +16,7 @@ import (
 	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -94,6 +95,9 @@ type Options struct {
 	// keycommit.Compute(Keys, UserData).
 	Keys     []*pb.KeyInfo
 	UserData []byte
+	// Policy, when not empty, is the caller policy the commitment must
+	// include (version 2: AttestResponse.policy); empty: version 1.
+	Policy []byte
 	// RequireKeyCommitment makes the key check unconditional, so that a
 	// key list emptied in transit (a nil repeated field) fails instead of
 	// skipping the check. Set it whenever you will trust keys from the
@@ -490,13 +494,21 @@ func checkExpectations(d *Document, opts *Options) error {
 		}
 	}
 	if opts.Keys != nil || opts.UserData != nil || opts.RequireKeyCommitment {
-		ok, err := keycommit.Equal(d.UserData, opts.Keys, opts.UserData)
+		var policySum []byte
+		if len(opts.Policy) > 0 {
+			sum := sha256.Sum256(opts.Policy)
+			policySum = sum[:]
+		}
+		ok, err := keycommit.EqualWithPolicy(d.UserData, opts.Keys, policySum, opts.UserData)
 		if err != nil {
 			return fmt.Errorf("%w: %w", ErrKeyCommitment, err)
 		}
 		if !ok {
-			return fmt.Errorf("%w: user_data does not commit to the %d given keys and user data",
-				ErrKeyCommitment, len(opts.Keys))
+			what := "the %d given keys and user data"
+			if policySum != nil {
+				what = "the %d given keys, the given policy and user data"
+			}
+			return fmt.Errorf("%w: user_data does not commit to "+what, ErrKeyCommitment, len(opts.Keys))
 		}
 	}
 	return nil

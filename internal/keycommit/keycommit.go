@@ -18,7 +18,23 @@
 //	    uint32(len(public_key)) public_key DER X.509 SubjectPublicKeyInfo
 //	uint32(len(user_data)) user_data      the caller's user data (may be empty)
 //
-// where every uint32 is big-endian. Every variable-length field is length
+// where every uint32 is big-endian.
+//
+// # Format (version 2): the keys and the authorisation policy
+//
+// An enclave that enforces a caller policy (enclave/authz) commits to it
+// too: the SHA-256 digest of
+//
+//	"nitrosign/key-commitment/v2"          27 ASCII bytes
+//	uint32(n), then every key as in version 1
+//	uint32(32)             policy_sha256   SHA-256 of the policy file
+//	uint32(len(user_data)) user_data
+//
+// A verifier that is given the policy (AttestResponse.policy) computes
+// version 2 with its hash; without a policy, version 1. The two domains
+// differ, so a document of one version never verifies as the other.
+//
+// Every variable-length field is length
 // prefixed, so no two different inputs share an encoding. The key list must
 // be non-empty, have unique ids, and every key_id must be the lower-case hex
 // SHA-256 of its public_key: a list cannot claim one key's id for another
@@ -42,8 +58,12 @@ import (
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-// Domain is the domain-separation prefix of version 1 of the commitment.
-const Domain = "nitrosign/key-commitment/v1"
+// Domain is the domain-separation prefix of version 1 of the commitment;
+// DomainV2 that of version 2 (with the policy).
+const (
+	Domain   = "nitrosign/key-commitment/v1"
+	DomainV2 = "nitrosign/key-commitment/v2"
+)
 
 // Size is the length of a commitment in bytes.
 const Size = sha256.Size
@@ -102,6 +122,19 @@ func SortKeys(keys []*pb.KeyInfo) ([]*pb.KeyInfo, error) {
 // Compute returns the commitment (see the package documentation) to keys and
 // callerUserData. The order of keys does not matter.
 func Compute(keys []*pb.KeyInfo, callerUserData []byte) ([]byte, error) {
+	return compute(keys, nil, callerUserData)
+}
+
+// ComputeWithPolicy returns the version 2 commitment: to keys, the
+// policy whose SHA-256 is policySHA256 (32 bytes), and callerUserData.
+func ComputeWithPolicy(keys []*pb.KeyInfo, policySHA256, callerUserData []byte) ([]byte, error) {
+	if len(policySHA256) != sha256.Size {
+		return nil, fmt.Errorf("keycommit: a policy digest of %d bytes, want %d", len(policySHA256), sha256.Size)
+	}
+	return compute(keys, policySHA256, callerUserData)
+}
+
+func compute(keys []*pb.KeyInfo, policySHA256, callerUserData []byte) ([]byte, error) {
 	sorted, err := SortKeys(keys)
 	if err != nil {
 		return nil, err
@@ -110,11 +143,18 @@ func Compute(keys []*pb.KeyInfo, callerUserData []byte) ([]byte, error) {
 		return nil, fmt.Errorf("keycommit: user data of %d bytes does not fit the format", len(callerUserData))
 	}
 	h := sha256.New()
-	h.Write([]byte(Domain))
+	if policySHA256 == nil {
+		h.Write([]byte(Domain))
+	} else {
+		h.Write([]byte(DomainV2))
+	}
 	writeUint32(h, len(sorted))
 	for _, k := range sorted {
 		writeField(h, []byte(k.GetKeyId()))
 		writeField(h, k.GetPublicKey())
+	}
+	if policySHA256 != nil {
+		writeField(h, policySHA256)
 	}
 	writeField(h, callerUserData)
 	return h.Sum(nil), nil
@@ -124,7 +164,19 @@ func Compute(keys []*pb.KeyInfo, callerUserData []byte) ([]byte, error) {
 // callerUserData. It returns an error (wrapping ErrNoKeys or ErrInvalidKey)
 // when the key list itself is unacceptable.
 func Equal(commitment []byte, keys []*pb.KeyInfo, callerUserData []byte) (bool, error) {
-	want, err := Compute(keys, callerUserData)
+	return EqualWithPolicy(commitment, keys, nil, callerUserData)
+}
+
+// EqualWithPolicy is Equal for version 2 when policySHA256 is not nil,
+// version 1 when it is.
+func EqualWithPolicy(commitment []byte, keys []*pb.KeyInfo, policySHA256, callerUserData []byte) (bool, error) {
+	var want []byte
+	var err error
+	if policySHA256 == nil {
+		want, err = Compute(keys, callerUserData)
+	} else {
+		want, err = ComputeWithPolicy(keys, policySHA256, callerUserData)
+	}
 	if err != nil {
 		return false, err
 	}

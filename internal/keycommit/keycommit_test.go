@@ -269,3 +269,52 @@ func cloneKeys(keys []*pb.KeyInfo) []*pb.KeyInfo {
 	}
 	return out
 }
+
+// Version 2 is built by hand from the package documentation too; it never
+// equals version 1, and Equal/EqualWithPolicy tell them apart.
+func TestComputeWithPolicyFormat(t *testing.T) {
+	keys := keycommittest.Keys(t)
+	sorted := slices.Clone(keys)
+	slices.SortFunc(sorted, func(a, b *pb.KeyInfo) int { return strings.Compare(a.KeyId, b.KeyId) })
+	policy := sha256.Sum256([]byte(`{"version":1,"callers":[]}`))
+	ud := []byte("hello")
+	got, err := keycommit.ComputeWithPolicy(keys, policy[:], ud)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	u32 := func(n int) { b.Write(binary.BigEndian.AppendUint32(nil, uint32(n))) }
+	b.WriteString("nitrosign/key-commitment/v2")
+	u32(len(sorted))
+	for _, k := range sorted {
+		u32(len(k.KeyId))
+		b.WriteString(k.KeyId)
+		u32(len(k.PublicKey))
+		b.Write(k.PublicKey)
+	}
+	u32(32)
+	b.Write(policy[:])
+	u32(len(ud))
+	b.Write(ud)
+	want := sha256.Sum256(b.Bytes())
+	if !bytes.Equal(got, want[:]) {
+		t.Fatalf("ComputeWithPolicy = %x, want %x", got, want)
+	}
+	v1, _ := keycommit.Compute(keys, ud)
+	if bytes.Equal(v1, got) {
+		t.Fatal("version 2 equals version 1")
+	}
+	if ok, err := keycommit.EqualWithPolicy(got, keys, policy[:], ud); err != nil || !ok {
+		t.Fatalf("EqualWithPolicy = %v, %v", ok, err)
+	}
+	if ok, _ := keycommit.Equal(got, keys, ud); ok {
+		t.Fatal("a version 2 commitment verified as version 1")
+	}
+	other := sha256.Sum256([]byte("another policy"))
+	if ok, _ := keycommit.EqualWithPolicy(got, keys, other[:], ud); ok {
+		t.Fatal("a commitment verified with another policy")
+	}
+	if _, err := keycommit.ComputeWithPolicy(keys, policy[:31], ud); err == nil {
+		t.Fatal("a 31-byte policy digest was accepted")
+	}
+}

@@ -90,8 +90,14 @@ type AttestResponse struct {
 	Simulated bool `protobuf:"varint,3,opt,name=simulated,proto3" json:"simulated,omitempty"`
 	// DER of the development root certificate; set only when simulated is true.
 	SimulatedRootCertificate []byte `protobuf:"bytes,4,opt,name=simulated_root_certificate,json=simulatedRootCertificate,proto3" json:"simulated_root_certificate,omitempty"`
-	unknownFields            protoimpl.UnknownFields
-	sizeCache                protoimpl.SizeCache
+	// The caller policy the enclave enforces (who may sign with which key,
+	// and administer the keys), as the file baked into its image. When set,
+	// the document's user_data is the version 2 key commitment, which also
+	// commits to its SHA-256 (internal/keycommit); empty when the enclave
+	// enforces none (development only: --dev-allow-anonymous).
+	Policy        []byte `protobuf:"bytes,5,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AttestResponse) Reset() {
@@ -152,6 +158,13 @@ func (x *AttestResponse) GetSimulatedRootCertificate() []byte {
 	return nil
 }
 
+func (x *AttestResponse) GetPolicy() []byte {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
 var File_nitrosign_v1_attestation_proto protoreflect.FileDescriptor
 
 const file_nitrosign_v1_attestation_proto_rawDesc = "" +
@@ -159,12 +172,13 @@ const file_nitrosign_v1_attestation_proto_rawDesc = "" +
 	"\x1enitrosign/v1/attestation.proto\x12\fnitrosign.v1\x1a\x19nitrosign/v1/signer.proto\"B\n" +
 	"\rAttestRequest\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12\x1b\n" +
-	"\tuser_data\x18\x02 \x01(\fR\buserData\"\xb3\x01\n" +
+	"\tuser_data\x18\x02 \x01(\fR\buserData\"\xcb\x01\n" +
 	"\x0eAttestResponse\x12\x1a\n" +
 	"\bdocument\x18\x01 \x01(\fR\bdocument\x12)\n" +
 	"\x04keys\x18\x02 \x03(\v2\x15.nitrosign.v1.KeyInfoR\x04keys\x12\x1c\n" +
 	"\tsimulated\x18\x03 \x01(\bR\tsimulated\x12<\n" +
-	"\x1asimulated_root_certificate\x18\x04 \x01(\fR\x18simulatedRootCertificate2Y\n" +
+	"\x1asimulated_root_certificate\x18\x04 \x01(\fR\x18simulatedRootCertificate\x12\x16\n" +
+	"\x06policy\x18\x05 \x01(\fR\x06policy2Y\n" +
 	"\x12AttestationService\x12C\n" +
 	"\x06Attest\x12\x1b.nitrosign.v1.AttestRequest\x1a\x1c.nitrosign.v1.AttestResponseB?Z=github.com/nitrosign/nitrosign/proto/nitrosign/v1;nitrosignv1b\x06proto3"
 
