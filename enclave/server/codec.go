@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/sha256"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -11,6 +12,8 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 	protov2 "google.golang.org/protobuf/proto"
+
+	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
 // requestCodec is the standard proto codec, except that a request whose
@@ -39,6 +42,15 @@ func (c requestCodec) Marshal(v any) (mem.BufferSlice, error) { return c.base.Ma
 func (c requestCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	err := c.base.Unmarshal(data, v)
 	if err == nil {
+		if needsDigest(v) {
+			h := sha256.New()
+			for _, b := range data {
+				h.Write(b.ReadOnlyData())
+			}
+			var sum [sha256.Size]byte
+			h.Sum(sum[:0])
+			digests.Store(v, sum)
+		}
 		return nil
 	}
 	m, ok := v.(protov2.Message)
@@ -51,6 +63,31 @@ func (c requestCodec) Unmarshal(data mem.BufferSlice, v any) error {
 }
 
 func (c requestCodec) Name() string { return c.base.Name() }
+
+// digests maps a decoded request that callers must sign (callauth) to the
+// SHA-256 of its bytes as they arrived, which is what the caller signed:
+// re-encoding the decoded message could give other bytes. Entries live
+// from decode to the authorisation interceptor, which always takes them.
+var digests sync.Map
+
+// needsDigest reports whether v is a request of a method that callers
+// must sign: Sign and KeyAdminService.
+func needsDigest(v any) bool {
+	switch v.(type) {
+	case *pb.SignRequest, *pb.CreateKeyRequest, *pb.DisableKeyRequest, *pb.EnableKeyRequest:
+		return true
+	}
+	return false
+}
+
+// requestDigest takes the digest recorded for req.
+func requestDigest(req any) ([sha256.Size]byte, bool) {
+	v, ok := digests.LoadAndDelete(req)
+	if !ok {
+		return [sha256.Size]byte{}, false
+	}
+	return v.([sha256.Size]byte), true
+}
 
 func malformedError(req any) error {
 	if v, ok := malformed.LoadAndDelete(req); ok {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,10 +19,12 @@ import (
 	// Clients may compress requests with gzip, the one compressor every
 	// gRPC implementation ships; the host proxy relays them as they are.
 	_ "google.golang.org/grpc/encoding/gzip"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/enclave/stats"
@@ -132,6 +135,15 @@ var Services = []string{
 	pb.KeyAdminService_ServiceDesc.ServiceName,
 }
 
+// Authorizer decides whether the caller of a Sign or KeyAdminService call
+// may make it (*authz.Authorizer): it authenticates the caller from the
+// call's metadata and digest, the SHA-256 of the request's bytes as they
+// arrived, checks the policy, and records the decision. A non-nil error is
+// the status to answer with.
+type Authorizer interface {
+	Authorize(ctx context.Context, method string, req any, digest [32]byte) error
+}
+
 // KeyAdmin rotates a sealed keyset (*keyset.Manager).
 type KeyAdmin interface {
 	CreateKey(ctx context.Context, typ pb.KeyType) (*pb.KeyInfo, error)
@@ -151,6 +163,10 @@ type Params struct {
 	// KeyAdmin serves KeyAdminService; without one (ephemeral keys) it
 	// answers FAILED_PRECONDITION.
 	KeyAdmin KeyAdmin `optional:"true"`
+	// Authorizer guards Sign and KeyAdminService. The enclave's graph
+	// always has one; a server built without one (some tests) lets every
+	// caller through.
+	Authorizer Authorizer `optional:"true"`
 
 	// Stats, when present, counts every call (a grpc stats handler) and
 	// every signature, and is served as nitrosign.v1.StatsService (the
@@ -166,6 +182,7 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 	signer *signer.Signer
+	authz  Authorizer
 	served chan struct{} // closed when Serve returns
 
 	mu      sync.Mutex
@@ -192,6 +209,7 @@ func New(p Params) (*Server, error) {
 		lis:    limitListener(p.Listener, cfg, log),
 		health: health.NewServer(),
 		signer: p.Signer,
+		authz:  p.Authorizer,
 		served: make(chan struct{}),
 	}
 	// Calls are counted by a stats handler (below), outside every
@@ -208,6 +226,9 @@ func New(p Params) (*Server, error) {
 	// ResourceExhausted it was answered with.
 	lu, ls := limitInterceptors(cfg, log)
 	unary = append(unary, lu...)
+	// Callers are authenticated and authorised inside the limits: a flood
+	// of calls is shed before any signature is checked.
+	unary = append(unary, s.unaryAuth)
 	stream = append(stream, ls...)
 	unary = append(unary, unaryRecovery(log))
 	stream = append(stream, streamRecovery(log), streamMalformed)
@@ -303,6 +324,30 @@ func (s *Server) KeysChanged() {
 	}
 	s.setServing(healthpb.HealthCheckResponse_NOT_SERVING)
 	s.log.Warn("not serving: the signer has no keys", zap.String("reason", s.signer.NotReady()))
+}
+
+// unaryAuth has the Authorizer decide every Sign and KeyAdminService call.
+func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	digest, ok := requestDigest(req)
+	if !signedMethod(info.FullMethod) {
+		return handler(ctx, req)
+	}
+	if !ok {
+		// Every such request is decoded by requestCodec, which records it.
+		s.log.Error("no request digest for a call callers must sign", zap.String("method", info.FullMethod))
+		return nil, status.Error(codes.Internal, "internal error")
+	}
+	if s.authz != nil {
+		if err := s.authz.Authorize(ctx, info.FullMethod, req, digest); err != nil {
+			return nil, err
+		}
+	}
+	return handler(ctx, req)
+}
+
+// signedMethod reports whether callers must sign calls of method.
+func signedMethod(method string) bool {
+	return method == pb.SignerService_Sign_FullMethodName || strings.HasPrefix(method, "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/")
 }
 
 // NotReadyTrailer is the trailer on a grpc.health.v1.Health/Check answer
