@@ -22,13 +22,18 @@ import (
 // and the enclave does not start.
 func attestModule(c Config) fx.Option {
 	seeded := c.Signer.DevKeySeed != nil
+	anonymous := c.Authz.DevAllowAnonymous
 	return fx.Options(
 		fx.Supply(c.Attest),
 		attest.Module,
 		fx.Provide(
 			func(s attest.Seeder, n attest.NSM) (signer.Seeder, error) {
-				if _, simulated := n.(attest.Simulation); seeded && !simulated {
+				_, simulated := n.(attest.Simulation)
+				if seeded && !simulated {
 					return nil, fmt.Errorf("%w (an NSM device exists: this is a real enclave)", errDevKeySeed)
+				}
+				if anonymous && !simulated {
+					return nil, fmt.Errorf("%w (an NSM device exists: this is a real enclave)", errDevAnonymous)
 				}
 				return s, nil
 			},

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/nitrosign/nitrosign/enclave/attest"
+	"github.com/nitrosign/nitrosign/enclave/authz"
 	"github.com/nitrosign/nitrosign/enclave/keyset"
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/enclave/sealing"
@@ -34,6 +35,8 @@ type Config struct {
 	// Keyset is where a sealed keyset and KMS are (Signer.KeyMode
 	// "sealed" only).
 	Keyset keyset.Config
+	// Authz is who may sign and administer keys (package authz).
+	Authz  authz.Config
 	Server server.Config
 	Attest attest.Config
 }
@@ -57,7 +60,7 @@ func (c Config) Validate() error {
 	if c.Signer.IsSealed() {
 		ks = c.Keyset.Validate()
 	}
-	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.Listener.Validate(), c.Signer.Validate(), ks, c.Server.Validate(), c.Attest.Validate(), c.devOnly())
+	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.Listener.Validate(), c.Signer.Validate(), ks, c.Authz.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
 }
 
 // parentCID is the parent instance's vsock CID, seen from an enclave.
@@ -81,15 +84,24 @@ func (c Config) validateLogShip() error {
 var errDevKeySeed = errors.New("--dev-key-seed is for development only and needs --dev-simulated-nsm: " +
 	"anyone who knows the seed has the keys, and a real enclave never derives its keys from one")
 
+// errDevAnonymous refuses anonymous signing outside development.
+var errDevAnonymous = errors.New("--dev-allow-anonymous is for development only and needs --dev-simulated-nsm: " +
+	"a real enclave signs only for the callers its policy names")
+
 // devOnly refuses development-only settings where the simulated NSM is not
-// asked for: deterministic keys (signer.Config.DevKeySeed). Where a real
-// NSM exists the simulated one is ignored, and so the seed is refused at
-// start-up too (attestModule).
+// asked for: deterministic keys (signer.Config.DevKeySeed) and anonymous
+// callers (authz.Config.DevAllowAnonymous). Where a real NSM exists the
+// simulated one is ignored, and so they are refused at start-up too
+// (attestModule).
 func (c Config) devOnly() error {
+	var errs []error
 	if c.Signer.DevKeySeed != nil && !c.Attest.DevSimulatedNSM {
-		return errDevKeySeed
+		errs = append(errs, errDevKeySeed)
 	}
-	return nil
+	if c.Authz.DevAllowAnonymous && !c.Attest.DevSimulatedNSM {
+		errs = append(errs, errDevAnonymous)
+	}
+	return errors.Join(errs...)
 }
 
 // Options is the enclave's graph without a listener: the binary adds
@@ -104,13 +116,27 @@ func Options(c Config, log *zap.Logger) fx.Option {
 		)
 	}
 	return fx.Options(
-		fx.Supply(log, c.Signer, c.Server),
+		fx.Supply(log, c.Signer, c.Server, c.Authz),
 		logging.FxLogger(),
 		signer.Module,
 		keys,
+		authzModule(),
 		attestModule(c),
 		server.Module,
 		statsModule(),
+	)
+}
+
+// authzModule authenticates and authorises Sign and KeyAdminService
+// (server.Params.Authorizer), and gives attestation the policy to commit
+// to.
+func authzModule() fx.Option {
+	return fx.Options(
+		fx.Provide(
+			authz.New,
+			func(a *authz.Authorizer) server.Authorizer { return a },
+			func(a *authz.Authorizer) attest.PolicySource { return a },
+		),
 	)
 }
 

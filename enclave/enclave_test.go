@@ -96,3 +96,33 @@ func TestDevKeySeedDevelopmentOnly(t *testing.T) {
 		t.Fatalf("the error carries the seed: %v", err)
 	}
 }
+
+// Anonymous signing (--dev-allow-anonymous) runs only with the simulated
+// NSM: refused by Validate without it, and at start-up wherever a real NSM
+// device exists.
+func TestDevAllowAnonymousDevelopmentOnly(t *testing.T) {
+	c := DefaultConfig()
+	c.Listener.CID = 1
+	c.Authz.DevAllowAnonymous = true
+	if err := c.Validate(); !errors.Is(err, errDevAnonymous) {
+		t.Fatalf("anonymous without the simulated NSM: %v", err)
+	}
+	c.Attest.DevSimulatedNSM = true
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	dev := filepath.Join(t.TempDir(), "nsm")
+	if err := os.WriteFile(dev, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.Attest.DevicePath = dev
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	app := fx.New(Options(c, zap.NewNop()), fx.Supply(fx.Annotate(l, fx.As(new(net.Listener)))), fx.NopLogger)
+	if err := app.Err(); !errors.Is(err, errDevAnonymous) || !contains(err.Error(), "real enclave") {
+		t.Fatalf("anonymous where an NSM device exists: %v", err)
+	}
+}

@@ -49,6 +49,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/sigalg"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
@@ -71,8 +72,8 @@ type Policy struct {
 type Caller struct {
 	Name  string
 	KeyID string
-	// Public is an ed25519.PublicKey or a P-256 *ecdsa.PublicKey.
-	Public any
+	// Public is its public key (Ed25519 or ECDSA P-256).
+	Public callauth.Caller
 	Admin  bool
 	rules  []rule
 }
@@ -179,8 +180,12 @@ func parseCaller(fc fileCaller) (*Caller, error) {
 	default:
 		return nil, fmt.Errorf("public_key: a %T; want Ed25519 or ECDSA P-256", pub)
 	}
+	cp, err := callauth.ParsePublicKey(blk.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("public_key: %w", err)
+	}
 	sum := sha256.Sum256(blk.Bytes)
-	c := &Caller{Name: fc.Name, KeyID: hex.EncodeToString(sum[:]), Public: pub, Admin: fc.Admin}
+	c := &Caller{Name: fc.Name, KeyID: hex.EncodeToString(sum[:]), Public: cp, Admin: fc.Admin}
 	for j, fr := range fc.Sign {
 		var r rule
 		for _, t := range fr.KeyTypes {

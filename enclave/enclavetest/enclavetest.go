@@ -28,10 +28,12 @@ type Enclave struct {
 }
 
 // DefaultConfig is a fast test configuration: default key sizes, Ed25519
-// on, simulated NSM.
+// on, simulated NSM, anonymous callers allowed (a test of authorisation
+// turns it off and gives a policy).
 func DefaultConfig() enclave.Config {
 	c := enclave.DefaultConfig()
 	c.Attest.DevSimulatedNSM = true
+	c.Authz.DevAllowAnonymous = true
 	return c
 }
 

@@ -469,6 +469,11 @@ func TestNoPrivateKeySerialisation(t *testing.T) {
 		// "PRIVATE KEY") given by --dev-simulated-nsm-root: development
 		// only, and it is a test CA's key, not a signing key.
 		"enclave/attest/simulated.go": {"PRIVATE KEY": "development root, read only"},
+		// A caller's own identity (nitrosign identity create, --identity):
+		// made, saved (0600) and read by the caller's CLI on the caller's
+		// machine; never a key the enclave holds.
+		"internal/callauth/identity.go": {"PRIVATE KEY": "caller identity file", "MarshalPKCS8PrivateKey": "caller identity file"},
+		"internal/callauth/doc.go":      {"PRIVATE KEY": "documentation of the identity file"},
 	}
 	for _, f := range files {
 		if strings.HasSuffix(f, "_test.go") {

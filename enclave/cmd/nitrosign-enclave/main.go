@@ -24,6 +24,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/nitrosign/nitrosign/enclave"
+	"github.com/nitrosign/nitrosign/enclave/authz"
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/enclave/logship"
 	"github.com/nitrosign/nitrosign/enclave/signer"
@@ -41,7 +42,7 @@ Examples:
   nitrosign-enclave --port 5005 --key-mode sealed \
       --kms-key-arn arn:aws:kms:eu-west-1:111122223333:key/0b5c5a3e-1f2d-4c6b-9a8e-7d6f5e4d3c2b
   # on a machine with vsock_loopback, for development
-  nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --log-format console
+  nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --dev-allow-anonymous --log-format console
   # two development enclaves serving one keyset (behind one proxy)
   seed=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   nitrosign-enclave --cid 1 --port 5005 --dev-simulated-nsm --dev-key-seed "$seed" &
@@ -138,6 +139,9 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	fs.DurationVar(&c.Server.GracefulStopTimeout, "graceful-timeout", c.Server.GracefulStopTimeout, "how long in-flight calls may finish after SIGTERM")
 	// Limits (docs/RELIABILITY.md), with the server package's defaults.
 	c.Server.Limits.RegisterFlags(fs, "connection")
+	fs.StringVar(&c.Authz.PolicyFile, "policy", "", "the caller policy `file` (JSON: who may sign with which key, and administer keys; docs/AUTHZ.md): Dockerfile.enclave bakes deploy/policy.json in as /etc/nitrosign/policy.json, so it is measured, and attestation commits to it. Without one no caller may sign")
+	fs.DurationVar(&c.Authz.MaxSkew, "auth-max-skew", authz.DefaultMaxSkew, "how far a signed call's timestamp may be from the enclave's clock, either way; nonces are remembered for twice that")
+	fs.BoolVar(&c.Authz.DevAllowAnonymous, "dev-allow-anonymous", false, "DEVELOPMENT ONLY: calls that carry no caller signature may sign and administer keys (signed calls are still checked against --policy). Needs --dev-simulated-nsm; refused where /dev/nsm exists")
 	fs.BoolVar(&c.Attest.DevSimulatedNSM, "dev-simulated-nsm", false, "DEVELOPMENT ONLY: without /dev/nsm, attest with a simulated NSM whose documents chain to a throwaway dev root, never to AWS")
 	fs.StringVar(&c.Attest.DevRootFile, "dev-simulated-nsm-root", "", "DEVELOPMENT ONLY: the simulated NSM issues from the root certificate and key in this PEM `file` (several simulated enclaves then chain to one root, which a test KMS trusts); needs --dev-simulated-nsm")
 	// Read as text and decoded below: the flag package would print a

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nitrosign/nitrosign/enclave/authz"
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/internal/target"
 )
@@ -130,6 +131,15 @@ func TestDockerfileEntrypoint(t *testing.T) {
 	}
 	if !c.Signer.IsSealed() || c.Keyset.KMSKeyARN == "" {
 		t.Fatal("ENTRYPOINT does not select sealed keys: every restart of a production enclave would make new keys")
+	}
+	if c.Authz.DevAllowAnonymous {
+		t.Fatal("ENTRYPOINT lets anonymous callers sign")
+	}
+	if c.Authz.PolicyFile != "/etc/nitrosign/policy.json" || !strings.Contains(dockerfile(t), "\nCOPY deploy/policy.json /etc/nitrosign/policy.json\n") {
+		t.Fatalf("ENTRYPOINT's policy %q is not deploy/policy.json baked into the image", c.Authz.PolicyFile)
+	}
+	if _, err := authz.Load("../../../deploy/policy.json"); err != nil {
+		t.Fatalf("deploy/policy.json: %v", err)
 	}
 	if c.Attest.DevSimulatedNSM {
 		t.Fatal("ENTRYPOINT enables the simulated NSM: documents would not be genuine")
