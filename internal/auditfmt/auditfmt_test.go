@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/nitrosign/nitrosign/internal/auditfmt"
@@ -270,4 +271,17 @@ func FuzzDecisionText(f *testing.F) {
 			t.Fatalf("%q %q: %v", caller, reason, err)
 		}
 	})
+}
+
+// FormatTime writes what time.Format writes with TimeLayout.
+func TestFormatTime(t *testing.T) {
+	for _, tm := range []time.Time{
+		time.Unix(0, 0), time.Unix(0, 1), time.Date(2026, 12, 31, 23, 59, 59, 999999999, time.UTC),
+		time.Date(2026, 5, 1, 14, 0, 0, 5, time.FixedZone("x", 2*3600)), time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC),
+		time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC), time.Now(),
+	} {
+		if got, want := auditfmt.FormatTime(tm), tm.UTC().Format(auditfmt.TimeLayout); got != want {
+			t.Errorf("FormatTime(%v) = %s, want %s", tm, got, want)
+		}
+	}
 }
