@@ -243,7 +243,9 @@ func TestShipDropsBadHosts(t *testing.T) {
 		reply func(c net.Conn, e *auditfmt.Entry)
 	}{
 		{"no ack", func(net.Conn, *auditfmt.Entry) {}},
-		{"ack of an unsent entry", func(c net.Conn, e *auditfmt.Entry) { _, _ = fmt.Fprintf(c, `{"chain":%q,"ack":%d}`+"\n", e.Chain, e.Seq+100) }},
+		{"ack of an unsent entry", func(c net.Conn, e *auditfmt.Entry) {
+			_, _ = fmt.Fprintf(c, `{"chain":%q,"ack":%d}`+"\n", e.Chain, e.Seq+100)
+		}},
 		{"ack of another chain", func(c net.Conn, e *auditfmt.Entry) {
 			_, _ = fmt.Fprintf(c, `{"chain":%q,"ack":%d}`+"\n", strings.Repeat("0", 32), e.Seq)
 		}},
