@@ -16,6 +16,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/nitrosign/nitrosign/host/pool"
+	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/target"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
@@ -37,6 +38,12 @@ type Options struct {
 	// the flags that build it. The enclave's vsock port has no TLS: a
 	// vsock:// target with TLS is an error. Default nil (plaintext).
 	TLS *tls.Config
+	// Identity, when not nil, signs the calls the enclave authenticates
+	// (Sign and KeyAdminService, callauth.DefaultMethods) as this caller:
+	// the enclave checks the signature itself, through the proxy or
+	// direct. Its interceptor runs after any in DialOptions, closest to
+	// the wire. Default nil: calls are anonymous.
+	Identity *callauth.Identity
 	// DialOptions are appended to the pool's.
 	DialOptions []grpc.DialOption
 }
@@ -62,6 +69,12 @@ func Dial(ctx context.Context, addr string, o Options) (*Client, error) {
 		return nil, err
 	}
 	dialOpts := o.DialOptions
+	if o.Identity != nil {
+		// Last: interceptors chain in order, so this one sees the request
+		// after any other has changed it, and signs each attempt of a
+		// retrying interceptor anew.
+		dialOpts = append(dialOpts[:len(dialOpts):len(dialOpts)], grpc.WithChainUnaryInterceptor(callauth.UnaryClientInterceptor(o.Identity, nil)))
+	}
 	if o.TLS != nil {
 		if t.Scheme != target.TCP {
 			return nil, errors.New("TLS is for the host proxy (tcp://HOST:PORT); the enclave's vsock port is plaintext")
