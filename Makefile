@@ -106,7 +106,7 @@ benchmark: build ## A short side-by-side benchmark, see docs/PERFORMANCE.md
 
 run-server: build ## Run the enclave signer on vsock loopback (needs vsock_loopback)
 	./scripts/require-vsock-loopback.sh run-server
-	$(BIN)/nitrosign-enclave --cid $(CID) --port $(PORT) --log-level debug --log-format console --dev-simulated-nsm --dev-allow-anonymous
+	$(BIN)/nitrosign-enclave --cid $(CID) --port $(PORT) --log-level debug --log-format console --dev-simulated-nsm --dev-allow-anonymous --audit-ship ""
 
 run-proxy: build ## Run the host proxy in front of run-server
 	./scripts/require-vsock-loopback.sh run-proxy

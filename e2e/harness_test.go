@@ -180,7 +180,7 @@ type enclave struct {
 // startEnclave runs the enclave on vsock CID 1 and waits until it serves.
 func startEnclave(t *testing.T, port uint32, extra ...string) *enclave {
 	t.Helper()
-	args := append([]string{"--cid", "1", "--port", fmt.Sprint(port), "--dev-simulated-nsm", "--dev-allow-anonymous"}, extra...)
+	args := append([]string{"--cid", "1", "--port", fmt.Sprint(port), "--dev-simulated-nsm", "--dev-allow-anonymous", "--audit-ship", ""}, extra...)
 	e := &enclave{proc: start(t, "nitrosign-enclave", args...), port: port, target: fmt.Sprintf("vsock://1:%d", port)}
 	waitServing(t, e.target, e.proc)
 	return e

@@ -77,7 +77,7 @@ func newSealedEnv(t *testing.T) *sealedEnv {
 		"--key-mode", "sealed", "--kms-key-arn", kmsfake.KeyARN,
 		"--keyset-host", fmt.Sprintf("vsock://1:%d", hostPort),
 		"--kms-proxy", fmt.Sprintf("vsock://1:%d", fwdPort),
-		"--kms-ca-file", caFile, "--dev-simulated-nsm-root", rootFile, "--dev-allow-anonymous",
+		"--kms-ca-file", caFile, "--dev-simulated-nsm-root", rootFile, "--dev-allow-anonymous", "--audit-ship", "",
 	}}
 }
 

@@ -25,7 +25,7 @@ describe-enclaves)
 	if alive; then printf '['; desc "$pid"; printf ']\n'; else echo '[]'; fi
 	;;
 run-enclave)
-	%[2]s/nitrosign-enclave --cid 1 --port %[3]d --dev-simulated-nsm --dev-allow-anonymous --log-ship "" >>"$dir/enclave.log" 2>&1 &
+	%[2]s/nitrosign-enclave --cid 1 --port %[3]d --dev-simulated-nsm --dev-allow-anonymous --audit-ship "" --log-ship "" >>"$dir/enclave.log" 2>&1 &
 	echo $! >"$dir/pid"
 	echo "Start allocating memory..."
 	desc $!; echo

@@ -36,7 +36,11 @@ type Config struct {
 	// "sealed" only).
 	Keyset keyset.Config
 	// Authz is who may sign and administer keys (package authz).
-	Authz  authz.Config
+	Authz authz.Config
+	// AuditShip is where the audit trail of signing decisions goes
+	// (package audit; the host's nitrosign-proxy --enclave-audit-port):
+	// vsock://3:5052 by default. Empty, development only: none.
+	AuditShip string
 	Server server.Config
 	Attest attest.Config
 }
@@ -46,7 +50,8 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Log:      logging.Config{Level: "info", Format: "json"},
-		LogShip:  fmt.Sprintf("vsock://%d:%d", parentCID, target.LogPort),
+		LogShip:   fmt.Sprintf("vsock://%d:%d", parentCID, target.LogPort),
+		AuditShip: fmt.Sprintf("vsock://%d:%d", parentCID, DefaultAuditPort),
 		Listener: listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort},
 		Signer:   signer.Config{KeyMode: signer.Ephemeral, RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
 		Keyset:   keyset.DefaultConfig(),
@@ -60,11 +65,14 @@ func (c Config) Validate() error {
 	if c.Signer.IsSealed() {
 		ks = c.Keyset.Validate()
 	}
-	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.Listener.Validate(), c.Signer.Validate(), ks, c.Authz.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
+	return errors.Join(c.Log.Validate(), c.validateLogShip(), c.validateAuditShip(), c.Listener.Validate(), c.Signer.Validate(), ks, c.Authz.Validate(), c.Server.Validate(), c.Attest.Validate(), c.devOnly())
 }
 
 // parentCID is the parent instance's vsock CID, seen from an enclave.
 const parentCID = 3
+
+// DefaultAuditPort is the host's audit receiver's vsock port.
+const DefaultAuditPort = 5052
 
 func (c Config) validateLogShip() error {
 	if c.LogShip == "" {
@@ -76,6 +84,20 @@ func (c Config) validateLogShip() error {
 	}
 	if t.Scheme == target.VSOCK && t.Port == target.ReservedVsockPort {
 		return fmt.Errorf("log shipping target %q: port %d is nitro-cli's boot heartbeat", c.LogShip, t.Port)
+	}
+	return nil
+}
+
+func (c Config) validateAuditShip() error {
+	if c.AuditShip == "" {
+		return nil
+	}
+	t, err := target.Parse(c.AuditShip)
+	if err != nil {
+		return fmt.Errorf("audit target: %w", err)
+	}
+	if t.Scheme == target.VSOCK && t.Port == target.ReservedVsockPort {
+		return fmt.Errorf("audit target %q: port %d is nitro-cli's boot heartbeat", c.AuditShip, t.Port)
 	}
 	return nil
 }
@@ -101,6 +123,9 @@ func (c Config) devOnly() error {
 	if c.Authz.DevAllowAnonymous && !c.Attest.DevSimulatedNSM {
 		errs = append(errs, errDevAnonymous)
 	}
+	if c.AuditShip == "" && !c.Attest.DevSimulatedNSM {
+		errs = append(errs, errAuditOff)
+	}
 	return errors.Join(errs...)
 }
 
@@ -120,6 +145,7 @@ func Options(c Config, log *zap.Logger) fx.Option {
 		logging.FxLogger(),
 		signer.Module,
 		keys,
+		auditModule(c),
 		authzModule(),
 		attestModule(c),
 		server.Module,

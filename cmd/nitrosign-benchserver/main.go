@@ -173,6 +173,7 @@ func runEnclave(args []string, stderr io.Writer) error {
 	}
 	c.Attest.DevSimulatedNSM = true // the listener part (vsock) is unused here
 	c.Authz.DevAllowAnonymous = true
+	c.AuditShip = ""
 	pc := pprofserver.Config{Listen: *pp}
 	if err := errors.Join(loopbackListen(*listen), c.Validate(), pc.Validate()); err != nil {
 		return usageErr(stderr, fs.Name(), "%s", strings.ReplaceAll(err.Error(), "\n", "; "))

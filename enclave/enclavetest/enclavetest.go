@@ -29,11 +29,12 @@ type Enclave struct {
 
 // DefaultConfig is a fast test configuration: default key sizes, Ed25519
 // on, simulated NSM, anonymous callers allowed (a test of authorisation
-// turns it off and gives a policy).
+// turns it off and gives a policy), no audit trail shipped.
 func DefaultConfig() enclave.Config {
 	c := enclave.DefaultConfig()
 	c.Attest.DevSimulatedNSM = true
 	c.Authz.DevAllowAnonymous = true
+	c.AuditShip = "" // no host to take it; a test of the audit trail sets one
 	return c
 }
 

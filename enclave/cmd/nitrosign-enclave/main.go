@@ -153,6 +153,7 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 		return nil
 	})
 	fs.StringVar(&c.Log.Level, "log-level", c.Log.Level, "log level: debug, info, warn or error")
+	fs.StringVar(&c.AuditShip, "audit-ship", c.AuditShip, "send the audit trail of signing decisions (hash-chained, heads signed with an attested key) to the host's receiver at this `address` (nitrosign-proxy --enclave-audit-port); a decision it cannot keep is refused; empty, DEVELOPMENT ONLY (needs --dev-simulated-nsm): no audit trail")
 	fs.StringVar(&c.LogShip, "log-ship", c.LogShip, "also send every log line (JSON) to the host's receiver at this `address`, vsock://CID:PORT (the parent is CID 3; nitrosign-proxy --enclave-log-port) or tcp://HOST:PORT; never blocks: lines the host does not take in time are dropped and counted; empty: off")
 	fs.StringVar(&c.Log.Format, "log-format", c.Log.Format, "log format: json or console")
 	if err := fs.Parse(args); err != nil {

@@ -135,6 +135,9 @@ func TestDockerfileEntrypoint(t *testing.T) {
 	if c.Authz.DevAllowAnonymous {
 		t.Fatal("ENTRYPOINT lets anonymous callers sign")
 	}
+	if want := "vsock://3:5052"; c.AuditShip != want {
+		t.Fatalf("ENTRYPOINT ships its audit trail to %q, want the parent, %s", c.AuditShip, want)
+	}
 	if c.Authz.PolicyFile != "/etc/nitrosign/policy.json" || !strings.Contains(dockerfile(t), "\nCOPY deploy/policy.json /etc/nitrosign/policy.json\n") {
 		t.Fatalf("ENTRYPOINT's policy %q is not deploy/policy.json baked into the image", c.Authz.PolicyFile)
 	}
