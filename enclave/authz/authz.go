@@ -20,9 +20,19 @@ import (
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
-// Defaults of Config.
+// Defaults of Config, and the replay cache's size.
 const (
-	DefaultMaxSkew = 2 * time.Minute
+	// DefaultMaxSkew: EC2 instances and the enclave's hypervisor clock
+	// keep time within milliseconds (Amazon Time Sync); 30 s leaves room
+	// for a badly synchronised client without keeping a recorded call good
+	// for long.
+	DefaultMaxSkew = 30 * time.Second
+	// ReplayCapacity is how many signed calls one generation of the replay
+	// cache remembers (callauth.NewReplayCache): 32 MiB allocated at
+	// start, and with DefaultMaxSkew a sustained 17,476 signed calls a
+	// second, above what two to four cores can sign; beyond it calls are
+	// refused with ResourceExhausted until the generation ends.
+	ReplayCapacity = 1 << 20
 )
 
 // Config is how the enclave authorises its callers. In an enclave it
@@ -37,8 +47,8 @@ type Config struct {
 	// enclave refuses it without the simulated NSM.
 	DevAllowAnonymous bool
 	// MaxSkew is how far a call's timestamp may be from the enclave's
-	// clock (the hypervisor's), either way; nonces are remembered that
-	// long. Default 2m.
+	// clock (the hypervisor's), either way; nonces are remembered for
+	// twice that. Default 30s.
 	MaxSkew time.Duration
 }
 
@@ -103,7 +113,7 @@ func New(p Params) (*Authorizer, error) {
 		cfg.MaxSkew = DefaultMaxSkew
 	}
 	log := p.Logger.Named("authz")
-	replay, err := callauth.NewReplayCache(cfg.MaxSkew, callauth.DefaultCapacity)
+	replay, err := callauth.NewReplayCache(cfg.MaxSkew, ReplayCapacity)
 	if err != nil {
 		return nil, err
 	}
