@@ -190,7 +190,7 @@ func (id *Identity) Save(path string) (err error) {
 	defer clear(data)
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("callauth: save identity: %s exists: refusing to overwrite it: %w", path, fs.ErrExist)
+		return fmt.Errorf("callauth: save identity: refusing to overwrite %s: %w", path, fs.ErrExist)
 	}
 	if err != nil {
 		return fmt.Errorf("callauth: save identity: %w", err)
