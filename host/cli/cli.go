@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/nitrosign/nitrosign/host/client"
+	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/target"
 	"github.com/nitrosign/nitrosign/internal/tlsconfig"
 )
@@ -57,6 +58,7 @@ var commands = []command{
 	{"verify", "verify a signature locally (exit 0 only when valid)", verifyUsage, server | keyed, runVerify},
 	{"attest", "fetch (or read) an attestation document and verify it", attestUsage, server, runAttest},
 	{"keyset", "on the parent: request a new sealed keyset, or show its header", keysetUsage, 0, runKeyset},
+	{"identity", "create or show a caller identity (the key that signs calls)", identityUsage, 0, runIdentity},
 	{"bench", "load-test one target: throughput and latency percentiles", benchUsage, 0, runBench},
 	{"compare", "benchmark several targets in interleaved rounds and compare them", compareUsage, 0, runCompare},
 }
@@ -69,8 +71,10 @@ Usage:
 Commands:
 %s
 Every command takes --target (vsock://CID:PORT for the enclave directly,
-tcp://HOST:PORT for the host proxy; default %s), --timeout and
---output text|json. "nitrosign <command> -h" shows its flags and examples.
+tcp://HOST:PORT for the host proxy; default %s), --timeout,
+--output text|json and --identity FILE (the caller identity that signs
+Sign and key administration calls: see nitrosign identity -h).
+"nitrosign <command> -h" shows its flags and examples.
 `
 
 func usage(w io.Writer) {
@@ -195,6 +199,13 @@ func (c *cmd) connect(ctx context.Context) (_ context.Context, _ *client.Client,
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	var id *callauth.Identity
+	if c.identity != "" {
+		// LoadIdentity's errors name the file and never quote it.
+		if id, err = callauth.LoadIdentity(c.identity); err != nil {
+			return nil, nil, nil, fmt.Errorf("--identity: %w", err)
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	// A TLS mismatch would otherwise show only as "cannot reach" after the
 	// whole --timeout: find it at once.
@@ -204,7 +215,7 @@ func (c *cmd) connect(ctx context.Context) (_ context.Context, _ *client.Client,
 			return nil, nil, nil, err
 		}
 	}
-	cl, err := client.Dial(ctx, c.target, client.Options{TLS: tc})
+	cl, err := client.Dial(ctx, c.target, client.Options{TLS: tc, Identity: id})
 	if err != nil {
 		cancel()
 		return nil, nil, nil, err
@@ -222,6 +233,9 @@ type common struct {
 	tls tlsconfig.ClientConfig
 	// insecure allows plaintext to a tcp:// target beyond loopback.
 	insecure bool
+	// identity is the caller identity file that signs the calls the
+	// enclave authenticates (Sign, KeyAdminService); "" for none.
+	identity string
 }
 
 func (c *common) register(fs *flag.FlagSet) {
@@ -229,6 +243,7 @@ func (c *common) register(fs *flag.FlagSet) {
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Second, "deadline for the whole command, connection included")
 	fs.StringVar(&c.output, "output", "text", "output format: text or json")
 	c.tls.RegisterFlags(fs)
+	fs.StringVar(&c.identity, "identity", "", "sign Sign and key administration calls as the caller whose private key is in `FILE` (nitrosign identity create); the enclave checks the signature against its caller policy")
 	fs.BoolVar(&c.insecure, "insecure", false, "allow plaintext to a tcp:// target that is not on loopback (messages and signatures cross the network in the clear)")
 }
 
