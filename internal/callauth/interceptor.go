@@ -20,11 +20,12 @@ import (
 )
 
 // The methods the enclave wants signed (DefaultMethods).
-var (
+const (
 	// SignMethod is SignerService.Sign.
 	SignMethod = pb.SignerService_Sign_FullMethodName
-	// KeyAdminPrefix begins every KeyAdminService method.
-	KeyAdminPrefix = "/" + pb.KeyAdminService_ServiceDesc.ServiceName + "/"
+	// KeyAdminPrefix begins every KeyAdminService method (tested against
+	// the generated service description).
+	KeyAdminPrefix = "/nitrosign.v1.KeyAdminService/"
 )
 
 // DefaultMethods reports whether method is one the enclave authenticates:

@@ -315,6 +315,14 @@ func TestInterceptorWithoutIdentity(t *testing.T) {
 }
 
 func TestDefaultMethods(t *testing.T) {
+	if KeyAdminPrefix != "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/" {
+		t.Fatalf("KeyAdminPrefix %q is not the service's", KeyAdminPrefix)
+	}
+	for _, m := range pb.KeyAdminService_ServiceDesc.Methods {
+		if !DefaultMethods(KeyAdminPrefix + m.MethodName) {
+			t.Errorf("KeyAdminService.%s not signed", m.MethodName)
+		}
+	}
 	for m, want := range map[string]bool{
 		"/nitrosign.v1.SignerService/Sign":            true,
 		"/nitrosign.v1.KeyAdminService/CreateKey":     true,
