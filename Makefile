@@ -47,7 +47,8 @@ test-unit:
 FUZZTIME ?= 10s
 FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest \
                 ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter \
-                ./host/proxy:FuzzRelayFrames ./enclave/recipient:FuzzDecrypt ./enclave/sealing:FuzzReadHeader
+                ./host/proxy:FuzzRelayFrames ./enclave/recipient:FuzzDecrypt ./enclave/sealing:FuzzReadHeader \
+                ./internal/callauth:FuzzParseMetadata ./internal/callauth:FuzzCanonical ./internal/auditfmt:FuzzParse
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	@for t in $(FUZZ_TARGETS); do \

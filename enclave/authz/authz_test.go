@@ -43,7 +43,7 @@ func identity(t *testing.T, kind string) *callauth.Identity {
 }
 
 // dial connects as id (nil: anonymous).
-func dial(t *testing.T, addr string, id *callauth.Identity) *grpc.ClientConn {
+func dial(t testing.TB, addr string, id *callauth.Identity) *grpc.ClientConn {
 	t.Helper()
 	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
 	if id != nil {
