@@ -13,6 +13,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 
+	"github.com/nitrosign/nitrosign/host/auditlog"
 	"github.com/nitrosign/nitrosign/host/keystore"
 	"github.com/nitrosign/nitrosign/host/kmsforward"
 	"github.com/nitrosign/nitrosign/host/metrics"
@@ -107,6 +108,21 @@ type Config struct {
 	// KMSRegion's endpoint: a FIPS endpoint (kms-fips.REGION.amazonaws.com
 	// :443), a VPC endpoint, or a test KMS. Default empty.
 	KMSEndpoint string
+	// EnclaveAuditPort is the vsock port (any CID) on which the proxy
+	// receives the audit trail of signing decisions enclaves ship
+	// (package auditlog; the enclave's side is enclave/audit, dialling
+	// vsock://3:5052) and appends it to AuditFile. 0: off. Default 0; the
+	// systemd unit sets 5052.
+	EnclaveAuditPort uint32
+	// AuditFile is the audit file, an absolute path whose directory must
+	// exist; it is only ever appended to (O_APPEND, 0600, fsync before each
+	// acknowledgement). `nitrosign audit verify --file PATH` checks it.
+	// Default /var/lib/nitrosign/audit.jsonl (the unit's StateDirectory).
+	AuditFile string
+	// AuditLogDecisions also logs every stored decision, and each signed
+	// head, at info in the proxy's log (journald): fields only (the
+	// message's SHA-256, never the message). Default false.
+	AuditLogDecisions bool
 
 	// Limits protect the proxy, and the enclave behind it, from load and
 	// from hostile or broken clients (internal/limits; docs/RELIABILITY.md
@@ -205,6 +221,7 @@ func DefaultConfig() Config {
 		MaxConnectionBuffer:  1 << 20,
 		MemoryBudget:         128 << 20,
 		KeysetFile:           keystore.DefaultPath,
+		AuditFile:            auditlog.DefaultPath,
 	}
 }
 
@@ -256,7 +273,8 @@ func (c Config) Validate() error {
 }
 
 // validateEnclaveServices checks the vsock services the proxy offers its
-// enclaves: the host service and the KMS forwarder.
+// enclaves: the log receiver, the host service, the KMS forwarder and the
+// audit receiver.
 func (c Config) validateEnclaveServices() []error {
 	var errs []error
 	if c.EnclaveHostPort == target.ReservedVsockPort {
@@ -265,10 +283,14 @@ func (c Config) validateEnclaveServices() []error {
 	if c.KMSForwardPort == target.ReservedVsockPort {
 		errs = append(errs, fmt.Errorf("KMS forward port %d is nitro-cli's boot heartbeat: choose another --kms-forward-port (the enclave's default is 8000)", c.KMSForwardPort))
 	}
+	if c.EnclaveAuditPort == target.ReservedVsockPort {
+		errs = append(errs, fmt.Errorf("enclave audit port %d is nitro-cli's boot heartbeat: choose another --enclave-audit-port (the enclave's default is %d)", c.EnclaveAuditPort, auditlog.DefaultPort))
+	}
 	ports := []struct {
 		flag string
 		port uint32
-	}{{"--enclave-log-port", c.EnclaveLogPort}, {"--enclave-host-port", c.EnclaveHostPort}, {"--kms-forward-port", c.KMSForwardPort}}
+	}{{"--enclave-log-port", c.EnclaveLogPort}, {"--enclave-host-port", c.EnclaveHostPort}, {"--kms-forward-port", c.KMSForwardPort},
+		{"--enclave-audit-port", c.EnclaveAuditPort}}
 	for i, a := range ports {
 		for _, b := range ports[i+1:] {
 			if a.port != 0 && a.port == b.port {
@@ -279,6 +301,13 @@ func (c Config) validateEnclaveServices() []error {
 	if c.EnclaveHostPort != 0 {
 		if err := keystore.ValidatePath(c.KeysetFile); err != nil {
 			errs = append(errs, fmt.Errorf("--keyset-file: %w", err))
+		}
+	}
+	if c.EnclaveAuditPort != 0 {
+		if err := auditlog.ValidatePath(c.AuditFile); err != nil {
+			errs = append(errs, fmt.Errorf("--audit-file: %w", err))
+		} else if c.EnclaveHostPort != 0 && c.AuditFile == c.KeysetFile {
+			errs = append(errs, fmt.Errorf("--audit-file and --keyset-file are both %s: each needs its own file", c.AuditFile))
 		}
 	}
 	if c.KMSRegion != "" && !kmsRegion.MatchString(c.KMSRegion) {

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/fx"
 	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/host/auditlog"
 	"github.com/nitrosign/nitrosign/host/enclavelog"
 	"github.com/nitrosign/nitrosign/host/keystore"
 	"github.com/nitrosign/nitrosign/host/kmsforward"
@@ -133,7 +134,7 @@ func provideNotifier(px *Proxy, log *zap.Logger, lc fx.Lifecycle) *sdnotify.Noti
 // event logging, upstream connections, metrics (served when
 // cfg.Metrics.Listen is set), the services for enclaves on vsock (log
 // receiver, host service with the sealed keyset and credentials, KMS
-// forwarder; each when its port is set) and proxy. The binary runs exactly this, and
+// forwarder, audit receiver; each when its port is set) and proxy. The binary runs exactly this, and
 // its fx.ValidateApp test validates exactly this.
 func Options(cfg Config) fx.Option {
 	return fx.Options(
@@ -146,6 +147,9 @@ func Options(cfg Config) fx.Option {
 			func(m *metrics.Metrics) Observer { return m },
 			func(c Config) enclavelog.Config { return enclavelog.Config{Port: c.EnclaveLogPort} },
 			func(c Config) keystore.Config { return keystore.Config{Port: c.EnclaveHostPort, Path: c.KeysetFile} },
+			func(c Config) auditlog.Config {
+				return auditlog.Config{Port: c.EnclaveAuditPort, Path: c.AuditFile, LogDecisions: c.AuditLogDecisions}
+			},
 		),
 		logging.FxLogger(),
 		// The proxy's stop waits up to GracefulStopTimeout; leave fx room
@@ -155,6 +159,7 @@ func Options(cfg Config) fx.Option {
 		enclavelog.Module,
 		keystore.Module,
 		kmsForwardModule,
+		auditlog.Module,
 		Module,
 	)
 }

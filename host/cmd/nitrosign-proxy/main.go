@@ -7,6 +7,7 @@
 //	nitrosign-proxy --upstream vsock://16:5005 [--listen 127.0.0.1:8443]
 //	    [--tls-cert FILE --tls-key FILE [--client-ca FILE]] [--metrics-listen 127.0.0.1:9464]
 //	    [--enclave-host-port 5051 --keyset-file FILE] [--kms-forward-port 8000 --kms-region REGION]
+//	    [--enclave-audit-port 5052 --audit-file FILE]
 //
 // Run nitrosign-proxy -h for every flag and more examples.
 package main
@@ -167,10 +168,12 @@ func startHint(err error) string {
 	switch {
 	case strings.Contains(msg, "keyset directory"):
 		return "the directory of --keyset-file must exist and be writable by the proxy: the unit's StateDirectory=nitrosign makes /var/lib/nitrosign"
+	case strings.Contains(msg, "audit file"):
+		return "the directory of --audit-file must exist and the proxy must be able to append to the file: the unit's StateDirectory=nitrosign makes /var/lib/nitrosign; or turn the receiver off with --enclave-audit-port 0"
 	case strings.Contains(msg, "vsock port") && errors.Is(err, syscall.EADDRINUSE):
-		return "another process already listens on that vsock port: stop it, or choose another --enclave-log-port, --enclave-host-port or --kms-forward-port (0 turns one off)"
+		return "another process already listens on that vsock port: stop it, or choose another --enclave-log-port, --enclave-host-port, --kms-forward-port or --enclave-audit-port (0 turns one off)"
 	case strings.Contains(msg, "vsock port"):
-		return "this machine cannot listen on vsock (is /dev/vsock there? modprobe vsock_loopback on a development machine): or turn the service off with --enclave-log-port, --enclave-host-port or --kms-forward-port 0"
+		return "this machine cannot listen on vsock (is /dev/vsock there? modprobe vsock_loopback on a development machine): or turn the service off with --enclave-log-port, --enclave-host-port, --kms-forward-port or --enclave-audit-port 0"
 	case strings.Contains(msg, "AWS credentials") || strings.Contains(msg, "AWS configuration"):
 		return "the AWS configuration files (AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE, ~/.aws) could not be read: fix or remove them; on EC2 the instance role needs none"
 	case errors.Is(err, syscall.EADDRINUSE):
@@ -232,6 +235,13 @@ never logged); and relays their KMS connections to the region's KMS endpoint
 only after 'nitrosign keyset init'; 'nitrosign keyset show' prints the file's
 header.
 
+Audit trail (docs: nitrosign audit verify -h): enclaves ship every signing
+decision, allowed or denied, in a hash-chained log whose heads they sign with
+an attested key; the proxy receives it on --enclave-audit-port, checks each
+entry's hash and links, and appends it to --audit-file (only ever appended
+to, fsynced before it acknowledges). 'nitrosign audit verify' checks the
+file: chains, hashes, signed heads, attestations, and any gap or edit.
+
 Examples:
   # Enclave started with: nitro-cli run-enclave --enclave-cid 16 ...
   nitrosign-proxy --upstream vsock://16:5005
@@ -239,6 +249,10 @@ Examples:
   # Sealed keys: host service and KMS forwarder for enclaves (as the unit)
   nitrosign-proxy --upstream vsock://16:5005 --enclave-host-port 5051 \
     --keyset-file /var/lib/nitrosign/keyset.sealed --kms-forward-port 8000 --kms-region eu-west-1
+
+  # The audit trail of signing decisions (as the unit), also in the journal
+  nitrosign-proxy --upstream vsock://16:5005 --enclave-audit-port 5052 \
+    --audit-file /var/lib/nitrosign/audit.jsonl --audit-log-decisions
 
   # Development against a signer on vsock loopback, readable debug logs
   nitrosign-proxy --upstream vsock://1:5005 --log-level debug --log-format console
@@ -304,6 +318,10 @@ func parseFlags(args []string, stderr io.Writer) (proxy.Config, error) {
 	fs.Func("kms-forward-port", "relay enclaves' connections to AWS KMS from this vsock `port` (any CID) to --kms-region's KMS endpoint, or --kms-endpoint, and nowhere else (TLS end to end); 0: off (default 0; deploy/nitrosign-proxy.service sets 8000)", vsockPort(&cfg.KMSForwardPort))
 	fs.StringVar(&cfg.KMSRegion, "kms-region", cfg.KMSRegion, "AWS `region` of the enclave's KMS key, e.g. eu-west-1: the KMS forwarder relays to kms.REGION.amazonaws.com:443")
 	fs.StringVar(&cfg.KMSEndpoint, "kms-endpoint", cfg.KMSEndpoint, "the KMS forwarder relays to this `HOST:PORT` instead of --kms-region's endpoint (a FIPS or VPC endpoint, a test KMS)")
+	// The audit trail of signing decisions (enclave/audit, host/auditlog).
+	fs.Func("enclave-audit-port", "receive the audit trail of signing decisions enclaves ship on this vsock `port` (any CID) and append it to --audit-file; 0: off (default 0; deploy/nitrosign-proxy.service sets 5052)", vsockPort(&cfg.EnclaveAuditPort))
+	fs.StringVar(&cfg.AuditFile, "audit-file", cfg.AuditFile, "the audit `file` the receiver appends to (absolute path, its directory must exist; created 0600); check it with nitrosign audit verify")
+	fs.BoolVar(&cfg.AuditLogDecisions, "audit-log-decisions", cfg.AuditLogDecisions, "also log every stored audit decision, and each signed head, at info (fields only: the message's SHA-256, never the message)")
 	fs.StringVar(&cfg.Metrics.Listen, "metrics-listen", cfg.Metrics.Listen, "serve Prometheus metrics on `HOST:PORT` (plain HTTP, /metrics); off when empty")
 	// Limits (docs/RELIABILITY.md): those both servers share, then the
 	// relay's own.
