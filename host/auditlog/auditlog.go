@@ -24,11 +24,12 @@
 // sign); the next write after a partial one starts on a new line.
 //
 // Anything on the parent can connect to the port, so the receiver bounds
-// what a peer can do: MaxConns connections, lines of MaxLine bytes, an
-// IdleTimeout. A chain is bound to the peer (vsock CID) that first sent
-// it: entries of that chain from another peer are refused. The receiver
-// checks structure and links, not attestations or head signatures: the
-// verifier does (a forged chain written here fails verification).
+// what a peer can do: MaxConns connections, MaxPeerConns of them per peer,
+// lines of MaxLine bytes, an IdleTimeout. A chain is bound to the peer
+// (vsock CID) that first sent it: entries of that chain from another peer
+// are refused. The receiver checks structure and links, not attestations
+// or head signatures: the verifier does (a forged chain written here fails
+// verification).
 package auditlog
 
 import (
@@ -62,6 +63,7 @@ const (
 	DefaultPort         = 5052
 	DefaultPath         = auditfmt.DefaultFile
 	DefaultMaxConns     = 8
+	DefaultMaxPeerConns = 2
 	DefaultMaxLine      = auditfmt.MaxLine
 	DefaultIdleTimeout  = 10 * time.Minute
 	DefaultWriteTimeout = 10 * time.Second
@@ -86,6 +88,12 @@ type Config struct {
 	// MaxConns bounds the connections served at once; more are closed at
 	// once. Default 8 (an enclave holds one).
 	MaxConns int
+	// MaxPeerConns bounds the connections of one peer (vsock CID, or IP
+	// address) served at once, so that one peer cannot take every slot
+	// and keep the enclaves' trails out (their backlog would fill and they
+	// would stop signing). Default 2: an enclave's connection, and the
+	// next one while the host has not yet seen the last one end.
+	MaxPeerConns int
 	// MaxLine bounds one entry's line, in bytes without the newline; a
 	// longer one is refused. Default 64 KiB (auditfmt.MaxLine: a genesis
 	// with the largest attestation document is about 22 KiB).
@@ -113,6 +121,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxConns <= 0 {
 		c.MaxConns = DefaultMaxConns
+	}
+	if c.MaxPeerConns <= 0 {
+		c.MaxPeerConns = DefaultMaxPeerConns
 	}
 	if c.MaxLine <= 0 {
 		c.MaxLine = DefaultMaxLine
@@ -154,6 +165,9 @@ type Receiver struct {
 	log   *zap.Logger
 	conns limits.Conns
 
+	peersMu sync.Mutex
+	peers   map[string]int // connections open per peer
+
 	mu          sync.Mutex
 	f           *os.File
 	chains      map[string]*chainState
@@ -190,7 +204,7 @@ func Open(cfg Config, log *zap.Logger) (*Receiver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit file: %w", err)
 	}
-	r := &Receiver{cfg: cfg, log: log.Named("audit"), f: f, chains: map[string]*chainState{}}
+	r := &Receiver{cfg: cfg, log: log.Named("audit"), f: f, chains: map[string]*chainState{}, peers: map[string]int{}}
 	if err := r.scanTail(); err != nil {
 		_ = f.Close()
 		return nil, fmt.Errorf("audit file %s: %w", cfg.Path, err)
@@ -397,6 +411,23 @@ type batch struct {
 func (r *Receiver) serveConn(c net.Conn) {
 	peer, peerField := peerOf(c)
 	log := r.log.With(peerField)
+	r.peersMu.Lock()
+	open := r.peers[peer]
+	if open < r.cfg.MaxPeerConns {
+		r.peers[peer]++
+	}
+	r.peersMu.Unlock()
+	if open >= r.cfg.MaxPeerConns {
+		log.Warn("audit connection refused: this peer has too many open", zap.Int("open", open), zap.Int("limit", r.cfg.MaxPeerConns))
+		return
+	}
+	defer func() {
+		r.peersMu.Lock()
+		if r.peers[peer]--; r.peers[peer] == 0 {
+			delete(r.peers, peer)
+		}
+		r.peersMu.Unlock()
+	}()
 	hello := []byte(`{"last_head":null}` + "\n")
 	if h := r.LastHead(); h != nil {
 		hello = fmt.Appendf(nil, `{"last_head":{"chain":%q,"seq":%d,"hash":%q}}`+"\n", h.Chain, h.Seq, h.Hash)

@@ -681,24 +681,44 @@ func TestLogDecisions(t *testing.T) {
 	}
 }
 
-// Connections beyond MaxConns are closed at once; a silent one is closed
-// after IdleTimeout.
+// Connections beyond MaxConns, or beyond MaxPeerConns from one peer, are
+// closed at once; a silent one is closed after IdleTimeout.
 func TestConnectionBounds(t *testing.T) {
-	r := startReceiver(t, auditlog.Config{MaxConns: 1, IdleTimeout: 300 * time.Millisecond})
-	first := dialRaw(t, r, "")
-	c, err := net.Dial("tcp", r.addr)
-	if err != nil {
-		t.Fatal(err)
+	refused := func(t *testing.T, r *receiver, local string) {
+		t.Helper()
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
+		c, err := d.Dial("tcp", r.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(make([]byte, 64)); err == nil {
+			t.Fatalf("a connection from %s got %d bytes, want it closed", local, n)
+		}
 	}
-	defer c.Close()
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if n, err := c.Read(make([]byte, 64)); err == nil {
-		t.Fatalf("a second connection got %d bytes, want it closed", n)
-	}
-	start := time.Now()
-	if _, err := first.br.ReadByte(); err == nil || time.Since(start) > 4*time.Second {
-		t.Fatalf("idle connection not closed: %v after %v", err, time.Since(start))
-	}
+	t.Run("all peers", func(t *testing.T) {
+		r := startReceiver(t, auditlog.Config{MaxConns: 1, IdleTimeout: 300 * time.Millisecond})
+		first := dialRaw(t, r, "")
+		refused(t, r, "127.0.0.2")
+		start := time.Now()
+		if _, err := first.br.ReadByte(); err == nil || time.Since(start) > 4*time.Second {
+			t.Fatalf("idle connection not closed: %v after %v", err, time.Since(start))
+		}
+	})
+	t.Run("one peer", func(t *testing.T) {
+		r := startReceiver(t, auditlog.Config{MaxPeerConns: 2})
+		dialRaw(t, r, "127.0.0.1")
+		dialRaw(t, r, "127.0.0.1")
+		refused(t, r, "127.0.0.1")
+		// Another peer still gets in.
+		if got := dialRaw(t, r, "127.0.0.2").hello; got != `{"last_head":null}`+"\n" {
+			t.Fatalf("first line %q", got)
+		}
+		if r.logs.FilterMessageSnippet("this peer has too many open").Len() != 1 {
+			t.Fatalf("log %v", r.logs.All())
+		}
+	})
 }
 
 func TestModule(t *testing.T) {
