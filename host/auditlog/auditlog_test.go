@@ -354,6 +354,72 @@ func TestLostConnectionResendsOnce(t *testing.T) {
 	}
 }
 
+// The enclave starts while the host does not answer: its chain names no
+// previous head, decisions wait in the bounded backlog until it is full,
+// then Append fails closed with ErrBacklogFull (the signer refuses to
+// sign); once the receiver is up, the backlog drains into the file and
+// decisions are taken again. The file verifies.
+func TestHostDownFailsClosed(t *testing.T) {
+	var addr atomic.Pointer[string]
+	dial := func(ctx context.Context) (net.Conn, error) {
+		a := addr.Load()
+		if a == nil {
+			return nil, errors.New("connection refused")
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", *a)
+	}
+	s, err := audit.NewShipper(audit.ShipConfig{Dial: dial}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	prev, err := s.Connect(ctx)
+	if !errors.Is(err, audit.ErrNoHost) || prev != nil {
+		t.Fatalf("Connect: %v, %v", prev, err)
+	}
+	l, err := audit.New(audit.Config{MaxBacklog: 40, HeadInterval: time.Hour}, attestFunc(t), nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &enclave{log: l, ship: s}
+	t.Cleanup(func() { _ = e.stop() })
+	if err := s.Ship(l); err != nil {
+		t.Fatal(err)
+	}
+	taken := 0
+	for ; taken < 100; taken++ {
+		err := l.Append(audit.Decision{MessageSHA256: sha256.Sum256([]byte{byte(taken)}), Outcome: audit.Allowed, Code: codes.OK})
+		if errors.Is(err, audit.ErrBacklogFull) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if taken == 100 || taken == 0 {
+		t.Fatalf("%d decisions taken without a host, want the backlog to fill", taken)
+	}
+	r := startReceiver(t, auditlog.Config{})
+	addr.Store(&r.addr)
+	deadline := time.Now().Add(10 * time.Second)
+	for l.Stats().Backlog > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("backlog not drained: %+v", l.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	decide(t, l, 5)
+	if err := e.stop(); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := auditverify.VerifyFile(r.path, verifyOptions(t))
+	if err != nil || !rep.OK || rep.Warnings != 0 || rep.Chains[0].Decisions != taken+5 || rep.Chains[0].PreviousHead != nil {
+		t.Fatalf("verify: %v %+v %v", err, rep, rep.Faults)
+	}
+}
+
 // rawConn is a hand-driven connection to the receiver, from local (an
 // address on loopback), after the receiver's first line.
 type rawConn struct {
