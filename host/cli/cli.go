@@ -59,6 +59,7 @@ var commands = []command{
 	{"attest", "fetch (or read) an attestation document and verify it", attestUsage, server, runAttest},
 	{"keyset", "on the parent: request a new sealed keyset, or show its header", keysetUsage, 0, runKeyset},
 	{"identity", "create or show a caller identity (the key that signs calls)", identityUsage, 0, runIdentity},
+	{"audit", "verify an audit log: its chains, hashes and signed heads", auditUsage, 0, runAudit},
 	{"bench", "load-test one target: throughput and latency percentiles", benchUsage, 0, runBench},
 	{"compare", "benchmark several targets in interleaved rounds and compare them", compareUsage, 0, runCompare},
 }
