@@ -18,6 +18,7 @@ ENCLAVE_PID=""
 PROXY_PID=""
 KMS_PID=""
 HOST_PORT=5051
+AUDIT_PORT=5052
 FORWARD_PORT=8000
 
 cleanup() {
@@ -88,6 +89,7 @@ start_enclave() {
 	nitrosign-enclave --cid 1 --port "$PORT" --dev-simulated-nsm --dev-simulated-nsm-root "$WORK/kms/dev-root.pem" \
 		--key-mode sealed --kms-key-arn "$KMS_KEY_ARN" --keyset-host "vsock://1:$HOST_PORT" \
 		--kms-proxy "vsock://1:$FORWARD_PORT" --kms-ca-file "$WORK/kms/kms-ca.pem" \
+		--policy "$WORK/policy.json" --dev-allow-anonymous --audit-ship "vsock://1:$AUDIT_PORT" \
 		--log-ship "" --log-format console --log-level warn &
 	ENCLAVE_PID=$!
 }
@@ -104,10 +106,21 @@ while [ ! -s "$WORK/kms/kms.env" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1))
 # SDK's default chain: on EC2 the instance role (IMDSv2), here these.
 export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN AWS_EC2_METADATA_DISABLED=true
 
-banner "starting the host proxy on $PROXY -> $DIRECT (keyset file, enclave host service and KMS forwarder on vsock)"
+# Callers: alice is in the enclave's policy (she may sign with the ECC and
+# Ed25519 keys), mallory is not. The policy is baked into a real enclave's
+# image (deploy/policy.json); here it is a file. Calls without a caller
+# signature are still allowed (--dev-allow-anonymous, development only),
+# so the steps before these work as they are.
+step "create two caller identities" sh -c "nitrosign identity create --out '$WORK/alice.key' && nitrosign identity create --out '$WORK/mallory.key' >/dev/null"
+ALICE_PK=$(nitrosign identity show --identity "$WORK/alice.key" | sed -n 's/^policy *//p')
+printf '{"version": 1, "callers": [\n  {"name": "alice", %s, "sign": [{"key_types": ["ECC", "ED25519"]}]}\n]}\n' "$ALICE_PK" >"$WORK/policy.json"
+step "the enclave's caller policy: alice may sign with the ECC and Ed25519 keys" cat "$WORK/policy.json"
+
+banner "starting the host proxy on $PROXY -> $DIRECT (keyset file, enclave host service, KMS forwarder and audit receiver on vsock)"
 nitrosign-proxy --listen "$LISTEN" --upstream "$DIRECT" --pool-size 4 --log-format console --log-level warn \
 	--keyset-file "$WORK/keyset.sealed" --enclave-host-port "$HOST_PORT" \
-	--kms-forward-port "$FORWARD_PORT" --kms-endpoint "$KMS_ADDR" &
+	--kms-forward-port "$FORWARD_PORT" --kms-endpoint "$KMS_ADDR" \
+	--enclave-audit-port "$AUDIT_PORT" --audit-file "$WORK/audit.jsonl" &
 PROXY_PID=$!
 step "the operator asks for a new keyset (only this makes new keys)" nitrosign keyset init --file "$WORK/keyset.sealed"
 banner "starting the enclave signer on $DIRECT (simulated NSM: no /dev/nsm here; sealed keys)"
@@ -141,6 +154,16 @@ step "benchmark: echo, direct vsock vs proxy, interleaved rounds" \
 step "benchmark: ECDSA P-256 signing, direct vsock vs proxy" \
 	no_tty nitrosign compare --rpc sign --key-type ecc --target "direct=$DIRECT" --target "proxy=$PROXY" --concurrency 16 --duration 2s --rounds 2 --warmup 500ms
 
+# Who may sign: checked inside the enclave, whatever carries the call.
+step "alice (in the policy) signs with the ECC key, through the proxy" \
+	nitrosign sign --target "$PROXY" --identity "$WORK/alice.key" --key-type ecc --message "pay 100 to bob"
+step "mallory (not in the policy) is refused: Unauthenticated" \
+	must_fail nitrosign sign --target "$PROXY" --identity "$WORK/mallory.key" --key-type ecc --message "pay 100 to mallory"
+step "alice may not use the RSA key: PermissionDenied" \
+	must_fail nitrosign sign --target "$DIRECT" --identity "$WORK/alice.key" --key-type rsa --message "pay 100 to bob"
+step "the attestation document commits to the policy in force" \
+	nitrosign attest --target "$PROXY" --dev-trust-server-root --policy-sha256 "$(sha256sum "$WORK/policy.json" | cut -d' ' -f1)"
+
 # Keys that outlive the enclave: sign, restart the enclave, the same key
 # id signs again and the signature from before verifies.
 nitrosign keys --target "$PROXY" --output json >"$WORK/keys.before.json"
@@ -161,6 +184,9 @@ step "rotation is refused through the proxy (its clients may sign, not replace k
 	must_fail nitrosign keys create --target "$PROXY" --type rsa
 step "rotate from the parent over vsock: a new RSA key version becomes the default" nitrosign keys create --target "$DIRECT" --type rsa
 step "the keyset after the rotation (the previous one kept beside it)" sh -c "nitrosign keys --target '$PROXY' && ls -l '$WORK'/keyset.sealed*"
+sleep 2 # the last decisions' head (within a second) reaches the file
+step "the audit trail of every decision (two chains: before and after the restart) verifies" \
+	nitrosign audit verify --file "$WORK/audit.jsonl" --dev-trust-root "$WORK/kms/dev-root.pem"
 
 banner "summary"
 printf '%s\n\n%d steps passed, %d failed\n' "$SUMMARY" "$PASSED" "$FAILED"
