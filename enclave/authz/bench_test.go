@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/callauth"
@@ -55,14 +57,22 @@ func BenchmarkSign(b *testing.B) {
 			b.Fatalf("%s: %v", tc.name, err)
 		}
 		b.Run(tc.name+"/serial", func(b *testing.B) {
+			lat := make([]time.Duration, 0, 4096)
 			for b.Loop() {
+				start := time.Now()
 				if _, err := cl.Sign(context.Background(), req); err != nil {
 					b.Fatal(err)
 				}
+				lat = append(lat, time.Since(start))
 			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 		})
 		b.Run(tc.name+"/parallel", func(b *testing.B) {
 			b.SetParallelism(4)
+			start := time.Now()
+			defer func() { b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "calls/s") }()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
 					if _, err := cl.Sign(context.Background(), req); err != nil {
