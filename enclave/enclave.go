@@ -41,21 +41,21 @@ type Config struct {
 	// (package audit; the host's nitrosign-proxy --enclave-audit-port):
 	// vsock://3:5052 by default. Empty, development only: none.
 	AuditShip string
-	Server server.Config
-	Attest attest.Config
+	Server    server.Config
+	Attest    attest.Config
 }
 
 // DefaultConfig returns the documented defaults of every part: what
 // nitrosign-enclave runs with when given no flags.
 func DefaultConfig() Config {
 	return Config{
-		Log:      logging.Config{Level: "info", Format: "json"},
+		Log:       logging.Config{Level: "info", Format: "json"},
 		LogShip:   fmt.Sprintf("vsock://%d:%d", parentCID, target.LogPort),
 		AuditShip: fmt.Sprintf("vsock://%d:%d", parentCID, DefaultAuditPort),
-		Listener: listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort},
-		Signer:   signer.Config{KeyMode: signer.Ephemeral, RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
-		Keyset:   keyset.DefaultConfig(),
-		Server:   server.DefaultConfig(),
+		Listener:  listener.Config{CID: listener.CIDAny, Port: listener.DefaultPort},
+		Signer:    signer.Config{KeyMode: signer.Ephemeral, RSABits: 2048, ECCCurve: "P-256", Ed25519: true},
+		Keyset:    keyset.DefaultConfig(),
+		Server:    server.DefaultConfig(),
 	}
 }
 

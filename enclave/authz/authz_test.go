@@ -28,11 +28,6 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-type caller struct {
-	id *callauth.Identity
-	cc *grpc.ClientConn
-}
-
 func identity(t *testing.T, kind string) *callauth.Identity {
 	t.Helper()
 	id, err := callauth.NewIdentity(kind)

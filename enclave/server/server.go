@@ -18,8 +18,8 @@ import (
 	"google.golang.org/grpc"
 	// Clients may compress requests with gzip, the one compressor every
 	// gRPC implementation ships; the host proxy relays them as they are.
-	_ "google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/codes"
+	_ "google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -104,7 +105,8 @@ func TestIdentityNeverPrintsTheKey(t *testing.T) {
 			secret = []string{hex.EncodeToString(id.ed.Seed()), fmt.Sprint([]byte(id.ed.Seed()))}
 		case TypeP256:
 			d, _ := id.ec.Bytes()
-			secret = []string{hex.EncodeToString(d), id.ec.D.String(), id.ec.D.Text(16)}
+			n := new(big.Int).SetBytes(d)
+			secret = []string{hex.EncodeToString(d), n.String(), n.Text(16)}
 		}
 		b64 := base64.StdEncoding.EncodeToString(der)
 		secret = append(secret, b64[len(b64)-24:len(b64)-4])
