@@ -87,7 +87,7 @@ type Authorizer struct {
 	cfg    Config
 	policy *Policy // nil: none
 	signer *signer.Signer
-	replay *callauth.ReplayCache
+	replay *callauth.ReplayCache // with a policy only
 	audit  Recorder // nil: decisions are only logged
 	log    *zap.Logger
 	now    func() time.Time
@@ -113,17 +113,18 @@ func New(p Params) (*Authorizer, error) {
 		cfg.MaxSkew = DefaultMaxSkew
 	}
 	log := p.Logger.Named("authz")
-	replay, err := callauth.NewReplayCache(cfg.MaxSkew, ReplayCapacity)
-	if err != nil {
-		return nil, err
-	}
-	a := &Authorizer{cfg: cfg, signer: p.Signer, audit: p.Audit, log: log, now: time.Now, replay: replay}
+	a := &Authorizer{cfg: cfg, signer: p.Signer, audit: p.Audit, log: log, now: time.Now}
 	if cfg.PolicyFile != "" {
 		pol, err := Load(cfg.PolicyFile)
 		if err != nil {
 			return nil, err
 		}
 		a.policy = pol
+		// Only a policy's callers get past the signature check into the
+		// replay cache: without a policy there is none to allocate.
+		if a.replay, err = callauth.NewReplayCache(cfg.MaxSkew, ReplayCapacity); err != nil {
+			return nil, err
+		}
 		sum := pol.SHA256()
 		log.Info("caller policy loaded", zap.String("file", cfg.PolicyFile), zap.String("sha256", fmt.Sprintf("%x", sum)), zap.Strings("callers", pol.Names()))
 	}
