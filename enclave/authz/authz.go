@@ -88,7 +88,7 @@ type Authorizer struct {
 	policy *Policy // nil: none
 	signer *signer.Signer
 	replay *callauth.ReplayCache // with a policy only
-	audit  Recorder // nil: decisions are only logged
+	audit  Recorder              // nil: decisions are only logged
 	log    *zap.Logger
 	now    func() time.Time
 }
