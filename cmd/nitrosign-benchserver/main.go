@@ -166,6 +166,7 @@ func runEnclave(args []string, stderr io.Writer) error {
 	fs.IntVar(&c.Signer.RSABits, "rsa-bits", 2048, "RSA key size: 2048, 3072 or 4096")
 	fs.StringVar(&c.Signer.ECCCurve, "ecc-curve", "P-256", "ECC curve: P-256 or P-384")
 	fs.BoolVar(&c.Signer.Ed25519, "ed25519", true, "also generate an Ed25519 key")
+	fs.StringVar(&c.Authz.PolicyFile, "policy", "", "a caller policy `file` (docs/AUTHZ.md): signed calls are checked against it (unsigned ones are still allowed), to measure what authentication costs")
 	fs.StringVar(&c.Log.Level, "log-level", "warn", "log level: debug, info, warn or error")
 	fs.StringVar(&c.Log.Format, "log-format", "console", "log format: json or console")
 	if err := parse(fs, args, stderr); err != nil {

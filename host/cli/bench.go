@@ -14,7 +14,10 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
+
 	"github.com/nitrosign/nitrosign/host/bench"
+	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/target"
 )
 
@@ -232,6 +235,7 @@ func runBench(ctx context.Context, c *cmd, args []string) error {
 	var l loadFlags
 	addr := c.String("target", DefaultTarget, "server: vsock://CID:PORT (enclave) or tcp://HOST:PORT (proxy)")
 	name := c.String("name", "", "label of the target in reports (default: the target address)")
+	identity := c.String("identity", "", "sign: sign each call as the caller whose identity `FILE` this is (an enclave that enforces a caller policy); the cost of authentication is then part of each call")
 	l.register(c.FlagSet)
 	if err := c.parse(args); err != nil {
 		return err
@@ -242,7 +246,11 @@ func runBench(ctx context.Context, c *cmd, args []string) error {
 	if _, err := target.Parse(*addr); err != nil {
 		return usagef("--target: %v", err)
 	}
-	dial, err := bench.GRPCDialer(*addr, l.work)
+	extra, err := identityDialOptions(*identity)
+	if err != nil {
+		return err
+	}
+	dial, err := bench.GRPCDialer(*addr, l.work, extra...)
 	if err != nil {
 		return usagef("%v", err)
 	}
@@ -267,6 +275,36 @@ func runBench(ctx context.Context, c *cmd, args []string) error {
 
 // targetList collects compare's --target NAME=ADDRESS.
 type targetList []bench.Target
+
+// identityFlag collects --identity NAME=FILE.
+type identityFlag map[string]string
+
+func (f identityFlag) String() string { return fmt.Sprint(len(f)) + " identities" }
+
+func (f identityFlag) Set(s string) error {
+	name, file, ok := strings.Cut(s, "=")
+	if !ok || name == "" || file == "" {
+		return errors.New("want NAME=FILE: the target's name and an identity file")
+	}
+	if _, dup := f[name]; dup {
+		return fmt.Errorf("two identities for target %q", name)
+	}
+	f[name] = file
+	return nil
+}
+
+// identityDialOptions signs a connection's Sign calls as the identity in
+// file (none when file is empty).
+func identityDialOptions(file string) ([]grpc.DialOption, error) {
+	if file == "" {
+		return nil, nil
+	}
+	id, err := callauth.LoadIdentity(file)
+	if err != nil {
+		return nil, err
+	}
+	return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.UnaryClientInterceptor(id, nil))}, nil
+}
 
 func (t *targetList) String() string { return fmt.Sprint(len(*t)) + " targets" }
 
@@ -302,6 +340,10 @@ Examples:
   nitrosign compare --target direct=vsock://16:5005 --target proxy=tcp://127.0.0.1:8443 \
       --concurrency 64 --connections 2 --duration 5s --rounds 3 --chart proxy.svg
 
+  # What does caller authentication cost? The same enclave, unsigned and signed calls
+  nitrosign compare --rpc sign --key-type ecc --target anonymous=vsock://1:5005 --target signed=vsock://1:5005 \
+      --identity signed=alice.key --concurrency 1 --duration 5s --rounds 3
+
   # At 1 call in flight: the latency the proxy adds
   nitrosign compare --target direct=tcp://127.0.0.1:7001 --target proxy=tcp://127.0.0.1:7002 \
       --concurrency 1 --duration 5s --rounds 3
@@ -316,6 +358,8 @@ func runCompare(ctx context.Context, c *cmd, args []string) error {
 	var targets targetList
 	c.Var(&targets, "target", "a target as `NAME=ADDRESS` (vsock://CID:PORT or tcp://HOST:PORT); repeat for each, the first is the baseline")
 	rounds := c.Int("rounds", 3, "rounds per target, interleaved")
+	identities := identityFlag{}
+	c.Var(identities, "identity", "sign the calls to target NAME as the caller whose identity FILE this is, as `NAME=FILE` (repeatable; the other targets' calls go unsigned): compare a call with and without authentication")
 	pause := c.Duration("pause", 200*time.Millisecond, "pause between two runs, so closed connections are torn down")
 	l.register(c.FlagSet)
 	if err := c.parse(args); err != nil {
@@ -340,11 +384,20 @@ func runCompare(ctx context.Context, c *cmd, args []string) error {
 			return usagef("two targets are named %q: give each NAME=ADDRESS a distinct name", t.Name)
 		}
 		seen[t.Name] = true
-		dial, err := bench.GRPCDialer(t.Addr, l.work)
+		extra, err := identityDialOptions(identities[t.Name])
+		if err != nil {
+			return err
+		}
+		dial, err := bench.GRPCDialer(t.Addr, l.work, extra...)
 		if err != nil {
 			return usagef("%v", err)
 		}
 		t.Dial = dial
+	}
+	for name := range identities {
+		if !seen[name] {
+			return usagef("--identity %s=...: no target is named %q", name, name)
+		}
 	}
 	stopProfile, err := l.profile()
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/nitrosign/nitrosign/enclave/enclavetest"
+	"github.com/nitrosign/nitrosign/internal/callauth"
 )
 
 // benchJSON is the part of a bench result the tests read.
@@ -185,5 +186,44 @@ func TestBenchDeadTarget(t *testing.T) {
 	r := run(t, "", "bench", "--target", "tcp://127.0.0.1:1", "--requests", "5", "--call-timeout", "2s")
 	if r.code != ExitFailure || !strings.Contains(r.stderr, "cannot reach tcp://127.0.0.1:1") {
 		t.Fatalf("dead target: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// compare --identity: the same enclave, unsigned and signed Sign calls, one
+// beside the other. The enclave enforces a policy and refuses unsigned
+// calls, so the unsigned target's calls all fail Unauthenticated and the
+// signed ones all succeed.
+func TestCompareWithIdentity(t *testing.T) {
+	dir := t.TempDir()
+	idFile := filepath.Join(dir, "alice.key")
+	mustOK(t, run(t, "", "identity", "create", "--out", idFile))
+	id, err := callauth.LoadIdentity(idFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy := filepath.Join(dir, "policy.json")
+	pol, _ := json.Marshal(map[string]any{"version": 1, "callers": []any{map[string]any{"name": "alice", "public_key": string(id.PublicKeyPEM()), "sign": []any{map[string]any{}}}}})
+	if err := os.WriteFile(policy, pol, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := enclavetest.DefaultConfig()
+	c.Authz.DevAllowAnonymous = false
+	c.Authz.PolicyFile = policy
+	e := enclavetest.Start(t, c, 0)
+	js := filepath.Join(dir, "cmp.json")
+	run(t, "", "compare", "--rpc", "sign", "--key-type", "ecc", "--target", "anonymous="+e.Target, "--target", "signed="+e.Target,
+		"--identity", "signed="+idFile, "--rounds", "1", "--requests", "20", "--concurrency", "1", "--warmup", "0s", "--pause", "0s", "--json", js)
+	var cmp struct {
+		Results []benchJSON `json:"results"`
+	}
+	readJSON(t, js, &cmp)
+	if len(cmp.Results) != 2 || cmp.Results[0].Successes != 0 || cmp.Results[1].Successes != 20 {
+		t.Fatalf("compare with --identity: %+v", cmp.Results)
+	}
+	if r := run(t, "", "compare", "--target", "a="+e.Target, "--target", "b="+e.Target, "--identity", "c="+idFile); r.code != ExitUsage || !strings.Contains(r.stderr, `no target is named "c"`) {
+		t.Fatalf("an identity for no target: exit %d, %s", r.code, r.stderr)
+	}
+	if r := run(t, "", "bench", "--target", e.Target, "--rpc", "sign", "--identity", filepath.Join(dir, "missing.key"), "--requests", "1"); r.code == ExitOK {
+		t.Fatal("bench with a missing identity file succeeded")
 	}
 }
