@@ -209,9 +209,11 @@ func TestTamperDetected(t *testing.T) {
 			mustFail("timestamp -1", verify(with(md, MDTimestamp, strconv.FormatInt(ts-1, 10)), pub, testMethod, msg), "bad caller signature")
 
 			n := []byte(md[MDNonce][0])
-			n[31] = "1"[0] + (n[31]-'0'+1)%10 // another digit
-			if n[31] == md[MDNonce][0][31] {
-				n[31] = 'a'
+			// Another lower-case hex digit in the last place.
+			if n[31] == '0' {
+				n[31] = '1'
+			} else {
+				n[31] = '0'
 			}
 			mustFail("other nonce", verify(with(md, MDNonce, string(n)), pub, testMethod, msg), "bad caller signature")
 
