@@ -205,41 +205,28 @@ func New(p Params) (*Signer, error) {
 	if curveName == "P-384" {
 		curve = elliptic.P384()
 	}
-	type gen struct {
-		typ pb.KeyType
-		fn  func() (crypto.Signer, error)
-	}
-	gens := []gen{
-		{pb.KeyType_KEY_TYPE_RSA, func() (crypto.Signer, error) {
-			if p.Config.seeded() {
-				return deriveRSA(seed, p.Config.rsaBits())
-			}
-			return rsa.GenerateKey(rand.Reader, p.Config.rsaBits())
-		}},
-		{pb.KeyType_KEY_TYPE_ECC, func() (crypto.Signer, error) {
-			if p.Config.seeded() {
-				return deriveECDSA(seed, curve, curveName)
-			}
-			return ecdsa.GenerateKey(curve, rand.Reader)
-		}},
-	}
-	if p.Config.Ed25519 {
-		gens = append(gens, gen{pb.KeyType_KEY_TYPE_ED25519, func() (crypto.Signer, error) {
-			if p.Config.seeded() {
-				return deriveEd25519(seed)
-			}
-			_, k, err := ed25519.GenerateKey(rand.Reader)
-			return k, err
-		}})
+	// generate makes a key of typ: Generate's, or derived from the seed.
+	generate := func(typ pb.KeyType) (crypto.Signer, error) {
+		if !p.Config.seeded() {
+			return Generate(p.Config, typ)
+		}
+		switch typ {
+		case pb.KeyType_KEY_TYPE_RSA:
+			return deriveRSA(seed, p.Config.rsaBits())
+		case pb.KeyType_KEY_TYPE_ECC:
+			return deriveECDSA(seed, curve, curveName)
+		default:
+			return deriveEd25519(seed)
+		}
 	}
 	ring := &keyring{byType: map[pb.KeyType]*key{}, byID: map[string]*key{}}
-	for _, g := range gens {
+	for _, typ := range Types(p.Config) {
 		start := time.Now()
-		priv, err := g.fn()
+		priv, err := generate(typ)
 		if err != nil {
-			return nil, fmt.Errorf("generate %s key: %w", sigalg.TypeName(g.typ), err)
+			return nil, fmt.Errorf("generate %s key: %w", sigalg.TypeName(typ), err)
 		}
-		k, err := newKey(Key{Type: g.typ, Version: 1, Created: start, Private: priv})
+		k, err := newKey(Key{Type: typ, Version: 1, Created: start, Private: priv})
 		if err != nil {
 			return nil, err
 		}
@@ -249,7 +236,7 @@ func New(p Params) (*Signer, error) {
 		k.took = time.Since(start)
 		k.info.TypeDefault = true
 		ring.keys = append(ring.keys, k)
-		ring.byType[g.typ] = k
+		ring.byType[typ] = k
 		ring.byID[k.info.KeyId] = k
 		fields := []zap.Field{
 			zap.String("key_id", k.info.KeyId),
