@@ -72,7 +72,8 @@ func newAuthzEnv(t *testing.T) *authzEnv {
 	if err := os.WriteFile(e.policy, pol, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	port, auditPort := vsockPort(), vsockPort()
+	ports := vsockPorts(2)
+	port, auditPort := ports[0], ports[1]
 	e.target = fmt.Sprintf("vsock://1:%d", port)
 	addr := tcpAddr(t)
 	e.proxy = &proxy{proc: start(t, "nitrosign-proxy", "--listen", addr, "--upstream", e.target, "--pool-size", "2",

@@ -160,6 +160,19 @@ func (p *proc) logLines(msg string) []map[string]any {
 // one after another, but a previous enclave may linger for a moment.
 func vsockPort() uint32 { return 20000 + rand.Uint32N(20000) }
 
+// vsockPorts picks n distinct ports for one test's services.
+func vsockPorts(n int) []uint32 {
+	seen := map[uint32]bool{}
+	out := make([]uint32, 0, n)
+	for len(out) < n {
+		if p := vsockPort(); !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // tcpAddr returns a free loopback TCP address.
 func tcpAddr(t *testing.T) string {
 	t.Helper()

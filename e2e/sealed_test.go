@@ -64,9 +64,9 @@ func newSealedEnv(t *testing.T) *sealedEnv {
 	t.Setenv("AWS_SECRET_ACCESS_KEY", creds.SecretAccessKey)
 	t.Setenv("AWS_SESSION_TOKEN", creds.SessionToken)
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
-	hostPort, fwdPort := vsockPort(), vsockPort()
+	ports := vsockPorts(3)
+	hostPort, fwdPort, enclPort := ports[0], ports[1], ports[2]
 	keyset := filepath.Join(dir, "keyset.sealed")
-	enclPort := vsockPort()
 	// The proxy first: it keeps the keyset and relays KMS, so the enclave
 	// needs it to start; it serves once the enclave does.
 	addr := tcpAddr(t)
