@@ -48,7 +48,11 @@ run-enclave)
 		shift
 	done
 	echo "Start allocating memory..."
-	printf '{"EnclaveName":"%s","EnclaveID":"%s","EnclaveCID":%s,"State":"RUNNING","Flags":"NONE"}' "$name" "$id" "$cid" > "$dir/enclave-$id"
+	# Written whole, then renamed: killed at any point, the enclave is
+	# either fully described or absent (an empty file would list nothing
+	# yet count as running).
+	printf '{"EnclaveName":"%s","EnclaveID":"%s","EnclaveCID":%s,"State":"RUNNING","Flags":"NONE"}' "$name" "$id" "$cid" > "$dir/.new-$id"
+	mv "$dir/.new-$id" "$dir/enclave-$id"
 	cat "$dir/enclave-$id"; echo
 	;;
 terminate-enclave)
