@@ -48,7 +48,8 @@ FUZZTIME ?= 10s
 FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/sigalg:FuzzDigest \
                 ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter \
                 ./host/proxy:FuzzRelayFrames ./enclave/recipient:FuzzDecrypt ./enclave/sealing:FuzzReadHeader \
-                ./internal/callauth:FuzzParseMetadata ./internal/callauth:FuzzCanonical ./internal/auditfmt:FuzzParse
+                ./internal/callauth:FuzzParseMetadata ./internal/callauth:FuzzCanonical ./internal/auditfmt:FuzzParse \
+                ./internal/callauth:FuzzParseSessionMetadata
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	@for t in $(FUZZ_TARGETS); do \

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/fx"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/internal/callauth"
@@ -50,12 +52,18 @@ type Config struct {
 	// clock (the hypervisor's), either way; nonces are remembered for
 	// twice that. Default 30s.
 	MaxSkew time.Duration
+	// SessionLifetime is how long a caller's session ticket is accepted
+	// (SessionService.OpenSession). Default 1h.
+	SessionLifetime time.Duration
 }
 
 // Validate reports what is wrong with c.
 func (c Config) Validate() error {
 	if c.MaxSkew < 0 || c.MaxSkew > time.Hour {
 		return fmt.Errorf("--auth-max-skew %s: want 0 (default %s) to 1h", c.MaxSkew, DefaultMaxSkew)
+	}
+	if c.SessionLifetime != 0 && (c.SessionLifetime < time.Minute || c.SessionLifetime > 24*time.Hour) {
+		return fmt.Errorf("--session-lifetime %s: want 0 (default %s) or 1m to 24h", c.SessionLifetime, callauth.DefaultSessionLifetime)
 	}
 	return nil
 }
@@ -91,6 +99,14 @@ type Authorizer struct {
 	audit  Recorder              // nil: decisions are only logged
 	log    *zap.Logger
 	now    func() time.Time
+	// sealer seals session tickets with the signer's current ticket key.
+	sealer atomic.Pointer[ticketSealer]
+}
+
+// ticketSealer is the sealer of one ticket key.
+type ticketSealer struct {
+	key    *[32]byte
+	sealer *callauth.TicketSealer
 }
 
 // Params are New's dependencies.
@@ -111,6 +127,9 @@ func New(p Params) (*Authorizer, error) {
 	cfg := p.Config
 	if cfg.MaxSkew == 0 {
 		cfg.MaxSkew = DefaultMaxSkew
+	}
+	if cfg.SessionLifetime == 0 {
+		cfg.SessionLifetime = callauth.DefaultSessionLifetime
 	}
 	log := p.Logger.Named("authz")
 	a := &Authorizer{cfg: cfg, signer: p.Signer, audit: p.Audit, log: log, now: time.Now}
@@ -213,7 +232,21 @@ func (a *Authorizer) authenticate(ctx context.Context, method string, digest [sh
 		return nil, status.Errorf(codes.Unauthenticated, "unknown caller %s: not in the enclave's policy", claims.Caller())
 	}
 	d.Caller = c.Name
-	if err := claims.VerifyDigest(c.Public, method, digest); err != nil {
+	if claims.IsSession() {
+		if method == callauth.OpenSessionMethod {
+			return nil, status.Errorf(codes.Unauthenticated, "caller %q: OpenSession must be signed with the caller's identity key, not made in a session", c.Name)
+		}
+		sealer, err := a.ticketSealer()
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "no session can be checked yet: %v", err)
+		}
+		switch err := claims.VerifySession(sealer, method, digest, d.Time); {
+		case errors.Is(err, callauth.ErrSessionInvalid):
+			return nil, callauth.SessionInvalidStatus(fmt.Sprintf("caller %q: %v: open a new session", c.Name, err)).Err()
+		case err != nil:
+			return nil, status.Errorf(codes.Unauthenticated, "caller %q: %v", c.Name, err)
+		}
+	} else if err := claims.VerifyDigest(c.Public, method, digest); err != nil {
 		return nil, status.Errorf(codes.Unauthenticated, "caller %q: %v", c.Name, err)
 	}
 	// Only a verified call is remembered: forged ones cannot fill the cache.
@@ -227,6 +260,14 @@ func (a *Authorizer) authenticate(ctx context.Context, method string, digest [sh
 }
 
 func (a *Authorizer) authorise(c *Caller, method string, req any, d *Decision) error {
+	if method == callauth.OpenSessionMethod {
+		// Any caller of the policy: a session lets it make only the calls
+		// the policy allows it.
+		if c == nil {
+			return status.Error(codes.Unauthenticated, "a session is opened by a caller of the enclave's policy: OpenSession must be signed (nitrosign --identity FILE)")
+		}
+		return nil
+	}
 	if strings.HasPrefix(method, "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/") {
 		if c == nil || c.Admin { // c nil: anonymous, allowed in development
 			return nil
@@ -256,4 +297,46 @@ func (a *Authorizer) authorise(c *Caller, method string, req any, d *Decision) e
 	}
 	return status.Errorf(codes.PermissionDenied, "caller %q may not sign with key %s (%s) using %s",
 		c.Name, k.GetKeyId(), sigalg.TypeName(k.GetKeyType()), sigalg.Name(alg))
+}
+
+// ticketSealer returns the sealer of the signer's ticket key, made again
+// when the keys change.
+func (a *Authorizer) ticketSealer() (*callauth.TicketSealer, error) {
+	key, err := a.signer.SessionTicketKey()
+	if err != nil {
+		return nil, err
+	}
+	if cur := a.sealer.Load(); cur != nil && cur.key == key {
+		return cur.sealer, nil
+	}
+	sealer, err := callauth.NewTicketSealer(key[:])
+	if err != nil {
+		return nil, err
+	}
+	a.sealer.Store(&ticketSealer{key: key, sealer: sealer})
+	return sealer, nil
+}
+
+// OpenSession answers SessionService.OpenSession, whose signature Authorize
+// verified: a ticket for the caller the call names.
+func (a *Authorizer) OpenSession(ctx context.Context, req *pb.OpenSessionRequest) (*pb.OpenSessionResponse, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	claims, err := callauth.ParseMetadata(md)
+	if err != nil || claims.IsSession() {
+		// Authorize refused such a call already.
+		return nil, status.Error(codes.Unauthenticated, "OpenSession must be signed with the caller's identity key")
+	}
+	sealer, err := a.ticketSealer()
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "no session can be opened yet: %v", err)
+	}
+	share, ticket, expiry, err := callauth.AcceptSession(sealer, claims.Caller(), req.GetClientShare(), a.now(), a.cfg.SessionLifetime)
+	if errors.Is(err, callauth.ErrInvalidInput) {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if err != nil {
+		a.log.Error("open a session", zap.Error(err))
+		return nil, status.Error(codes.Internal, "internal error")
+	}
+	return &pb.OpenSessionResponse{EnclaveShare: share, Ticket: ticket, ExpireTime: timestamppb.New(expiry)}, nil
 }

@@ -74,7 +74,7 @@ var digests sync.Map
 // must sign: Sign and KeyAdminService.
 func needsDigest(v any) bool {
 	switch v.(type) {
-	case *pb.SignRequest, *pb.CreateKeyRequest, *pb.DisableKeyRequest, *pb.EnableKeyRequest:
+	case *pb.SignRequest, *pb.CreateKeyRequest, *pb.DisableKeyRequest, *pb.EnableKeyRequest, *pb.OpenSessionRequest:
 		return true
 	}
 	return false

@@ -133,6 +133,7 @@ var Services = []string{
 	pb.SignerService_ServiceDesc.ServiceName,
 	pb.AttestationService_ServiceDesc.ServiceName,
 	pb.KeyAdminService_ServiceDesc.ServiceName,
+	pb.SessionService_ServiceDesc.ServiceName,
 }
 
 // Authorizer decides whether the caller of a Sign or KeyAdminService call
@@ -142,6 +143,13 @@ var Services = []string{
 // the status to answer with.
 type Authorizer interface {
 	Authorize(ctx context.Context, method string, req any, digest [32]byte) error
+}
+
+// SessionOpener opens callers' sessions (*authz.Authorizer): it answers
+// SessionService.OpenSession once the Authorizer has verified the call's
+// signature.
+type SessionOpener interface {
+	OpenSession(ctx context.Context, req *pb.OpenSessionRequest) (*pb.OpenSessionResponse, error)
 }
 
 // KeyAdmin rotates a sealed keyset (*keyset.Manager).
@@ -261,6 +269,11 @@ func New(p Params) (*Server, error) {
 	pb.RegisterSignerServiceServer(s.grpc, &signerService{signer: p.Signer, log: log, stats: p.Stats})
 	pb.RegisterAttestationServiceServer(s.grpc, &attestationService{attester: p.Attester, log: log})
 	pb.RegisterKeyAdminServiceServer(s.grpc, &keyAdminService{admin: p.KeyAdmin, log: log})
+	sessions := &sessionService{}
+	if o, ok := p.Authorizer.(SessionOpener); ok {
+		sessions.opener = o
+	}
+	pb.RegisterSessionServiceServer(s.grpc, sessions)
 	if p.Stats != nil {
 		pb.RegisterStatsServiceServer(s.grpc, stats.NewService(p.Stats))
 	}
@@ -347,7 +360,8 @@ func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerI
 
 // signedMethod reports whether callers must sign calls of method.
 func signedMethod(method string) bool {
-	return method == pb.SignerService_Sign_FullMethodName || strings.HasPrefix(method, "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/")
+	return method == pb.SignerService_Sign_FullMethodName || method == pb.SessionService_OpenSession_FullMethodName ||
+		strings.HasPrefix(method, "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/")
 }
 
 // NotReadyTrailer is the trailer on a grpc.health.v1.Health/Check answer

@@ -22,7 +22,20 @@ var (
 	_ pb.SignerServiceServer      = (*signerService)(nil)
 	_ pb.AttestationServiceServer = (*attestationService)(nil)
 	_ pb.KeyAdminServiceServer    = (*keyAdminService)(nil)
+	_ pb.SessionServiceServer     = (*sessionService)(nil)
 )
+
+type sessionService struct {
+	pb.UnimplementedSessionServiceServer
+	opener SessionOpener // nil: no caller is authenticated, so no sessions
+}
+
+func (s *sessionService) OpenSession(ctx context.Context, req *pb.OpenSessionRequest) (*pb.OpenSessionResponse, error) {
+	if s.opener == nil {
+		return nil, status.Error(codes.Unimplemented, "this server does not authenticate callers: it has no sessions")
+	}
+	return s.opener.OpenSession(ctx, req)
+}
 
 type echoService struct {
 	pb.UnimplementedEchoServiceServer

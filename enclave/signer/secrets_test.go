@@ -465,6 +465,10 @@ func TestNoPrivateKeySerialisation(t *testing.T) {
 		// Seal: the keyset body, encrypted with AES-256-GCM under a data
 		// key from KMS before Seal returns; the clear bytes are zeroed.
 		"enclave/sealing/keyset.go": {"MarshalPKCS8PrivateKey": "sealed keyset body"},
+		// The session ticket key: the oldest key's PKCS#8 bytes are the
+		// input of HKDF-SHA256 and zeroed at once; only the derived
+		// secret is kept, in the enclave.
+		"enclave/signer/signer.go": {"MarshalPKCS8PrivateKey": "HKDF input of the session ticket key"},
 		// The simulated NSM reads a development root's key (PEM label
 		// "PRIVATE KEY") given by --dev-simulated-nsm-root: development
 		// only, and it is a test CA's key, not a signing key.

@@ -13,6 +13,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
+	"crypto/hkdf"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -147,6 +148,50 @@ type keyring struct {
 	keys   []*key // sorted by key id
 	byType map[pb.KeyType]*key
 	byID   map[string]*key
+	// ticketKey seals callers' session tickets (SessionTicketKey).
+	ticketKey *[32]byte
+}
+
+// ticketKeyInfo is the HKDF info of the session ticket key.
+const ticketKeyInfo = "nitrosign-session-ticket-key-v1"
+
+// deriveTicketKey derives the session ticket key from the keyset's oldest
+// key (the earliest created; the smallest id of those created at once).
+// Keys are disabled, never removed, so it stays the same through every
+// rotation, and every enclave that holds the keyset derives the same.
+func (r *keyring) deriveTicketKey() error {
+	first := r.keys[0]
+	for _, k := range r.keys[1:] {
+		a, b := k.info.GetCreateTime().AsTime(), first.info.GetCreateTime().AsTime()
+		if a.Before(b) || (a.Equal(b) && k.info.KeyId < first.info.KeyId) {
+			first = k
+		}
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(first.priv)
+	if err != nil {
+		return fmt.Errorf("derive the session ticket key: %w", err)
+	}
+	defer clear(der)
+	k, err := hkdf.Key(sha256.New, der, nil, ticketKeyInfo, 32)
+	if err != nil {
+		return fmt.Errorf("derive the session ticket key: %w", err)
+	}
+	r.ticketKey = (*[32]byte)(k)
+	return nil
+}
+
+// SessionTicketKey returns the key that seals callers' session tickets: a
+// secret derived (HKDF-SHA256, its own info) from the keyset's oldest
+// private key, so that every enclave with the same keyset accepts the
+// same tickets, across restarts and rotations, and an enclave with other
+// keys accepts none. The same pointer is returned until the keys change.
+// The caller must not modify it.
+func (s *Signer) SessionTicketKey() (*[32]byte, error) {
+	r, err := s.keys()
+	if err != nil {
+		return nil, err
+	}
+	return r.ticketKey, nil
 }
 
 // Signer signs with the enclave's keys. It is safe for concurrent use: a
@@ -249,6 +294,9 @@ func New(p Params) (*Signer, error) {
 		log.Info("key ready", fields...)
 	}
 	sort.Slice(ring.keys, func(i, j int) bool { return ring.keys[i].info.KeyId < ring.keys[j].info.KeyId })
+	if err := ring.deriveTicketKey(); err != nil {
+		return nil, err
+	}
 	s := &Signer{}
 	s.ring.Store(ring)
 	return s, nil
@@ -334,6 +382,9 @@ func (s *Signer) Install(keys []Key) error {
 		k.info.TypeDefault = true
 	}
 	sort.Slice(ring.keys, func(i, j int) bool { return ring.keys[i].info.KeyId < ring.keys[j].info.KeyId })
+	if err := ring.deriveTicketKey(); err != nil {
+		return err
+	}
 	s.ring.Store(ring)
 	return nil
 }

@@ -235,7 +235,8 @@ func runBench(ctx context.Context, c *cmd, args []string) error {
 	var l loadFlags
 	addr := c.String("target", DefaultTarget, "server: vsock://CID:PORT (enclave) or tcp://HOST:PORT (proxy)")
 	name := c.String("name", "", "label of the target in reports (default: the target address)")
-	identity := c.String("identity", "", "sign: sign each call as the caller whose identity `FILE` this is (an enclave that enforces a caller policy); the cost of authentication is then part of each call")
+	identity := c.String("identity", "", "sign: authenticate the calls as the caller whose identity `FILE` this is (an enclave that enforces a caller policy): a session opened at the first call, then a MAC on each; the cost of authentication is then part of each call")
+	signEach := c.Bool("sign-each-call", false, "with --identity: sign each call with the identity instead of opening a session")
 	l.register(c.FlagSet)
 	if err := c.parse(args); err != nil {
 		return err
@@ -246,7 +247,10 @@ func runBench(ctx context.Context, c *cmd, args []string) error {
 	if _, err := target.Parse(*addr); err != nil {
 		return usagef("--target: %v", err)
 	}
-	extra, err := identityDialOptions(*identity)
+	if *signEach && *identity == "" {
+		return usagef("--sign-each-call needs --identity")
+	}
+	extra, err := identityDialOptions(*identity, *signEach)
 	if err != nil {
 		return err
 	}
@@ -293,9 +297,10 @@ func (f identityFlag) Set(s string) error {
 	return nil
 }
 
-// identityDialOptions signs a connection's Sign calls as the identity in
-// file (none when file is empty).
-func identityDialOptions(file string) ([]grpc.DialOption, error) {
+// identityDialOptions authenticates a connection's Sign calls as the
+// identity in file (none when file is empty): with a session shared by
+// every connection the options dial, or signing each call.
+func identityDialOptions(file string, signEachCall bool) ([]grpc.DialOption, error) {
 	if file == "" {
 		return nil, nil
 	}
@@ -303,7 +308,23 @@ func identityDialOptions(file string) ([]grpc.DialOption, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.UnaryClientInterceptor(id, nil))}, nil
+	if signEachCall {
+		return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.UnaryClientInterceptor(id, nil))}, nil
+	}
+	return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.SessionUnaryClientInterceptor(id, nil))}, nil
+}
+
+// nameSet collects a repeatable flag of target names.
+type nameSet map[string]bool
+
+func (f nameSet) String() string { return fmt.Sprint(len(f)) + " names" }
+
+func (f nameSet) Set(s string) error {
+	if s == "" {
+		return errors.New("empty target name")
+	}
+	f[s] = true
+	return nil
 }
 
 func (t *targetList) String() string { return fmt.Sprint(len(*t)) + " targets" }
@@ -340,9 +361,12 @@ Examples:
   nitrosign compare --target direct=vsock://16:5005 --target proxy=tcp://127.0.0.1:8443 \
       --concurrency 64 --connections 2 --duration 5s --rounds 3 --chart proxy.svg
 
-  # What does caller authentication cost? The same enclave, unsigned and signed calls
-  nitrosign compare --rpc sign --key-type ecc --target anonymous=vsock://1:5005 --target signed=vsock://1:5005 \
-      --identity signed=alice.key --concurrency 1 --duration 5s --rounds 3
+  # What does caller authentication cost? The same enclave: anonymous calls,
+  # calls in a session, calls each signed
+  nitrosign compare --rpc sign --key-type ecc --target anonymous=vsock://1:5005 \
+      --target session=vsock://1:5005 --target signed=vsock://1:5005 \
+      --identity session=alice.key --identity signed=alice.key --sign-each-call signed \
+      --concurrency 1 --duration 5s --rounds 3
 
   # At 1 call in flight: the latency the proxy adds
   nitrosign compare --target direct=tcp://127.0.0.1:7001 --target proxy=tcp://127.0.0.1:7002 \
@@ -359,7 +383,9 @@ func runCompare(ctx context.Context, c *cmd, args []string) error {
 	c.Var(&targets, "target", "a target as `NAME=ADDRESS` (vsock://CID:PORT or tcp://HOST:PORT); repeat for each, the first is the baseline")
 	rounds := c.Int("rounds", 3, "rounds per target, interleaved")
 	identities := identityFlag{}
-	c.Var(identities, "identity", "sign the calls to target NAME as the caller whose identity FILE this is, as `NAME=FILE` (repeatable; the other targets' calls go unsigned): compare a call with and without authentication")
+	c.Var(identities, "identity", "authenticate the calls to target NAME as the caller whose identity FILE this is, as `NAME=FILE` (repeatable; the other targets' calls go anonymous), in a session: compare a call with and without authentication")
+	signEach := nameSet{}
+	c.Var(signEach, "sign-each-call", "sign each call to target `NAME` (given an --identity) with the identity instead of opening a session (repeatable)")
 	pause := c.Duration("pause", 200*time.Millisecond, "pause between two runs, so closed connections are torn down")
 	l.register(c.FlagSet)
 	if err := c.parse(args); err != nil {
@@ -384,7 +410,7 @@ func runCompare(ctx context.Context, c *cmd, args []string) error {
 			return usagef("two targets are named %q: give each NAME=ADDRESS a distinct name", t.Name)
 		}
 		seen[t.Name] = true
-		extra, err := identityDialOptions(identities[t.Name])
+		extra, err := identityDialOptions(identities[t.Name], signEach[t.Name])
 		if err != nil {
 			return err
 		}
@@ -393,6 +419,11 @@ func runCompare(ctx context.Context, c *cmd, args []string) error {
 			return usagef("%v", err)
 		}
 		t.Dial = dial
+	}
+	for name := range signEach {
+		if _, ok := identities[name]; !ok {
+			return usagef("--sign-each-call %s: target %q has no --identity", name, name)
+		}
 	}
 	for name := range identities {
 		if !seen[name] {

@@ -216,7 +216,8 @@ func (c *cmd) connect(ctx context.Context) (_ context.Context, _ *client.Client,
 			return nil, nil, nil, err
 		}
 	}
-	cl, err := client.Dial(ctx, c.target, client.Options{TLS: tc, Identity: id})
+	// One call per command: signed, rather than a session opened for it.
+	cl, err := client.Dial(ctx, c.target, client.Options{TLS: tc, Identity: id, SignEachCall: true})
 	if err != nil {
 		cancel()
 		return nil, nil, nil, err

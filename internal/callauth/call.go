@@ -78,7 +78,13 @@ func checkMethod(method string) error {
 
 // appendSigned appends the signed bytes to dst. The fields must be valid.
 func appendSigned(dst []byte, method string, msgSHA256 *[sha256.Size]byte, caller string, timestampMs int64, nonce string) []byte {
-	dst = append(dst, Domain...)
+	return appendCanonical(dst, Domain, method, msgSHA256, caller, timestampMs, nonce)
+}
+
+// appendCanonical appends the canonical form of a call under domain (its
+// first line) to dst. The fields must be valid.
+func appendCanonical(dst []byte, domain, method string, msgSHA256 *[sha256.Size]byte, caller string, timestampMs int64, nonce string) []byte {
+	dst = append(dst, domain...)
 	dst = append(dst, '\n')
 	dst = append(dst, method...)
 	dst = append(dst, '\n')
@@ -157,30 +163,40 @@ func Sign(id *Identity, method string, msg []byte, now time.Time) (metadata.MD, 
 	}, nil
 }
 
-// Claims are the parsed entries of a signed call: who claims to call,
-// when, with which nonce and signature. Nothing in them is proven until
-// Verify succeeds.
+// Claims are the parsed entries of a signed call or a session call: who
+// claims to call, when, with which nonce and signature (or session ticket
+// and MAC). Nothing in them is proven until Verify (or VerifySession)
+// succeeds.
 type Claims struct {
-	caller string
-	nonce  string
-	ts     int64
-	sigLen uint8
-	sig    [MaxSignatureLen]byte
+	caller    string
+	nonce     string
+	ts        int64
+	session   bool // a session call: sig is the MAC
+	sigLen    uint8
+	sig       [MaxSignatureLen]byte
+	ticketLen uint8
+	ticket    [TicketLen]byte
 }
 
-// ParseMetadata parses the entries of a signed call from the call's
-// incoming metadata. Each must be present exactly once and well formed
-// (see the package documentation). A call with none of them is anonymous:
-// the error wraps ErrMissing. Any other problem wraps ErrMalformed and
-// names the entry. Errors never quote the values. On success it allocates
-// only the Claims.
+// ParseMetadata parses the entries of a signed call or a session call
+// from the call's incoming metadata. Each must be present exactly once
+// and well formed (see the package documentation); a call carries either
+// a signature or a session ticket and MAC, never both. A call with none
+// of the entries is anonymous: the error wraps ErrMissing. Any other
+// problem wraps ErrMalformed and names the entry. Errors never quote the
+// values. On success it allocates only the Claims.
 func ParseMetadata(md metadata.MD) (*Claims, error) {
 	caller, nc := md[MDCaller]
 	ts, nt := md[MDTimestamp]
 	nonce, nn := md[MDNonce]
 	sig, ns := md[MDSignature]
-	if !nc && !nt && !nn && !ns {
-		return nil, fmt.Errorf("%w: the call carries none of %s, %s, %s, %s", ErrMissing, MDCaller, MDTimestamp, MDNonce, MDSignature)
+	tk, nk := md[MDSession]
+	mac, nm := md[MDMAC]
+	if !nc && !nt && !nn && !ns && !nk && !nm {
+		return nil, fmt.Errorf("%w: the call carries none of %s, %s, %s, %s (or %s, %s)", ErrMissing, MDCaller, MDTimestamp, MDNonce, MDSignature, MDSession, MDMAC)
+	}
+	if ns && (nk || nm) {
+		return nil, fmt.Errorf("%w: the call carries both a signature (%s) and a session (%s, %s)", ErrMalformed, MDSignature, MDSession, MDMAC)
 	}
 	if err := one(MDCaller, caller); err != nil {
 		return nil, err
@@ -201,6 +217,24 @@ func ParseMetadata(md metadata.MD) (*Claims, error) {
 	if err := checkHex(nonce[0], NonceLen); err != nil {
 		return nil, malformed(MDNonce, err)
 	}
+	if nk || nm {
+		if err := one(MDSession, tk); err != nil {
+			return nil, err
+		}
+		if n := len(tk[0]); n != TicketLen {
+			return nil, malformed(MDSession, fmt.Errorf("%d bytes (want %d)", n, TicketLen))
+		}
+		if err := one(MDMAC, mac); err != nil {
+			return nil, err
+		}
+		if n := len(mac[0]); n != MACLen {
+			return nil, malformed(MDMAC, fmt.Errorf("%d bytes (want %d)", n, MACLen))
+		}
+		c := &Claims{caller: caller[0], nonce: nonce[0], ts: t, session: true}
+		c.sigLen = uint8(copy(c.sig[:], mac[0]))
+		c.ticketLen = uint8(copy(c.ticket[:], tk[0]))
+		return c, nil
+	}
 	if err := one(MDSignature, sig); err != nil {
 		return nil, err
 	}
@@ -211,6 +245,10 @@ func ParseMetadata(md metadata.MD) (*Claims, error) {
 	c.sigLen = uint8(copy(c.sig[:], sig[0]))
 	return c, nil
 }
+
+// IsSession reports whether the call is authenticated by a session
+// (VerifySession) rather than signed (Verify).
+func (c *Claims) IsSession() bool { return c.session }
 
 func one(name string, v []string) error {
 	switch len(v) {
@@ -287,6 +325,9 @@ func (c *Claims) Verify(pub Caller, method string, msg []byte) error {
 func (c *Claims) VerifyDigest(pub Caller, method string, msgSHA256 [sha256.Size]byte) error {
 	if c == nil {
 		return fmt.Errorf("%w: no claims", ErrBadSignature)
+	}
+	if c.session {
+		return fmt.Errorf("%w: a session call carries a MAC, not a signature", ErrBadSignature)
 	}
 	if pub.id == "" {
 		return fmt.Errorf("%w: no public key to verify caller %s with", ErrBadSignature, c.caller)

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/metadata"
 )
@@ -120,6 +121,12 @@ func FuzzCanonical(f *testing.F) {
 				}
 				continue
 			}
+			// A session call's MACed bytes are the same fields under
+			// SessionDomain.
+			macd, err := MACedBytes(in.m, in.msg, in.c, in.ts, in.n)
+			if err != nil || !bytes.Equal(macd, append([]byte(SessionDomain), in.b[len(Domain):]...)) {
+				t.Fatalf("MACedBytes %q (%v), signed bytes %q", macd, err, in.b)
+			}
 			sum := sha256.Sum256(in.msg)
 			m, s, c, ts, n, ok := decodeSigned(in.b)
 			if !ok || m != in.m || s != hex.EncodeToString(sum[:]) || c != in.c || ts != strconv.FormatInt(in.ts, 10) || n != in.n {
@@ -132,6 +139,109 @@ func FuzzCanonical(f *testing.F) {
 		same := m1 == m2 && sha256.Sum256(msg1) == sha256.Sum256(msg2) && c1 == c2 && t1 == t2 && n1 == n2
 		if same != bytes.Equal(b1, b2) {
 			t.Fatalf("inputs equal: %v, signed bytes equal: %v:\n%q\n%q", same, !same, b1, b2)
+		}
+	})
+}
+
+// FuzzParseSessionMetadata: with the session entries, ParseMetadata
+// accepts exactly the metadata the documentation allows (caller,
+// timestamp and nonce, then either a signature or a ticket and a MAC,
+// each once and well formed), refuses the rest with ErrMissing or
+// ErrMalformed, and never panics; a session call it accepts is then
+// verified, which succeeds only for the one real session call of the
+// seed (with any byte of its ticket or MAC changed, it does not), and
+// refuses anything else with ErrSessionInvalid or ErrBadSignature. shape says which entries are present (bits 0-5:
+// caller, timestamp, nonce, signature, ticket, MAC) and which are repeated
+// (bits 8-13).
+func FuzzParseSessionMetadata(f *testing.F) {
+	id := newID(f, TypeEd25519)
+	sealer, err := NewTicketSealer(bytes.Repeat([]byte{7}, TicketKeyLen))
+	if err != nil {
+		f.Fatal(err)
+	}
+	now := time.UnixMilli(1767225600000)
+	s := startSession(f, id, sealer, now, time.Hour)
+	seedCall, err := s.Authenticate(testMethod, nil, now)
+	if err != nil {
+		f.Fatal(err)
+	}
+	caller, ts, nonce := seedCall[MDCaller][0], seedCall[MDTimestamp][0], seedCall[MDNonce][0]
+	tk, mac := []byte(seedCall[MDSession][0]), []byte(seedCall[MDMAC][0])
+	f.Add(caller, ts, nonce, []byte{}, tk, mac, uint16(0x37))
+	f.Add(caller, ts, nonce, bytes.Repeat([]byte{1}, 64), tk, mac, uint16(0x3f))
+	f.Add(caller, ts, nonce, []byte{}, tk[:TicketLen-1], mac, uint16(0x37))
+	f.Add(caller, ts, nonce, []byte{}, tk, mac[:MACLen-1], uint16(0x37))
+	f.Add(caller, ts, nonce, []byte{}, tk, mac, uint16(0x1037))
+	f.Add(caller, ts, nonce, []byte{}, bytes.Repeat([]byte{1}, TicketLen), mac, uint16(0x37))
+	f.Add(caller, ts, nonce, []byte{}, tk, mac, uint16(0x17))
+	f.Add(caller, ts, nonce, []byte{}, tk, mac, uint16(0x30))
+	f.Fuzz(func(t *testing.T, caller, ts, nonce string, sig, tk, mac []byte, shape uint16) {
+		values := [6]string{caller, ts, nonce, string(sig), string(tk), string(mac)}
+		names := [6]string{MDCaller, MDTimestamp, MDNonce, MDSignature, MDSession, MDMAC}
+		md := metadata.MD{}
+		once := [6]bool{}
+		for i, name := range names {
+			if shape&(1<<i) == 0 {
+				continue
+			}
+			md[name] = []string{values[i]}
+			once[i] = shape&(1<<(8+i)) == 0
+			if !once[i] {
+				md[name] = append(md[name], values[i])
+			}
+		}
+		present := shape & 0x3f
+		common := once[0] && once[1] && once[2] && reCaller.MatchString(caller) && reTimestamp.MatchString(ts) && reNonce.MatchString(nonce)
+		signed := present&0x38 == 0x08 && once[3] && len(sig) >= 1 && len(sig) <= MaxSignatureLen
+		session := present&0x38 == 0x30 && once[4] && once[5] && len(tk) == TicketLen && len(mac) == MACLen
+		valid := common && (signed || session)
+
+		c, err := ParseMetadata(md)
+		switch {
+		case valid && err != nil:
+			t.Fatalf("valid metadata refused: %v", err)
+		case !valid && err == nil:
+			t.Fatalf("invalid metadata accepted: %q", md)
+		case err != nil && present == 0 && !errors.Is(err, ErrMissing):
+			t.Fatalf("no entry, error %v does not wrap ErrMissing", err)
+		case err != nil && present != 0 && (!errors.Is(err, ErrMalformed) || errors.Is(err, ErrMissing)):
+			t.Fatalf("some entries, error %v does not wrap ErrMalformed only", err)
+		case err != nil:
+			return
+		}
+		if c.IsSession() != session {
+			t.Fatalf("IsSession %v, want %v", c.IsSession(), session)
+		}
+		if !session {
+			return
+		}
+		err = c.VerifySession(sealer, testMethod, sha256.Sum256(nil), now)
+		if err != nil {
+			if !errors.Is(err, ErrSessionInvalid) && !errors.Is(err, ErrBadSignature) {
+				t.Fatalf("error %v wraps neither ErrSessionInvalid nor ErrBadSignature", err)
+			}
+			return
+		}
+		// A call that verifies (the seed's real one): any one byte of its
+		// MAC or ticket changed, it does not.
+		for i := range len(tk) + len(mac) {
+			md := md.Copy()
+			if i < len(tk) {
+				b := bytes.Clone(tk)
+				b[i] ^= 0x80
+				md[MDSession] = []string{string(b)}
+			} else {
+				b := bytes.Clone(mac)
+				b[i-len(tk)] ^= 0x80
+				md[MDMAC] = []string{string(b)}
+			}
+			c, err := ParseMetadata(md)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.VerifySession(sealer, testMethod, sha256.Sum256(nil), now); err == nil {
+				t.Fatalf("byte %d changed, the call still verifies", i)
+			}
 		}
 	})
 }

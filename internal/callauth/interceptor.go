@@ -26,13 +26,17 @@ const (
 	// KeyAdminPrefix begins every KeyAdminService method (tested against
 	// the generated service description).
 	KeyAdminPrefix = "/nitrosign.v1.KeyAdminService/"
+	// OpenSessionMethod is SessionService.OpenSession, always signed with
+	// the caller's identity key.
+	OpenSessionMethod = pb.SessionService_OpenSession_FullMethodName
 )
 
 // DefaultMethods reports whether method is one the enclave authenticates:
-// SignerService.Sign and every KeyAdminService method. Other methods
-// (Echo, ListKeys, GetPublicKey, Attest, health) are public.
+// SignerService.Sign, SessionService.OpenSession and every
+// KeyAdminService method. Other methods (Echo, ListKeys, GetPublicKey,
+// Attest, health) are public.
 func DefaultMethods(method string) bool {
-	return method == SignMethod || strings.HasPrefix(method, KeyAdminPrefix)
+	return method == SignMethod || method == OpenSessionMethod || strings.HasPrefix(method, KeyAdminPrefix)
 }
 
 // UnaryClientInterceptor signs the unary calls for which methods returns
