@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/nitrosign/nitrosign/fakes/devroot"
+	"github.com/nitrosign/nitrosign/host/client"
 	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/target"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
@@ -185,6 +186,57 @@ func TestCallersAndAuditTrail(t *testing.T) {
 			t.Errorf("raw %s call: %s, want %s", k, raw[k], want)
 		}
 	}
+	// Sessions (the Go client's default), through the proxy and directly:
+	// one OpenSession signed, then calls by MAC; the policy applies; a
+	// MAC over another body, a replayed session call and a session call
+	// renamed to another caller are refused.
+	sessions := map[string]*client.Client{}
+	for _, tg := range []string{e.proxy.target, e.target} {
+		sc, err := client.Dial(callCtx(t), tg, client.Options{Identity: alice})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sc.Close()
+		sessions[tg] = sc
+		for i := 0; i < 5; i++ {
+			if _, err := sc.Signer.Sign(callCtx(t), req); err != nil {
+				t.Fatalf("alice in a session via %s, call %d: %v", tg, i, err)
+			}
+		}
+		rsa := &pb.SignRequest{Key: &pb.KeySelector{Selector: &pb.KeySelector_KeyType{KeyType: pb.KeyType_KEY_TYPE_RSA}}, Message: []byte("x")}
+		if _, err := sc.Signer.Sign(callCtx(t), rsa); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("alice with the RSA key in a session via %s: %v, want PermissionDenied", tg, err)
+		}
+	}
+	s := openSession(t, cc, alice)
+	smd, err := s.Authenticate(pb.SignerService_Sign_FullMethodName, body, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	renamed := smd.Copy()
+	mallory, err := callauth.LoadIdentity(e.mallory)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renamed.Set(callauth.MDCaller, mallory.KeyID())
+	other, err := s.Authenticate(pb.SignerService_Sign_FullMethodName, body, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ses := map[string]codes.Code{
+		"session":               call(smd, req),
+		"replayed":              call(smd, req),
+		"MAC over another body": call(other, tampered),
+		"renamed":               call(renamed, req),
+	}
+	t.Logf("raw session calls over vsock: %v", ses)
+	for k, want := range map[string]codes.Code{"session": codes.OK, "replayed": codes.Unauthenticated, "MAC over another body": codes.Unauthenticated,
+		"renamed": codes.Unauthenticated} {
+		if ses[k] != want {
+			t.Errorf("raw %s call: %s, want %s", k, ses[k], want)
+		}
+	}
+
 	// Key administration: ops may (directly over vsock; the proxy refuses
 	// it to its clients by default), alice may not.
 	if got := cliCode(t, "keys", "create", "--target", e.target, "--type", "ecc", "--identity", e.alice); got != "PermissionDenied" {
@@ -202,6 +254,14 @@ func TestCallersAndAuditTrail(t *testing.T) {
 	e.startEnclave(t)
 	if got := cliCode(t, "sign", "--target", e.proxy.target, "--key-type", "ecc", "--message", "after the restart", "--identity", e.alice); got != "OK" {
 		t.Fatalf("alice after the restart: %s", got)
+	}
+	// The sessions opened before the restart are not accepted by the new
+	// enclave (new ephemeral keys): the clients open new ones by
+	// themselves, and the call goes through.
+	for tg, sc := range sessions {
+		if _, err := sc.Signer.Sign(callCtx(t), req); err != nil {
+			t.Fatalf("alice's session client via %s after the restart: %v", tg, err)
+		}
 	}
 	time.Sleep(2 * time.Second) // the head of the last decision (1 s) reaches the file
 	out, err := cli(t, "", "audit", "verify", "--file", e.auditFile, "--dev-trust-root", e.rootFile)
@@ -240,4 +300,32 @@ func firstLine(s, with string) string {
 		}
 	}
 	return ""
+}
+
+// openSession opens a session of id by hand over cc: a signed
+// OpenSession call.
+func openSession(t *testing.T, cc *grpc.ClientConn, id *callauth.Identity) *callauth.Session {
+	t.Helper()
+	offer, err := callauth.NewSessionOffer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &pb.OpenSessionRequest{ClientShare: offer.Share()}
+	body, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	md, err := callauth.Sign(id, callauth.OpenSessionMethod, body, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var resp pb.OpenSessionResponse
+	if err := cc.Invoke(metadata.NewOutgoingContext(callCtx(t), md), callauth.OpenSessionMethod, req, &resp); err != nil {
+		t.Fatalf("OpenSession: %v", err)
+	}
+	s, err := offer.Finish(id.KeyID(), resp.GetEnclaveShare(), resp.GetTicket(), resp.GetExpireTime().AsTime())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }

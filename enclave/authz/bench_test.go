@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
 	"github.com/nitrosign/nitrosign/enclave/enclavetest"
 	"github.com/nitrosign/nitrosign/internal/callauth"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
@@ -17,9 +20,10 @@ import (
 // BenchmarkSign measures ECDSA P-256 Sign calls over gRPC on loopback to
 // one in-process enclave, side by side: anonymous (no authentication: the
 // enclave runs with --dev-allow-anonymous and a policy, which checks
-// signed calls only), and signed by an Ed25519 or a P-256 caller (the
-// client signs, the enclave verifies, checks the replay cache and the
-// policy). ns/op of the serial runs is the latency of one call; the
+// authenticated calls only), each call signed by an Ed25519 or a P-256
+// caller (the client signs, the enclave verifies, checks the replay cache
+// and the policy), and calls in a session of the Ed25519 caller (opened
+// once; each call MACed and checked, replay cache and policy included). ns/op of the serial runs is the latency of one call; the
 // parallel runs (GOMAXPROCS goroutines) measure throughput. The figures
 // are in docs/PERFORMANCE.md, "Caller authentication".
 //
@@ -49,10 +53,15 @@ func BenchmarkSign(b *testing.B) {
 	e := enclavetest.Start(b, c, 0)
 	req := signReq(pb.KeyType_KEY_TYPE_ECC, pb.SigningAlgorithm_SIGNING_ALGORITHM_ECDSA_SHA_256)
 	for _, tc := range []struct {
-		name string
-		id   *callauth.Identity
-	}{{"anonymous", nil}, {"ed25519-caller", ids["ed25519"]}, {"p256-caller", ids["p256"]}} {
-		cl := pb.NewSignerServiceClient(dial(b, e.Addr, tc.id))
+		name    string
+		id      *callauth.Identity
+		session bool
+	}{{"anonymous", nil, false}, {"ed25519-caller", ids["ed25519"], false}, {"p256-caller", ids["p256"], false}, {"session", ids["ed25519"], true}} {
+		cc := dial(b, e.Addr, tc.id)
+		if tc.session {
+			cc = dialSession(b, e.Addr, tc.id)
+		}
+		cl := pb.NewSignerServiceClient(cc)
 		if _, err := cl.Sign(context.Background(), req); err != nil {
 			b.Fatalf("%s: %v", tc.name, err)
 		}
@@ -83,4 +92,16 @@ func BenchmarkSign(b *testing.B) {
 			})
 		})
 	}
+}
+
+// dialSession connects as id with a session (the Go client's default).
+func dialSession(t testing.TB, addr string, id *callauth.Identity) *grpc.ClientConn {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithUnaryInterceptor(callauth.SessionUnaryClientInterceptor(id, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	return cc
 }

@@ -1,10 +1,11 @@
 // Package callauth authenticates callers of the enclave, end to end: a
-// caller signs each call it makes with its own private key, and the enclave
-// verifies the signature itself. The parent instance and the host proxy,
-// which carry the call, are not trusted (see the trust model in the
-// design): without the caller's private key they can neither make a call
-// of their own nor change one in flight, and a call they record and play
-// again is refused by the enclave's ReplayCache.
+// caller signs each call it makes with its own private key, or signs once
+// to open a session and MACs each call with the session's key, and the
+// enclave checks the signature or MAC itself. The parent instance and the
+// host proxy, which carry the call, are not trusted (see the trust model
+// in the design): without the caller's private key or session key they
+// can neither make a call of their own nor change one in flight, and a
+// call they record and play again is refused by the enclave's ReplayCache.
 //
 // # Identities
 //
@@ -88,6 +89,59 @@
 // Sign makes the four entries; UnaryClientInterceptor signs the calls a
 // client makes, sending exactly the bytes it signed.
 //
+// # Sessions
+//
+// Verifying a signature on every call costs the enclave about as much as
+// the signature it then makes. A caller may instead open a session once
+// and authenticate each call with a MAC:
+//
+//  1. The caller makes a fresh X25519 key pair (RFC 7748) and calls
+//     SessionService.OpenSession with its 32-byte public key
+//     (client_share), signed as above (a session call to OpenSession is
+//     refused).
+//
+//  2. The enclave makes a fresh X25519 key pair, computes the shared
+//     secret Z (an all-zero Z, from a low-order share, is refused with
+//     InvalidArgument), sets the expiry E (Unix milliseconds: its clock
+//     plus the session lifetime), and answers with its public key
+//     (enclave_share), E (expire_time) and a ticket.
+//
+//  3. Both derive the session key, 32 bytes:
+//
+//     HKDF-SHA256(secret = Z, salt = client_share + enclave_share,
+//     info = "nitrosign-session-key-v1" + "\n" + caller + "\n" + E)
+//
+//     with caller the caller's key id (64 hex digits) and E in decimal.
+//
+// The ticket is opaque to the caller. It is 1 + 12 + 72 + 16 = 101 bytes:
+// the version 0x01, a random 12-byte nonce, and the AES-256-GCM
+// encryption under the enclave's ticket key (with associated data
+// "nitrosign-ticket-v1") of the caller's key id (32 raw bytes), E (8
+// bytes, big-endian) and the session key; the GCM tag last. The enclave
+// keeps no session state: every enclave whose signer derives the same
+// ticket key (the same keyset) accepts the ticket.
+//
+// A session call carries five metadata entries, each exactly once:
+// nitrosign-caller, nitrosign-timestamp and nitrosign-nonce as above, and
+//
+//	nitrosign-session-bin  the ticket, exactly 101 raw bytes
+//	nitrosign-mac-bin      HMAC-SHA256 under the session key of the MACed
+//	                       bytes, exactly 32 raw bytes
+//
+// and no nitrosign-signature-bin (a call with both is malformed). The MACed
+// bytes are the signed bytes of the call with "nitrosign-session-call-v1"
+// in place of "nitrosign-call-v1" as their first line (MACedBytes).
+//
+// The enclave opens the ticket (a ticket it cannot open, of another
+// version, or expired: ErrSessionInvalid, answered UNAUTHENTICATED with a
+// google.rpc.ErrorInfo detail of domain "nitrosign.dev" and reason
+// "SESSION_INVALID", on which the caller opens a new session and may send
+// the call again), checks that its caller is the one nitrosign-caller
+// names and that the MAC matches (ErrBadSignature), then the replay cache
+// and the policy as for a signed call. Session.Authenticate makes the
+// entries; SessionUnaryClientInterceptor opens, renews and reopens
+// sessions for a client.
+//
 // # Checking a call, in the enclave
 //
 //  1. ParseMetadata: the entries, each exactly once and well formed
@@ -96,7 +150,9 @@
 //  2. Look the caller up by Claims.Caller in the policy; an unknown caller
 //     is refused.
 //  3. Claims.Verify (or VerifyDigest) with that caller's public key, the
-//     method of the call and the request bytes received (ErrBadSignature).
+//     method of the call and the request bytes received (ErrBadSignature);
+//     for a session call (Claims.IsSession), Claims.VerifySession with
+//     the enclave's TicketSealer instead.
 //  4. Only then ReplayCache.Check: the timestamp is within the window of
 //     the enclave's clock (ErrSkew) and the (caller, nonce) pair is new
 //     (ErrReplay). Checking after the signature means that a call nobody

@@ -28,6 +28,7 @@ import (
 	"github.com/nitrosign/nitrosign/enclave/listener"
 	"github.com/nitrosign/nitrosign/enclave/logship"
 	"github.com/nitrosign/nitrosign/enclave/signer"
+	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/logging"
 	"github.com/nitrosign/nitrosign/internal/target"
 )
@@ -141,6 +142,7 @@ func parseFlags(args []string, stderr io.Writer) (enclave.Config, error) {
 	c.Server.Limits.RegisterFlags(fs, "connection")
 	fs.StringVar(&c.Authz.PolicyFile, "policy", "", "the caller policy `file` (JSON: who may sign with which key, and administer keys; docs/AUTHZ.md): Dockerfile.enclave bakes deploy/policy.json in as /etc/nitrosign/policy.json, so it is measured, and attestation commits to it. Without one no caller may sign")
 	fs.DurationVar(&c.Authz.MaxSkew, "auth-max-skew", authz.DefaultMaxSkew, "how far a signed call's timestamp may be from the enclave's clock, either way; nonces are remembered for twice that")
+	fs.DurationVar(&c.Authz.SessionLifetime, "session-lifetime", callauth.DefaultSessionLifetime, "how long a caller's session (SessionService.OpenSession) is accepted, 1m to 24h")
 	fs.BoolVar(&c.Authz.DevAllowAnonymous, "dev-allow-anonymous", false, "DEVELOPMENT ONLY: calls that carry no caller signature may sign and administer keys (signed calls are still checked against --policy). Needs --dev-simulated-nsm; refused where /dev/nsm exists")
 	fs.BoolVar(&c.Attest.DevSimulatedNSM, "dev-simulated-nsm", false, "DEVELOPMENT ONLY: without /dev/nsm, attest with a simulated NSM whose documents chain to a throwaway dev root, never to AWS")
 	fs.StringVar(&c.Attest.DevRootFile, "dev-simulated-nsm-root", "", "DEVELOPMENT ONLY: the simulated NSM issues from the root certificate and key in this PEM `file` (several simulated enclaves then chain to one root, which a test KMS trusts); needs --dev-simulated-nsm")
