@@ -170,6 +170,17 @@ func TestCallersAndAuditTrail(t *testing.T) {
 		return md
 	}
 	md := signed(time.Now())
+	// Alice's name, a signature by another key.
+	wrongKey := signed(time.Now())
+	other0, err := callauth.NewIdentity(callauth.TypeEd25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imp, err := callauth.Sign(other0, pb.SignerService_Sign_FullMethodName, body, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrongKey.Set(callauth.MDSignature, imp.Get(callauth.MDSignature)[0])
 	tampered := proto.Clone(req).(*pb.SignRequest)
 	tampered.Message = []byte("pay 900 to mallory")
 	raw := map[string]codes.Code{
@@ -178,10 +189,11 @@ func TestCallersAndAuditTrail(t *testing.T) {
 		"tampered message": call(signed(time.Now()), tampered),
 		"expired":          call(signed(time.Now().Add(-time.Hour)), req),
 		"no metadata":      call(metadata.MD{}, req),
+		"wrong key":        call(wrongKey, req),
 	}
 	t.Logf("raw calls over vsock: %v", raw)
 	for k, want := range map[string]codes.Code{"signed": codes.OK, "replayed": codes.Unauthenticated, "tampered message": codes.Unauthenticated,
-		"expired": codes.Unauthenticated, "no metadata": codes.Unauthenticated} {
+		"expired": codes.Unauthenticated, "no metadata": codes.Unauthenticated, "wrong key": codes.Unauthenticated} {
 		if raw[k] != want {
 			t.Errorf("raw %s call: %s, want %s", k, raw[k], want)
 		}
