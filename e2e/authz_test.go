@@ -220,7 +220,10 @@ func TestCallersAndAuditTrail(t *testing.T) {
 			t.Errorf("alice with the RSA key in a session via %s: %v, want PermissionDenied", tg, err)
 		}
 	}
-	s := openSession(t, cc, alice)
+	s, err := callauth.OpenSession(callCtx(t), cc, alice)
+	if err != nil {
+		t.Fatal(err)
+	}
 	smd, err := s.Authenticate(pb.SignerService_Sign_FullMethodName, body, time.Now())
 	if err != nil {
 		t.Fatal(err)
@@ -303,32 +306,4 @@ func TestCallersAndAuditTrail(t *testing.T) {
 		t.Fatalf("an edited audit trail verified: %v\n%s", err, out)
 	}
 	t.Logf("nitrosign audit verify of a file with one line edited:\n%s\n%v", out, err)
-}
-
-// openSession opens a session of id by hand over cc: a signed
-// OpenSession call.
-func openSession(t *testing.T, cc *grpc.ClientConn, id *callauth.Identity) *callauth.Session {
-	t.Helper()
-	offer, err := callauth.NewSessionOffer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := &pb.OpenSessionRequest{ClientShare: offer.Share()}
-	body, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	md, err := callauth.Sign(id, callauth.OpenSessionMethod, body, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var resp pb.OpenSessionResponse
-	if err := cc.Invoke(metadata.NewOutgoingContext(callCtx(t), md), callauth.OpenSessionMethod, req, &resp); err != nil {
-		t.Fatalf("OpenSession: %v", err)
-	}
-	s, err := offer.Finish(id.KeyID(), resp.GetEnclaveShare(), resp.GetTicket(), resp.GetExpireTime().AsTime())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
 }

@@ -21,7 +21,8 @@ import (
 )
 
 // sessionDialer dials connections that share one session interceptor (as
-// a client's pool does) and counts the OpenSession calls made through it.
+// a client's pool does) and counts the OpenSession calls it makes (an
+// interceptor after it sees them).
 type sessionDialer struct {
 	auth  grpc.UnaryClientInterceptor
 	opens atomic.Int32
@@ -40,7 +41,7 @@ func (d *sessionDialer) dial(t *testing.T, addr string) *grpc.ClientConn {
 		return invoker(ctx, method, req, reply, cc, opts...)
 	}
 	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithChainUnaryInterceptor(count, d.auth))
+		grpc.WithChainUnaryInterceptor(d.auth, count))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,33 +77,6 @@ func TestSessions(t *testing.T) {
 	wantCode(t, "an unknown caller opening a session", err, codes.Unauthenticated, "unknown caller")
 }
 
-// openRaw opens a session of id by hand: a signed OpenSession call.
-func openRaw(t *testing.T, cc *grpc.ClientConn, id *callauth.Identity) *callauth.Session {
-	t.Helper()
-	offer, err := callauth.NewSessionOffer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := &pb.OpenSessionRequest{ClientShare: offer.Share()}
-	body, err := proto.MarshalOptions{Deterministic: true}.Marshal(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	md, err := callauth.Sign(id, callauth.OpenSessionMethod, body, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var resp pb.OpenSessionResponse
-	if err := cc.Invoke(metadata.NewOutgoingContext(ctx(t), md), callauth.OpenSessionMethod, req, &resp); err != nil {
-		t.Fatalf("OpenSession: %v", err)
-	}
-	s, err := offer.Finish(id.KeyID(), resp.GetEnclaveShare(), resp.GetTicket(), resp.GetExpireTime().AsTime())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
-
 // Session calls tampered with, replayed, or made with another enclave's
 // ticket are refused, each with its precise status; OpenSession cannot be
 // made in a session, nor anonymously.
@@ -115,7 +89,10 @@ func TestSessionCallsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := openRaw(t, cc, payments)
+	s, err := callauth.OpenSession(ctx(t), cc, payments)
+	if err != nil {
+		t.Fatal(err)
+	}
 	auth := func(s *callauth.Session, method string, msg []byte, at time.Time) metadata.MD {
 		md, err := s.Authenticate(method, msg, at)
 		if err != nil {

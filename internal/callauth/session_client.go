@@ -56,8 +56,8 @@ const minSessionUse = time.Minute
 
 // SessionUnaryClientInterceptor authenticates the unary calls for which
 // methods returns true (nil: DefaultMethods) as id, with a session: the
-// first such call opens one (SessionService.OpenSession, signed with id as
-// UnaryClientInterceptor signs), and the calls that follow carry its
+// first such call opens one (OpenSession, through the interceptors after
+// this one), and the calls that follow carry its
 // ticket and a MAC (Session.Authenticate), which the enclave checks for a
 // fraction of a signature's cost. The session is renewed when nine tenths
 // of its life have passed, and opened again, with the call sent once more,
@@ -86,11 +86,16 @@ func SessionUnaryClientInterceptor(id *Identity, methods func(method string) boo
 		if err != nil {
 			return fmt.Errorf("callauth: %s: %w", method, err)
 		}
-		opts = append(opts[:len(opts):len(opts)], grpc.ForceCodecV2(codec))
+		open := func(ctx context.Context, req, resp any, opts ...grpc.CallOption) error {
+			// The rest of the chain, without this call's options: the
+			// session is opened for every call to come.
+			return invoker(ctx, OpenSessionMethod, req, resp, cc, opts...)
+		}
+		callOpts := append(opts[:len(opts):len(opts)], grpc.ForceCodecV2(codec))
 		for attempt := 0; ; attempt++ {
-			s, err := st.get(ctx, cc)
+			s, err := st.get(ctx, open)
 			if errors.Is(err, errNoSessions) {
-				return sign(ctx, method, req, reply, cc, invoker, opts[:len(opts)-1]...)
+				return sign(ctx, method, req, reply, cc, invoker, opts...)
 			}
 			if err != nil {
 				return err
@@ -99,7 +104,7 @@ func SessionUnaryClientInterceptor(id *Identity, methods func(method string) boo
 			if err != nil {
 				return fmt.Errorf("callauth: %s: %w", method, err)
 			}
-			err = invoker(withMetadata(ctx, md), method, req, reply, cc, opts...)
+			err = invoker(withMetadata(ctx, md), method, req, reply, cc, callOpts...)
 			if attempt == 0 && IsSessionInvalid(err) {
 				// Refused before anything was done: a new session, once.
 				st.drop(s)
@@ -116,12 +121,12 @@ var errNoSessions = errors.New("callauth: the server does not offer sessions")
 // sessions is the session of one interceptor.
 type sessions struct {
 	id          *Identity
-	cur         atomic.Pointer[openSession]
+	cur         atomic.Pointer[liveSession]
 	unsupported atomic.Bool
 	lock        chan struct{} // held while a session is being opened
 }
 
-type openSession struct {
+type liveSession struct {
 	*Session
 	renewAt time.Time
 }
@@ -133,10 +138,10 @@ func (st *sessions) valid() *Session {
 	return nil
 }
 
-// get returns the session, opening one when there is none or it is due
-// for renewal; one call opens it while the others wait (or give up with
-// their context).
-func (st *sessions) get(ctx context.Context, cc *grpc.ClientConn) (*Session, error) {
+// get returns the session, opening one with invoke when there is none or
+// it is due for renewal; one call opens it while the others wait (or give
+// up with their context).
+func (st *sessions) get(ctx context.Context, invoke invokeFunc) (*Session, error) {
 	if s := st.valid(); s != nil {
 		return s, nil
 	}
@@ -149,27 +154,12 @@ func (st *sessions) get(ctx context.Context, cc *grpc.ClientConn) (*Session, err
 	if s := st.valid(); s != nil {
 		return s, nil
 	}
-	offer, err := NewSessionOffer()
-	if err != nil {
-		return nil, err
-	}
 	opened := time.Now()
-	resp := &pb.OpenSessionResponse{}
-	// Through the whole interceptor chain: this one signs it.
-	if err := cc.Invoke(ctx, OpenSessionMethod, &pb.OpenSessionRequest{ClientShare: offer.Share()}, resp); err != nil {
-		if status.Code(err) == codes.Unimplemented {
-			st.unsupported.Store(true)
-			return nil, errNoSessions
-		}
-		if s, ok := status.FromError(err); ok {
-			return nil, status.Errorf(s.Code(), "open a session as caller %s: %s", st.id.KeyID(), s.Message())
-		}
-		return nil, fmt.Errorf("callauth: open a session as caller %s: %w", st.id.KeyID(), err)
+	s, err := openSession(ctx, st.id, invoke)
+	if status.Code(err) == codes.Unimplemented {
+		st.unsupported.Store(true)
+		return nil, errNoSessions
 	}
-	if !resp.GetExpireTime().IsValid() {
-		return nil, errors.New("callauth: the enclave's session has no valid expire_time")
-	}
-	s, err := offer.Finish(st.id.KeyID(), resp.GetEnclaveShare(), resp.GetTicket(), resp.GetExpireTime().AsTime())
 	if err != nil {
 		return nil, err
 	}
@@ -177,7 +167,7 @@ func (st *sessions) get(ctx context.Context, cc *grpc.ClientConn) (*Session, err
 	// minute after it was opened whatever the two clocks say (a call on
 	// an expired session is refused, and opens a new one).
 	use := s.expiry.Sub(opened) * 9 / 10
-	st.cur.Store(&openSession{Session: s, renewAt: opened.Add(max(use, minSessionUse))})
+	st.cur.Store(&liveSession{Session: s, renewAt: opened.Add(max(use, minSessionUse))})
 	return s, nil
 }
 
@@ -186,4 +176,48 @@ func (st *sessions) drop(s *Session) {
 	if cur := st.cur.Load(); cur != nil && cur.Session == s {
 		st.cur.CompareAndSwap(cur, nil)
 	}
+}
+
+// invokeFunc sends an OpenSession call.
+type invokeFunc func(ctx context.Context, req, resp any, opts ...grpc.CallOption) error
+
+// OpenSession opens a session of id over cc: a SessionService.OpenSession
+// call signed with id (whatever interceptors cc has). Errors from the
+// enclave keep their status code. SessionUnaryClientInterceptor does this
+// by itself; OpenSession is for a client that manages its session, with
+// Session.Authenticate.
+func OpenSession(ctx context.Context, cc grpc.ClientConnInterface, id *Identity, opts ...grpc.CallOption) (*Session, error) {
+	return openSession(ctx, id, func(ctx context.Context, req, resp any, more ...grpc.CallOption) error {
+		return cc.Invoke(ctx, OpenSessionMethod, req, resp, append(opts[:len(opts):len(opts)], more...)...)
+	})
+}
+
+func openSession(ctx context.Context, id *Identity, invoke invokeFunc) (*Session, error) {
+	if id == nil {
+		return nil, errors.New("callauth: open a session: nil identity")
+	}
+	offer, err := NewSessionOffer()
+	if err != nil {
+		return nil, err
+	}
+	req := &pb.OpenSessionRequest{ClientShare: offer.Share()}
+	codec, err := encodeRequest(req)
+	if err != nil {
+		return nil, fmt.Errorf("callauth: open a session: %w", err)
+	}
+	md, err := Sign(id, OpenSessionMethod, codec.data, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("callauth: open a session: %w", err)
+	}
+	resp := &pb.OpenSessionResponse{}
+	if err := invoke(withMetadata(ctx, md), req, resp, grpc.ForceCodecV2(codec)); err != nil {
+		if s, ok := status.FromError(err); ok {
+			return nil, status.Errorf(s.Code(), "open a session as caller %s: %s", id.KeyID(), s.Message())
+		}
+		return nil, fmt.Errorf("callauth: open a session as caller %s: %w", id.KeyID(), err)
+	}
+	if !resp.GetExpireTime().IsValid() {
+		return nil, errors.New("callauth: the enclave's session has no valid expire_time")
+	}
+	return offer.Finish(id.KeyID(), resp.GetEnclaveShare(), resp.GetTicket(), resp.GetExpireTime().AsTime())
 }
