@@ -161,6 +161,9 @@ step "mallory (not in the policy) is refused: Unauthenticated" \
 	must_fail nitrosign sign --target "$PROXY" --identity "$WORK/mallory.key" --key-type ecc --message "pay 100 to mallory"
 step "alice may not use the RSA key: PermissionDenied" \
 	must_fail nitrosign sign --target "$DIRECT" --identity "$WORK/alice.key" --key-type rsa --message "pay 100 to bob"
+step "a long-lived client: alice signs in a session (one signed OpenSession, then a MAC per call), against each call signed, side by side" \
+	no_tty nitrosign compare --rpc sign --key-type ecc --target "session=$PROXY" --target "signed=$PROXY" \
+	--identity "session=$WORK/alice.key" --identity "signed=$WORK/alice.key" --sign-each-call signed --concurrency 4 --duration 2s --rounds 1 --warmup 500ms
 step "the attestation document commits to the policy in force" \
 	nitrosign attest --target "$PROXY" --dev-trust-server-root --policy-sha256 "$(sha256sum "$WORK/policy.json" | cut -d' ' -f1)"
 
