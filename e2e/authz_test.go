@@ -296,14 +296,19 @@ func TestCallersAndAuditTrail(t *testing.T) {
 		t.Fatal("the audit trail holds a message")
 	}
 	// Edit one decision: verify must say so.
-	edited := strings.Replace(string(lines), `"outcome":"denied"`, `"outcome":"allowed"`, 1)
-	bad := filepath.Join(e.dir, "edited.jsonl")
+	// Edit one decision, keeping it well formed (an allowed call made to
+	// look refused): verify must find it by its hash.
+	edited := strings.Replace(string(lines), `"outcome":"allowed","code":"OK"`, `"outcome":"denied","code":"PermissionDenied"`, 1)
+	if edited == string(lines) {
+		t.Fatal("no allowed decision to edit")
+	}
+	bad := filepath.Join(e.dir, "changed.jsonl")
 	if err := os.WriteFile(bad, []byte(edited), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	out, err = cli(t, "", "audit", "verify", "--file", bad, "--dev-trust-root", e.rootFile)
-	if err == nil || !strings.Contains(out+err.Error(), "edited") {
-		t.Fatalf("an edited audit trail verified: %v\n%s", err, out)
+	if err == nil || !strings.Contains(out, ": error: edited (chain ") {
+		t.Fatalf("an edited audit trail verified, or the edit was not reported as one: %v\n%s", err, out)
 	}
 	t.Logf("nitrosign audit verify of a file with one line edited:\n%s\n%v", out, err)
 }
