@@ -157,6 +157,26 @@ func (e *isoEnv) goodWindow(extra ...*goodLoad) goodResult {
 	return r
 }
 
+// timingMiss says which timing criterion of check (rate, p99) r misses,
+// when r and the extra loads had no failed call; "" otherwise.
+func (e *isoEnv) timingMiss(r goodResult, extra []*goodLoad) string {
+	if r.failed() > 0 {
+		return ""
+	}
+	for _, l := range extra {
+		if l.result.failed() > 0 {
+			return ""
+		}
+	}
+	if r.rate() < 0.8*e.quiet.rate() {
+		return fmt.Sprintf("fell to %.1f calls/s (quiet %.1f/s)", r.rate(), e.quiet.rate())
+	}
+	if bound := max(10*e.quiet.p99(), e.sz.p99Floor); r.p99() > bound {
+		return fmt.Sprintf("had a p99 of %s (bound %s)", r.p99().Round(10*time.Microsecond), bound)
+	}
+	return ""
+}
+
 // check applies the criteria every attack shares and logs the figures.
 func (e *isoEnv) check(attack goodResult, m monResult) {
 	t := e.t
@@ -1538,6 +1558,14 @@ func (a *attacker) finish(t *testing.T) attackReport {
 // up until the window ends. It returns what the good client (and extra)
 // saw, what the monitor saw from the start of the attacks to their end,
 // and the attacks' reports.
+//
+// A window in which the good client had no failed call but missed a
+// timing criterion (its rate or its p99, see check) is measured once more,
+// under the same attack (a flood lasts one window longer for it), and the
+// second window decides: these machines are shared, and a stall of the
+// whole VM for a tenth of a second is enough to move the p99 of 125 calls.
+// A proxy that does not isolate its clients misses both windows. Failed
+// calls are never measured again.
 func (e *isoEnv) run(specs []attackSpec, extra ...*goodLoad) (goodResult, monResult, []attackReport) {
 	t := e.t
 	t.Helper()
@@ -1545,6 +1573,9 @@ func (e *isoEnv) run(specs []attackSpec, extra ...*goodLoad) (goodResult, monRes
 	var as []*attacker
 	flood := false
 	for _, s := range specs {
+		if !s.held() {
+			s.Duration += e.sz.window // room for a second window
+		}
 		as = append(as, e.startAttacker(s))
 		flood = flood || !s.held()
 	}
@@ -1555,6 +1586,11 @@ func (e *isoEnv) run(specs []attackSpec, extra ...*goodLoad) (goodResult, monRes
 		time.Sleep(e.sz.lead)
 	}
 	good := e.goodWindow(extra...)
+	if miss := e.timingMiss(good, extra); miss != "" {
+		t.Logf("good client under attack, first window: %s", good)
+		t.Logf("the good client %s in the first window with no failed call: measuring a second window under the same attack, which decides", miss)
+		good = e.goodWindow(extra...)
+	}
 	var reps []attackReport
 	for _, a := range as {
 		rep := a.finish(t)
