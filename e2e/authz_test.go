@@ -295,7 +295,6 @@ func TestCallersAndAuditTrail(t *testing.T) {
 	if strings.Contains(string(lines), "pay 100 to alice") {
 		t.Fatal("the audit trail holds a message")
 	}
-	// Edit one decision: verify must say so.
 	// Edit one decision, keeping it well formed (an allowed call made to
 	// look refused): verify must find it by its hash.
 	edited := strings.Replace(string(lines), `"outcome":"allowed","code":"OK"`, `"outcome":"denied","code":"PermissionDenied"`, 1)

@@ -168,20 +168,25 @@ func (e *isoEnv) timingMiss(r goodResult, extra []*goodLoad) string {
 			return ""
 		}
 	}
-	if r.rate() < 0.8*e.quiet.rate() {
+	if e.slowRate(r) {
 		return fmt.Sprintf("fell to %.1f calls/s (quiet %.1f/s)", r.rate(), e.quiet.rate())
 	}
-	if bound := max(10*e.quiet.p99(), e.sz.p99Floor); r.p99() > bound {
+	if bound := e.p99Bound(); r.p99() > bound {
 		return fmt.Sprintf("had a p99 of %s (bound %s)", r.p99().Round(10*time.Microsecond), bound)
 	}
 	return ""
 }
 
+// The timing criteria of check: the good client keeps 80% of its quiet
+// rate, and its p99 stays within p99Bound.
+func (e *isoEnv) slowRate(r goodResult) bool { return r.rate() < 0.8*e.quiet.rate() }
+func (e *isoEnv) p99Bound() time.Duration    { return max(10*e.quiet.p99(), e.sz.p99Floor) }
+
 // check applies the criteria every attack shares and logs the figures.
 func (e *isoEnv) check(attack goodResult, m monResult) {
 	t := e.t
 	t.Helper()
-	bound := max(10*e.quiet.p99(), e.sz.p99Floor)
+	bound := e.p99Bound()
 	t.Logf("good client quiet:        %s", e.quiet)
 	t.Logf("good client under attack: %s", attack)
 	t.Logf("rate %.0f%% of quiet (want >= 80%%), p99 %s (bound %s); %s",
@@ -189,7 +194,7 @@ func (e *isoEnv) check(attack goodResult, m monResult) {
 	if n := attack.failed(); n > 0 {
 		t.Errorf("the good client had %d failed calls of %d: %s", n, attack.issued, attack.errString())
 	}
-	slow := attack.rate() < 0.8*e.quiet.rate()
+	slow := e.slowRate(attack)
 	if slow {
 		t.Errorf("the good client's rate fell to %.1f/s, quiet %.1f/s: under 80%%", attack.rate(), e.quiet.rate())
 	}

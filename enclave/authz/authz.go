@@ -31,8 +31,8 @@ const (
 	DefaultMaxSkew = 30 * time.Second
 	// ReplayCapacity is how many signed calls one generation of the replay
 	// cache remembers (callauth.NewReplayCache): 32 MiB allocated at
-	// start, and with DefaultMaxSkew a sustained 17,476 signed calls a
-	// second, above what two to four cores can sign; beyond it calls are
+	// start, and with DefaultMaxSkew a sustained 2^20 / 60 s = 17,476
+	// authenticated calls a second (docs/AUTHZ.md); beyond it calls are
 	// refused with ResourceExhausted until the generation ends.
 	ReplayCapacity = 1 << 20
 )
@@ -250,7 +250,7 @@ func (a *Authorizer) authenticate(ctx context.Context, method string, digest [sh
 		return nil, status.Errorf(codes.Unauthenticated, "caller %q: %v", c.Name, err)
 	}
 	// Only a verified call is remembered: forged ones cannot fill the cache.
-	switch err := a.replay.Check(claims, a.now()); {
+	switch err := a.replay.Check(claims, d.Time); {
 	case errors.Is(err, callauth.ErrCacheFull):
 		return nil, status.Errorf(codes.ResourceExhausted, "caller %q: %v", c.Name, err)
 	case err != nil:
@@ -268,7 +268,7 @@ func (a *Authorizer) authorise(c *Caller, method string, req any, d *Decision) e
 		}
 		return nil
 	}
-	if strings.HasPrefix(method, "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/") {
+	if strings.HasPrefix(method, callauth.KeyAdminPrefix) {
 		if c == nil || c.Admin { // c nil: anonymous, allowed in development
 			return nil
 		}

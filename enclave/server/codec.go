@@ -67,7 +67,8 @@ func (c requestCodec) Name() string { return c.base.Name() }
 // digests maps a decoded request that callers must sign (callauth) to the
 // SHA-256 of its bytes as they arrived, which is what the caller signed:
 // re-encoding the decoded message could give other bytes. Entries live
-// from decode to the authorisation interceptor, which always takes them.
+// from decode to unaryMalformed, which runs before any interceptor that
+// may refuse the call and always takes them (into the call's context).
 var digests sync.Map
 
 // needsDigest reports whether v is a request of a method that callers
@@ -96,11 +97,26 @@ func malformedError(req any) error {
 	return nil
 }
 
+// digestKey is the context key of a request's digest (requestDigest).
+type digestKey struct{}
+
+// unaryMalformed answers a request that did not decode, and moves the
+// digest of one that did from the codec's table into the call's context
+// (digestFrom), so that no entry outlives its call whatever refuses it.
 func unaryMalformed(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	if err := malformedError(req); err != nil {
 		return nil, err
 	}
+	if d, ok := requestDigest(req); ok {
+		ctx = context.WithValue(ctx, digestKey{}, d)
+	}
 	return handler(ctx, req)
+}
+
+// digestFrom is the digest unaryMalformed put in ctx.
+func digestFrom(ctx context.Context) ([sha256.Size]byte, bool) {
+	d, ok := ctx.Value(digestKey{}).([sha256.Size]byte)
+	return d, ok
 }
 
 func streamMalformed(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
@@ -28,6 +27,7 @@ import (
 
 	"github.com/nitrosign/nitrosign/enclave/signer"
 	"github.com/nitrosign/nitrosign/enclave/stats"
+	"github.com/nitrosign/nitrosign/internal/callauth"
 	"github.com/nitrosign/nitrosign/internal/limits"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
@@ -234,11 +234,11 @@ func New(p Params) (*Server, error) {
 	// ResourceExhausted it was answered with.
 	lu, ls := limitInterceptors(cfg, log)
 	unary = append(unary, lu...)
-	// Callers are authenticated and authorised inside the limits: a flood
-	// of calls is shed before any signature is checked.
-	unary = append(unary, s.unaryAuth)
+	// Callers are authenticated and authorised inside the limits, so a
+	// flood of calls is shed before any signature is checked, and inside
+	// the recovery, so a panic in the check is one call's Internal error.
 	stream = append(stream, ls...)
-	unary = append(unary, unaryRecovery(log))
+	unary = append(unary, unaryRecovery(log), s.unaryAuth)
 	stream = append(stream, streamRecovery(log), streamMalformed)
 	opts := cfg.Limits.ServerOptions()
 	if p.Stats != nil {
@@ -341,8 +341,8 @@ func (s *Server) KeysChanged() {
 
 // unaryAuth has the Authorizer decide every Sign and KeyAdminService call.
 func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	digest, ok := requestDigest(req)
-	if !signedMethod(info.FullMethod) {
+	digest, ok := digestFrom(ctx)
+	if !callauth.DefaultMethods(info.FullMethod) {
 		return handler(ctx, req)
 	}
 	if !ok {
@@ -356,12 +356,6 @@ func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerI
 		}
 	}
 	return handler(ctx, req)
-}
-
-// signedMethod reports whether callers must sign calls of method.
-func signedMethod(method string) bool {
-	return method == pb.SignerService_Sign_FullMethodName || method == pb.SessionService_OpenSession_FullMethodName ||
-		strings.HasPrefix(method, "/"+pb.KeyAdminService_ServiceDesc.ServiceName+"/")
 }
 
 // NotReadyTrailer is the trailer on a grpc.health.v1.Health/Check answer

@@ -308,10 +308,7 @@ func identityDialOptions(file string, signEachCall bool) ([]grpc.DialOption, err
 	if err != nil {
 		return nil, err
 	}
-	if signEachCall {
-		return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.UnaryClientInterceptor(id, nil))}, nil
-	}
-	return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.SessionUnaryClientInterceptor(id, nil))}, nil
+	return []grpc.DialOption{grpc.WithUnaryInterceptor(callauth.ClientInterceptor(id, signEachCall))}, nil
 }
 
 // nameSet collects a repeatable flag of target names.

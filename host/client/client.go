@@ -81,11 +81,7 @@ func Dial(ctx context.Context, addr string, o Options) (*Client, error) {
 		// Last: interceptors chain in order, so this one sees the request
 		// after any other has changed it, and signs each attempt of a
 		// retrying interceptor anew.
-		auth := callauth.SessionUnaryClientInterceptor(o.Identity, nil)
-		if o.SignEachCall {
-			auth = callauth.UnaryClientInterceptor(o.Identity, nil)
-		}
-		dialOpts = append(dialOpts[:len(dialOpts):len(dialOpts)], grpc.WithChainUnaryInterceptor(auth))
+		dialOpts = append(dialOpts[:len(dialOpts):len(dialOpts)], grpc.WithChainUnaryInterceptor(callauth.ClientInterceptor(o.Identity, o.SignEachCall)))
 	}
 	if o.TLS != nil {
 		if t.Scheme != target.TCP {

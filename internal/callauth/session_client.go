@@ -50,6 +50,16 @@ func IsSessionInvalid(err error) bool {
 	return false
 }
 
+// ClientInterceptor authenticates the calls DefaultMethods names as id:
+// in a session (SessionUnaryClientInterceptor), or each call signed
+// (UnaryClientInterceptor) when signEachCall.
+func ClientInterceptor(id *Identity, signEachCall bool) grpc.UnaryClientInterceptor {
+	if signEachCall {
+		return UnaryClientInterceptor(id, nil)
+	}
+	return SessionUnaryClientInterceptor(id, nil)
+}
+
 // minSessionUse is the shortest time a session is used before it is
 // renewed, whatever the clocks say.
 const minSessionUse = time.Minute
