@@ -160,10 +160,10 @@ type endpoint struct {
 	// someone asked (roomWanted): waitRoom's wake-up.
 	room       chan struct{}
 	roomWanted bool
-	// rc writes without blocking (flushNow), so a reader can send what
+	// sw writes without blocking (flushNow), so a reader can send what
 	// it queued itself instead of waking the flusher; nil for TLS and
 	// in-memory connections, which only the flusher writes.
-	rc syscall.RawConn
+	sw *sockWriter
 	// cork > 0: a reader is queuing frames here that arrived together;
 	// flushLocked then only notes kickDue, and the reader flushes once its
 	// input runs out (flushBatch), so they leave in one write.
@@ -196,10 +196,12 @@ func newEndpoint(nc net.Conn, acct *account) *endpoint {
 		initWin:  65535,
 		maxFrame: 16384,
 		acct:     acct,
-		rc:       rawConnOf(nc),
 		room:     make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 		done:     make(chan struct{}),
+	}
+	if rc := rawConnOf(nc); rc != nil {
+		e.sw = newSockWriter(nc, rc)
 	}
 	e.fr = http2.NewFramer(bufWriter{e}, nil)
 	e.henc = hpack.NewEncoder(&e.hbuf)
@@ -291,12 +293,12 @@ func (e *endpoint) flushNow() {
 		e.mu.Unlock()
 		return
 	}
-	if e.rc == nil || e.writing {
+	if e.sw == nil || e.writing {
 		e.kickLocked()
 		e.mu.Unlock()
 		return
 	}
-	n, err := writeNow(e.rc, e.buf.Bytes())
+	n, err := e.sw.writeNow(e.buf.Bytes())
 	if err != nil {
 		e.failLocked(err)
 		e.mu.Unlock()
@@ -383,8 +385,8 @@ func (b *flushBatch) flush() {
 	}
 }
 
-// rawConnOf is nc's raw connection for writes that never block, or nil
-// when it has none (TLS, in-memory).
+// rawConnOf is nc's raw connection for reads and writes that never
+// block (sockio.go), or nil when it has none (TLS, in-memory).
 func rawConnOf(nc net.Conn) syscall.RawConn {
 	sc, ok := nc.(syscall.Conn)
 	if !ok {
@@ -395,37 +397,6 @@ func rawConnOf(nc net.Conn) syscall.RawConn {
 		return nil
 	}
 	return rc
-}
-
-// writeNow writes what the socket takes of p now, without waiting.
-func writeNow(rc syscall.RawConn, p []byte) (int, error) {
-	n := 0
-	var werr error
-	err := rc.Write(func(fd uintptr) bool {
-		for len(p) > 0 {
-			m, e := syscall.Write(int(fd), p)
-			if m > 0 {
-				n += m
-				p = p[m:]
-			}
-			switch {
-			case e == syscall.EINTR:
-				continue
-			case e == syscall.EAGAIN:
-				return true
-			case e != nil:
-				werr = e
-				return true
-			case m <= 0:
-				return true
-			}
-		}
-		return true // done, or the rest is the flusher's: never wait here
-	})
-	if err != nil {
-		return n, err
-	}
-	return n, werr
 }
 
 // queuedLocked is the number of bytes waiting to reach the peer.

@@ -99,7 +99,7 @@ func dialLane(ctx context.Context, s *slot) (*lane, error) {
 		_, err := nc.Write(hello)
 		wrote <- err
 	}()
-	br := bufio.NewReaderSize(readTracker{nc, &l.lastRead}, 32<<10)
+	br := bufio.NewReaderSize(newSockReader(nc, &l.lastRead), 32<<10)
 	fr := http2.NewFramer(nil, br)
 	fr.SetMaxReadFrameSize(maxFrameSize)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)

@@ -176,7 +176,7 @@ func (sc *srvConn) handshake(br *bufio.Reader) error {
 func (sc *srvConn) serve(handshaking chan struct{}) {
 	px := sc.px
 	defer close(sc.done)
-	br := bufio.NewReaderSize(readTracker{sc.nc, &sc.lastRead}, 32<<10)
+	br := bufio.NewReaderSize(newSockReader(sc.nc, &sc.lastRead), 32<<10)
 	sc.frameBytes.r = br
 	sc.frameBytes.left = maxFrameRead(px.cfg.Limits.MaxHeaderListSize)
 	sc.fr = http2.NewFramer(nil, &sc.frameBytes)
@@ -302,20 +302,6 @@ func (sc *srvConn) goAwayAndClose(code http2.ErrCode, debug string) {
 	}
 	sc.ep.mu.Unlock()
 	sc.ep.drainAndClose(fmt.Errorf("GOAWAY %s", code), time.Second)
-}
-
-// readTracker notes when bytes arrived (keepalive).
-type readTracker struct {
-	r    io.Reader
-	last *atomic.Int64
-}
-
-func (t readTracker) Read(p []byte) (int, error) {
-	n, err := t.r.Read(p)
-	if n > 0 {
-		t.last.Store(time.Now().UnixNano())
-	}
-	return n, err
 }
 
 // handle processes one frame from the client. A returned
