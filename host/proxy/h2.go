@@ -236,7 +236,7 @@ func (e *endpoint) run(onErr func(error)) {
 			continue
 		}
 		e.buf, e.spare = e.spare, b
-		e.lazy = 0
+		e.lazySentLocked()
 		e.writing = true
 		e.inWrite = b.Len()
 		e.mu.Unlock()
@@ -305,7 +305,7 @@ func (e *endpoint) flushNow() {
 		return
 	}
 	e.buf.Next(n)
-	e.lazy = 0 // sent, or left to the flusher
+	e.lazySentLocked() // sent, or left to the flusher
 	if e.buf.Len() > 0 {
 		e.kickLocked()
 	}
@@ -639,6 +639,19 @@ func (e *endpoint) deferLazy() bool {
 		}
 	}
 	return true
+}
+
+// lazySentLocked notes that the queued acknowledgements left with other
+// frames (or went to the flusher): their timer is disarmed, so it does
+// not fire later to flush acknowledgements deferred since, early and
+// alone (and a connection that relays a call every few milliseconds does
+// not start a timer goroutine every lazyDelay).
+func (e *endpoint) lazySentLocked() {
+	e.lazy = 0
+	if e.lazyArmed {
+		e.lazyArmed = false
+		e.lazyTimer.Stop()
+	}
 }
 
 // lazyFlush is the deferred acknowledgements' timer.
