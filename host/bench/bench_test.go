@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -376,11 +377,24 @@ func TestCompareRoundsAndRatios(t *testing.T) {
 	if len(cmp.Ratios) != 1 || cmp.Ratios[0].Target != "b" || cmp.Ratios[0].Baseline != "a" || cmp.Ratios[0].Throughput <= 0 {
 		t.Fatalf("ratios %+v", cmp.Ratios)
 	}
+	// Per round: b's p50 minus a's in the same round, and their median.
+	x := cmp.Ratios[0]
+	if len(x.AddedP50ByRound) != 3 || x.MedianAddedP50 == nil {
+		t.Fatalf("per-round added p50 missing: %+v", x)
+	}
+	for i, d := range x.AddedP50ByRound {
+		if want := cmp.Results[1].Rounds[i].P50 - cmp.Results[0].Rounds[i].P50; d != want {
+			t.Fatalf("round %d: added p50 %v, want %v", i, d, want)
+		}
+	}
+	if *x.MedianAddedP50 != Median(x.AddedP50ByRound) {
+		t.Fatalf("median %v of %v", *x.MedianAddedP50, x.AddedP50ByRound)
+	}
 	var text strings.Builder
 	if err := cmp.WriteText(&text); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"3 rounds per target, interleaved", "b over a: throughput", "p99"} {
+	for _, want := range []string{"3 rounds per target, interleaved", "b over a: throughput", "p99", "p50 added per round: median"} {
 		if !strings.Contains(text.String(), want) {
 			t.Fatalf("comparison text lacks %q:\n%s", want, text.String())
 		}
@@ -406,6 +420,26 @@ func TestCompareRoundsAndRatios(t *testing.T) {
 	if back.Results[0].Requests != 300 || back.Results[0].Elapsed <= 0 || back.Results[0].Latency.Count != 300 ||
 		len(back.Results[0].Curve) < 2 || len(back.Results[0].RoundsLen) != 3 || len(back.Ratios) != 1 {
 		t.Fatalf("JSON lost figures: %s", raw)
+	}
+}
+
+func TestMedian(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{
+		{nil, 0},
+		{[]float64{5}, 5},
+		{[]float64{3, -1, 2}, 2},
+		{[]float64{4, 1, 3, 2}, 2.5},
+	} {
+		in := slices.Clone(c.in)
+		if got := Median(c.in); got != c.want {
+			t.Errorf("Median(%v) = %v, want %v", c.in, got, c.want)
+		}
+		if !slices.Equal(in, c.in) {
+			t.Errorf("Median changed its input: %v", c.in)
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -48,6 +49,13 @@ type Ratio struct {
 	AddedP50 float64 `json:"added_p50_us"`
 	AddedP90 float64 `json:"added_p90_us"`
 	AddedP99 float64 `json:"added_p99_us"`
+	// AddedP50ByRound is, for each round, the target's p50 minus the
+	// baseline's in the same round (measured one after the other), and
+	// MedianAddedP50 their median: on a machine whose speed drifts between
+	// rounds it is steadier than AddedP50, which compares the rounds
+	// merged. Set when both ran more than one round.
+	AddedP50ByRound []float64 `json:"added_p50_by_round_us,omitempty"`
+	MedianAddedP50  *float64  `json:"median_added_p50_us,omitempty"`
 }
 
 // Comparison is the outcome of Compare.
@@ -150,7 +158,29 @@ func ratio(base, r *Result) Ratio {
 	if base.RPS > 0 {
 		x.Throughput = r.RPS / base.RPS
 	}
+	if n := len(r.Rounds); n > 1 && n == len(base.Rounds) {
+		x.AddedP50ByRound = make([]float64, n)
+		for i := range n {
+			x.AddedP50ByRound[i] = r.Rounds[i].P50 - base.Rounds[i].P50
+		}
+		m := Median(x.AddedP50ByRound)
+		x.MedianAddedP50 = &m
+	}
 	return x
+}
+
+// Median is the median of xs (the mean of the two middle values when
+// their number is even); 0 when xs is empty. xs is not changed.
+func Median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if n := len(s); n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // WriteText writes the comparison as a table, then the ratios.
@@ -204,8 +234,13 @@ func (c *Comparison) WriteText(w io.Writer) error {
 		}
 	}
 	for _, x := range c.Ratios {
-		fmt.Fprintf(&b, "%s over %s: throughput %.2fx, p50 %s, p90 %s, p99 %s\n", x.Target, x.Baseline, x.Throughput,
+		fmt.Fprintf(&b, "%s over %s: throughput %.2fx, p50 %s, p90 %s, p99 %s", x.Target, x.Baseline, x.Throughput,
 			signedUS(x.AddedP50), signedUS(x.AddedP90), signedUS(x.AddedP99))
+		if x.MedianAddedP50 != nil {
+			fmt.Fprintf(&b, "; p50 added per round: median %s (%s to %s)", signedUS(*x.MedianAddedP50),
+				signedUS(slices.Min(x.AddedP50ByRound)), signedUS(slices.Max(x.AddedP50ByRound)))
+		}
+		b.WriteString("\n")
 	}
 	if c.Interrupted {
 		b.WriteString("(interrupted: partial results)\n")
