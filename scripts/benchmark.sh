@@ -23,12 +23,13 @@
 #   BENCH_OUT       output directory (default: a new /tmp/nitrosign-bench.*)
 #   BENCH_PORT      first of four consecutive loopback ports (default 17001:
 #                   enclave, proxy, socat, l4relay); the full run also uses
+#                   BENCH_PORT+5 and +6 for the calibration relays and
 #                   BENCH_PORT+9 for a raw TCP echo
 #   BENCH_DURATION  measured length of each run (default 3s quick, 5s full)
 #   BENCH_ROUNDS    interleaved rounds per target (default 2 quick, 3 full)
 #   BENCH_LAT_ROUNDS, BENCH_LAT_DURATION
-#                   rounds and their length of the quick suite's compare at
-#                   1 in flight (default 6 rounds of 1s: many short rounds,
+#                   rounds and their length of the compares at 1 in
+#                   flight (default 6 rounds of 1s: many short rounds,
 #                   so each round's direct, proxy and relay are measured
 #                   seconds apart and the per-round medians see drift less)
 #   BENCH_PPROF     set to 1 to serve pprof on ports BENCH_PORT+10 (enclave)
@@ -251,10 +252,22 @@ start tcp-echo "$bin/nitrosign-benchserver" tcp-echo --listen "$floor_addr"
 sleep 0.5
 run 3-hop-floor "$bin/nitrosign-benchserver" tcp-pingpong --target "$floor_addr"
 run 3-proxy-1 nitrosign compare "${targets[@]}" --concurrency 1 --connections 1 \
-	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-1.json" --chart "$out/3-proxy-1.svg"
+	--duration "$lat_duration" --warmup 1s --rounds "$lat_rounds" --json "$out/3-proxy-1.json" --chart "$out/3-proxy-1.svg"
 run 3-proxy-64 nitrosign compare "${targets[@]}" --concurrency 64 --connections 2 \
 	--duration "$duration" --warmup 1s --rounds "$rounds" --json "$out/3-proxy-64.json" --chart "$out/3-proxy-64.svg"
 summary "$out/3-proxy-64.json" "$out/3-proxy-1.json"
+# What work per call costs in latency here: the relay with a busy loop of
+# 12 and 25 µs on every read (request and response: 24 and 50 µs a call),
+# beside the plain relay and the proxy, at 1 in flight.
+busy12_addr=127.0.0.1:$((port + 5))
+busy25_addr=127.0.0.1:$((port + 6))
+start l4relay-busy12 "$bin/nitrosign-benchserver" l4relay --listen "$busy12_addr" --upstream "$enc_addr" --busy 12us
+start l4relay-busy25 "$bin/nitrosign-benchserver" l4relay --listen "$busy25_addr" --upstream "$enc_addr" --busy 25us
+wait_ready l4relay-busy12 "tcp://$busy12_addr"
+wait_ready l4relay-busy25 "tcp://$busy25_addr"
+run 3-calibration nitrosign compare --target "direct=tcp://$enc_addr" --target "l4relay=tcp://$l4_addr" \
+	--target "l4relay-busy12=tcp://$busy12_addr" --target "l4relay-busy25=tcp://$busy25_addr" --target "proxy=tcp://$px_addr" \
+	--concurrency 1 --connections 1 --duration "$lat_duration" --warmup 1s --rounds "$lat_rounds" --json "$out/3-calibration.json"
 
 # 4. Against socat (nodelay on both sides) in front of the same server.
 if $have_socat; then

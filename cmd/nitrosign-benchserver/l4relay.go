@@ -19,17 +19,28 @@ either side ends. TCP_NODELAY is on for both sockets (Go's default), so
 nothing is held back for Nagle. It knows nothing of HTTP/2 or gRPC. Runs
 until SIGINT or SIGTERM, then closes every connection. Loopback only.
 
+With --busy D it is a calibration instead: each direction reads into a
+buffer, spends D of CPU in a busy loop, then writes what it read. Beside
+the plain relay in one compare it shows what a given amount of work per
+call (2 x D at one call in flight: request and response) adds to the
+latency on this machine, where it is more than the work itself.
+
 Examples:
   nitrosign-benchserver l4relay --listen 127.0.0.1:17004 --upstream 127.0.0.1:17001
   nitrosign compare --target direct=tcp://127.0.0.1:17001 --target l4relay=tcp://127.0.0.1:17004 --concurrency 1
+  nitrosign-benchserver l4relay --listen 127.0.0.1:17005 --upstream 127.0.0.1:17001 --busy 12us
 `
 
 func runL4Relay(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := newFlagSet("l4relay", l4relayUsage, stderr)
 	listen := fs.String("listen", "127.0.0.1:7004", "loopback `HOST:PORT` to accept on")
 	upstream := fs.String("upstream", "127.0.0.1:7001", "loopback `HOST:PORT` to relay to")
+	busy := fs.Duration("busy", 0, "calibration: CPU spent in a busy loop on every read before it is written on (0: plain io.Copy); at most 10ms")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
+	}
+	if *busy < 0 || *busy > 10*time.Millisecond {
+		return usageErr(stderr, fs.Name(), "--busy %v: must be between 0 and 10ms", *busy)
 	}
 	if err := errors.Join(loopbackListen(*listen), loopbackListen(*upstream)); err != nil {
 		return usageErr(stderr, fs.Name(), "%s", err)
@@ -38,13 +49,14 @@ func runL4Relay(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	return l4relay(ctx, l, *upstream)
+	return l4relay(ctx, l, *upstream, *busy)
 }
 
 // l4relay relays every connection accepted on l to upstream until ctx ends,
 // then closes l and every relayed connection and returns once all its
-// goroutines have.
-func l4relay(ctx context.Context, l net.Listener, upstream string) error {
+// goroutines have. busy > 0: each read costs that much CPU before it is
+// written on (copyBusy).
+func l4relay(ctx context.Context, l net.Listener, upstream string, busy time.Duration) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer l.Close()
@@ -66,7 +78,14 @@ func l4relay(ctx context.Context, l net.Listener, upstream string) error {
 				return
 			}
 			done := make(chan struct{}, 2)
-			pipe := func(dst, src net.Conn) { _, _ = io.Copy(dst, src); done <- struct{}{} }
+			pipe := func(dst, src net.Conn) {
+				if busy > 0 {
+					copyBusy(dst, src, busy)
+				} else {
+					_, _ = io.Copy(dst, src)
+				}
+				done <- struct{}{}
+			}
 			go pipe(up, c)
 			go pipe(c, up)
 			n := 0
@@ -81,5 +100,24 @@ func l4relay(ctx context.Context, l net.Listener, upstream string) error {
 				<-done
 			}
 		})
+	}
+}
+
+// copyBusy copies src to dst until either fails, spending busy of CPU on
+// every read before writing it.
+func copyBusy(dst, src net.Conn, busy time.Duration) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			for start := time.Now(); time.Since(start) < busy; {
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
 	}
 }

@@ -31,6 +31,8 @@ func TestL4RelayUsage(t *testing.T) {
 		{[]string{"l4relay", "--listen", "0.0.0.0:7004"}, 2, "loopback only"},
 		{[]string{"l4relay", "--upstream", "10.0.0.1:7001"}, 2, "loopback only"},
 		{[]string{"l4relay", "extra"}, 2, "unexpected argument"},
+		{[]string{"l4relay", "--busy", "-1us"}, 2, "between 0 and 10ms"},
+		{[]string{"l4relay", "--busy", "1s"}, 2, "between 0 and 10ms"},
 	} {
 		code, _, stderr := runArgs(t, tt.args...)
 		if code != tt.code || !strings.Contains(stderr, tt.want) {
@@ -42,6 +44,12 @@ func TestL4RelayUsage(t *testing.T) {
 // TestL4Relay relays ping-pongs to tcp-echo, closes the client's side when
 // the upstream ends, and closes every connection when stopped.
 func TestL4Relay(t *testing.T) {
+	t.Run("io.Copy", func(t *testing.T) { testL4Relay(t, 0) })
+	// The calibration relay: read, a busy loop, write.
+	t.Run("busy", func(t *testing.T) { testL4Relay(t, 50*time.Microsecond) })
+}
+
+func testL4Relay(t *testing.T, busy time.Duration) {
 	echoAddr := freeAddr(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -55,7 +63,7 @@ func TestL4Relay(t *testing.T) {
 		t.Fatal(err)
 	}
 	relayDone := make(chan error)
-	go func() { relayDone <- l4relay(relayCtx, l, echoAddr) }()
+	go func() { relayDone <- l4relay(relayCtx, l, echoAddr, busy) }()
 
 	var c net.Conn
 	msg, buf := []byte("0123456789abcdef0123456789abcdef"), make([]byte, 32)
@@ -127,7 +135,7 @@ func TestL4RelayClosesBothSides(t *testing.T) {
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	relayDone := make(chan error)
-	go func() { relayDone <- l4relay(ctx, l, up.Addr().String()) }()
+	go func() { relayDone <- l4relay(ctx, l, up.Addr().String(), 0) }()
 	// pair opens a client connection through the relay and returns it with
 	// the upstream's end of it.
 	pair := func() (client, server net.Conn) {
