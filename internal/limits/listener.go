@@ -81,9 +81,9 @@ func (c *limitedConn) Close() error {
 	return err
 }
 
-// SyscallConn is the wrapped connection's, so that a server can write to
-// it without blocking (syscall.Conn); errors.ErrUnsupported when the
-// wrapped connection has none.
+// SyscallConn is the wrapped connection's, so that a server can read and
+// write it with raw non-blocking system calls (syscall.Conn);
+// errors.ErrUnsupported when the wrapped connection has none.
 func (c *limitedConn) SyscallConn() (syscall.RawConn, error) {
 	if sc, ok := c.Conn.(syscall.Conn); ok {
 		return sc.SyscallConn()
