@@ -238,3 +238,48 @@ func TestInflow(t *testing.T) {
 		t.Fatal("reset did not restore the whole window")
 	}
 }
+
+// A deferred PING acknowledgement that leaves with the next write takes
+// its timer with it: the timer does not fire later to send, early and
+// alone, an acknowledgement deferred after that write.
+func TestLazyAckTimerDisarmedByWrite(t *testing.T) {
+	a, b := tcpPair(t)
+	e := newEndpoint(a, &account{})
+	data := [8]byte{1, 2, 3, 4, 5, 6, 7, 8}
+	armed := func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.lazyArmed
+	}
+	e.ping(true, data)
+	if !e.deferLazy() || !armed() {
+		t.Fatal("a lone PING acknowledgement was not deferred")
+	}
+	// The response it waited for: both leave in one write.
+	e.mu.Lock()
+	_ = e.fr.WriteData(1, true, []byte("response"))
+	e.mu.Unlock()
+	e.flushNow()
+	if armed() {
+		t.Fatal("the acknowledgement left, its timer is still armed")
+	}
+	fr := http2.NewFramer(nil, b)
+	_ = b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for _, want := range []http2.FrameType{http2.FramePing, http2.FrameData} {
+		f, err := fr.ReadFrame()
+		if err != nil || f.Header().Type != want {
+			t.Fatalf("read %v, %v; want %v", f, err, want)
+		}
+	}
+	// A new deferral arms the timer afresh, and it still fires when
+	// nothing else is written.
+	e.ping(true, data)
+	if !e.deferLazy() || !armed() {
+		t.Fatal("a second acknowledgement was not deferred")
+	}
+	f, err := fr.ReadFrame()
+	if pf, ok := f.(*http2.PingFrame); err != nil || !ok || !pf.IsAck() {
+		t.Fatalf("the deferred acknowledgement never left on its own: %v, %v", f, err)
+	}
+	e.fail(net.ErrClosed)
+}
