@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nitrosign/nitrosign/host/bench"
 )
 
 func freeAddr(t *testing.T) string {
@@ -63,7 +65,7 @@ func testL4Relay(t *testing.T, busy time.Duration) {
 		t.Fatal(err)
 	}
 	relayDone := make(chan error)
-	go func() { relayDone <- l4relay(relayCtx, l, echoAddr, busy) }()
+	go func() { relayDone <- bench.L4Relay(relayCtx, l, echoAddr, busy) }()
 
 	var c net.Conn
 	msg, buf := []byte("0123456789abcdef0123456789abcdef"), make([]byte, 32)
@@ -135,7 +137,7 @@ func TestL4RelayClosesBothSides(t *testing.T) {
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	relayDone := make(chan error)
-	go func() { relayDone <- l4relay(ctx, l, up.Addr().String(), 0) }()
+	go func() { relayDone <- bench.L4Relay(ctx, l, up.Addr().String(), 0) }()
 	// pair opens a client connection through the relay and returns it with
 	// the upstream's end of it.
 	pair := func() (client, server net.Conn) {

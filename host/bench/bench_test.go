@@ -387,7 +387,7 @@ func TestCompareRoundsAndRatios(t *testing.T) {
 			t.Fatalf("round %d: added p50 %v, want %v", i, d, want)
 		}
 	}
-	if *x.MedianAddedP50 != Median(x.AddedP50ByRound) {
+	if *x.MedianAddedP50 != median(x.AddedP50ByRound) {
 		t.Fatalf("median %v of %v", *x.MedianAddedP50, x.AddedP50ByRound)
 	}
 	var text strings.Builder
@@ -434,8 +434,8 @@ func TestMedian(t *testing.T) {
 		{[]float64{4, 1, 3, 2}, 2.5},
 	} {
 		in := slices.Clone(c.in)
-		if got := Median(c.in); got != c.want {
-			t.Errorf("Median(%v) = %v, want %v", c.in, got, c.want)
+		if got := median(c.in); got != c.want {
+			t.Errorf("median(%v) = %v, want %v", c.in, got, c.want)
 		}
 		if !slices.Equal(in, c.in) {
 			t.Errorf("Median changed its input: %v", c.in)

@@ -163,15 +163,15 @@ func ratio(base, r *Result) Ratio {
 		for i := range n {
 			x.AddedP50ByRound[i] = r.Rounds[i].P50 - base.Rounds[i].P50
 		}
-		m := Median(x.AddedP50ByRound)
+		m := median(x.AddedP50ByRound)
 		x.MedianAddedP50 = &m
 	}
 	return x
 }
 
-// Median is the median of xs (the mean of the two middle values when
+// median is the median of xs (the mean of the two middle values when
 // their number is even); 0 when xs is empty. xs is not changed.
-func Median(xs []float64) float64 {
+func median(xs []float64) float64 {
 	if len(xs) == 0 {
 		return 0
 	}

@@ -2,14 +2,13 @@ package proxy_test
 
 import (
 	"context"
-	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/nitrosign/nitrosign/host/bench"
 	nitrosignv1 "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -53,45 +52,21 @@ func BenchmarkEcho(b *testing.B) {
 	}
 }
 
-// startL4Relay is a plain io.Copy TCP relay to upstream (the baseline of
-// any proxy: one process hop, no parsing), stopped in b.Cleanup.
+// startL4Relay is the benchmark's plain relay (bench.L4Relay) to upstream,
+// stopped in b.Cleanup.
 func startL4Relay(b *testing.B, upstream string) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", upstream)
-			if err != nil {
-				_ = c.Close()
-				continue
-			}
-			mu.Lock()
-			conns = append(conns, c, u)
-			mu.Unlock()
-			wg.Add(2)
-			go func() { defer wg.Done(); _, _ = io.Copy(u, c); _ = u.Close() }()
-			go func() { defer wg.Done(); _, _ = io.Copy(c, u); _ = c.Close() }()
-		}
-	}()
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- bench.L4Relay(ctx, l, upstream, 0) }()
 	b.Cleanup(func() {
-		_ = l.Close()
-		mu.Lock()
-		for _, c := range conns {
-			_ = c.Close()
+		stop()
+		if err := <-done; err != nil {
+			b.Error(err)
 		}
-		mu.Unlock()
-		wg.Wait()
 	})
 	return l.Addr().String()
 }
