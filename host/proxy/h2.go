@@ -729,7 +729,7 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 		}
 		h.qEnd = h.qEnd || end
 		if trailers != nil {
-			h.trailers = trailers
+			h.trailers = slices.Clone(trailers) // the reader reuses its fields
 		}
 		return 0, false
 	}
@@ -750,7 +750,7 @@ func (h *half) sendLocked(data []byte, end bool, trailers []hpack.HeaderField) (
 	if len(data) > 0 {
 		h.enqueue(data)
 		h.qEnd = end
-		h.trailers = trailers
+		h.trailers = slices.Clone(trailers) // the reader reuses its fields
 		h.block()
 		e.flushLocked()
 		return sent, false

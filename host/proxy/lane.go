@@ -45,7 +45,7 @@ type upStream interface {
 
 type lane struct {
 	slot  *slot
-	fr    *http2.Framer // reads; set by connect, owned by serve
+	fr    *frameReader  // reads; set by connect, owned by serve
 	br    *bufio.Reader // under fr
 	batch flushBatch    // owned by serve
 	ep    *endpoint
@@ -100,9 +100,9 @@ func dialLane(ctx context.Context, s *slot) (*lane, error) {
 		wrote <- err
 	}()
 	br := bufio.NewReaderSize(newSockReader(nc, &l.lastRead), 32<<10)
-	fr := http2.NewFramer(nil, br)
-	fr.SetMaxReadFrameSize(maxFrameSize)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	h2fr := http2.NewFramer(nil, br)
+	h2fr.SetMaxReadFrameSize(maxFrameSize)
+	fr := newFrameReader(h2fr, 0)
 	f, err := fr.ReadFrame()
 	if err != nil {
 		_ = nc.Close()

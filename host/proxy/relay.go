@@ -14,7 +14,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 
 	"github.com/nitrosign/nitrosign/host/metrics"
@@ -36,7 +35,7 @@ type srvConn struct {
 	ep   *endpoint
 	peer string
 
-	fr *http2.Framer // reads; owned by serve
+	fr *frameReader // reads; owned by serve
 
 	// Read side, owned by serve.
 	lastID      atomic.Uint32 // highest stream id the client opened; written by serve under mu
@@ -179,10 +178,9 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 	br := bufio.NewReaderSize(newSockReader(sc.nc, &sc.lastRead), 32<<10)
 	sc.frameBytes.r = br
 	sc.frameBytes.left = maxFrameRead(px.cfg.Limits.MaxHeaderListSize)
-	sc.fr = http2.NewFramer(nil, &sc.frameBytes)
-	sc.fr.SetMaxReadFrameSize(maxFrameSize)
-	sc.fr.MaxHeaderListSize = px.cfg.Limits.MaxHeaderListSize
-	sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr := http2.NewFramer(nil, &sc.frameBytes)
+	fr.SetMaxReadFrameSize(maxFrameSize)
+	sc.fr = newFrameReader(fr, px.cfg.Limits.MaxHeaderListSize)
 	go sc.ep.run(func(err error) {})
 	err := sc.handshake(br)
 	close(handshaking)
