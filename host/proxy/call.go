@@ -35,14 +35,13 @@ type call struct {
 	slot   bool // holds an in-flight slot
 	share  bool // counted in sc.upCalls
 
-	// mu guards ln, uid, timer, expired, cancelled and attempts: a call
-	// may be relaunched (retry) while its client or its deadline ends it.
+	// mu guards ln, uid, expired, cancelled and attempts: a call may be
+	// relaunched (retry) while its client or its deadline ends it.
 	mu        sync.Mutex
 	ln        *lane  // nil until launched
 	uid       uint32 // stream id on ln
-	timer     *time.Timer
-	expired   bool // the deadline fired: never launched after
-	cancelled bool // cancelled upstream: never relaunched after
+	expired   bool   // the deadline fired: never launched after
+	cancelled bool   // cancelled upstream: never relaunched after
 	attempts  int
 
 	req  half // toward the lane (dst: ln.ep)
@@ -71,6 +70,7 @@ type call struct {
 	headersSent bool // response headers went to the client; under sc.ep.mu
 
 	deadline time.Time // zero: none; set before the call is shared
+	dlIndex  int       // in sc.deadlines (-1: not there); under its mu
 	finished atomic.Bool
 	observed atomic.Bool
 	code     atomic.Int32 // final status
@@ -103,7 +103,7 @@ const maxAttempts = 3
 // malformed request is a strike against the connection; the error
 // returned is the GOAWAY that ends it.
 func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) error {
-	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now()}
+	c := &call{px: p, sc: sc, sid: f.StreamID, start: time.Now(), dlIndex: -1}
 	c.reqIn.size, c.respIn.size = streamWindow, streamWindow
 	c.reqIn.reset()
 	c.respIn.reset()
@@ -146,9 +146,7 @@ func (p *Proxy) openCall(sc *srvConn, f *http2.MetaHeadersFrame) error {
 	c.fields = fields
 	if timeout > 0 {
 		c.deadline = c.start.Add(timeout)
-		c.mu.Lock()
-		c.timer = time.AfterFunc(timeout, c.expire)
-		c.mu.Unlock()
+		sc.deadlines.add(c)
 	}
 	if p.oneRequest[c.method] && !c.reqEnded.Load() {
 		c.waiting = true
@@ -597,12 +595,8 @@ func (c *call) finish() {
 	if !c.finished.CompareAndSwap(false, true) {
 		return
 	}
-	c.mu.Lock()
-	if c.timer != nil {
-		c.timer.Stop()
-	}
-	ln, uid := c.ln, c.uid
-	c.mu.Unlock()
+	c.sc.deadlines.remove(c)
+	ln, uid := c.lane()
 	if ln != nil {
 		ln.forget(c, uid)
 	}

@@ -174,8 +174,9 @@ type endpoint struct {
 	// nothing else is queued and a response is due, flushBatch leaves
 	// them to ride along with it (deferLazy), at most lazyDelay later.
 	lazy      int
+	lazySince time.Time // when the queued acknowledgements were deferred (zero: none are)
 	lazyTimer *time.Timer
-	lazyArmed bool // lazyTimer will flush
+	lazyArmed bool // lazyTimer is running
 
 	kick chan struct{} // wakes the flusher
 	done chan struct{} // closed when the flusher has exited
@@ -628,8 +629,11 @@ func (e *endpoint) deferLazy() bool {
 	if e.err != nil || e.writing || e.buf.Len() == 0 || e.buf.Len() != e.lazy {
 		return false
 	}
-	// Armed once per batch of acknowledgements: later deferrals do not
-	// push it back, so none waits more than lazyDelay.
+	// The wait is counted from the first deferral of what is queued, so
+	// none waits more than lazyDelay however often it is deferred again.
+	if e.lazySince.IsZero() {
+		e.lazySince = time.Now()
+	}
 	if !e.lazyArmed {
 		e.lazyArmed = true
 		if e.lazyTimer == nil {
@@ -642,21 +646,29 @@ func (e *endpoint) deferLazy() bool {
 }
 
 // lazySentLocked notes that the queued acknowledgements left with other
-// frames (or went to the flusher): their timer is disarmed, so it does
-// not fire later to flush acknowledgements deferred since, early and
-// alone (and a connection that relays a call every few milliseconds does
-// not start a timer goroutine every lazyDelay).
+// frames (or went to the flusher). Their timer is left running: arming a
+// timer can wake another thread, and a connection with a call every few
+// hundred microseconds would pay that on every call. When it fires, it
+// flushes only acknowledgements that have waited lazyDelay, and waits on
+// for younger ones, so none leaves early and alone.
 func (e *endpoint) lazySentLocked() {
 	e.lazy = 0
-	if e.lazyArmed {
-		e.lazyArmed = false
-		e.lazyTimer.Stop()
-	}
+	e.lazySince = time.Time{}
 }
 
 // lazyFlush is the deferred acknowledgements' timer.
 func (e *endpoint) lazyFlush() {
 	e.mu.Lock()
+	if e.lazySince.IsZero() || e.err != nil {
+		e.lazyArmed = false // nothing waits: the timer lapses
+		e.mu.Unlock()
+		return
+	}
+	if wait := lazyDelay - time.Since(e.lazySince); wait > 0 {
+		e.lazyTimer.Reset(wait)
+		e.mu.Unlock()
+		return
+	}
 	e.lazyArmed = false
 	e.mu.Unlock()
 	e.flushNow()

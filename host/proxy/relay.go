@@ -60,6 +60,8 @@ type srvConn struct {
 	// upCalls is the number of this connection's calls open upstream
 	// (Config.MaxConnectionCalls).
 	upCalls atomic.Int32
+	// deadlines expires its calls' deadlines, with one timer.
+	deadlines deadlines
 	// batch holds the connections the reader queued frames on; owned by
 	// serve.
 	batch flushBatch
@@ -279,6 +281,7 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 	for _, c := range calls {
 		c.clientGone()
 	}
+	sc.deadlines.stop()
 }
 
 var errGoAwaySent = errors.New("GOAWAY sent")

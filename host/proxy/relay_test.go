@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -318,5 +319,91 @@ func TestMaxAgeGraceZeroLetsCallsFinish(t *testing.T) {
 	}
 	if _, err := st.Recv(); err != nil {
 		t.Fatalf("a call on an aged-out connection with no grace limit was cut: %v", err)
+	}
+}
+
+// open starts a unary call for method with a grpc-timeout and no request
+// yet: the proxy holds it (never launched) until its deadline.
+func (rc *rawClient) open(method, timeout string) uint32 {
+	rc.t.Helper()
+	rc.hbuf.Reset()
+	for _, f := range []hpack.HeaderField{
+		{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
+		{Name: ":path", Value: method}, {Name: ":authority", Value: "proxy"},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"},
+		{Name: "grpc-timeout", Value: timeout},
+	} {
+		_ = rc.enc.WriteField(f)
+	}
+	id := rc.next
+	rc.next += 2
+	if err := rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.hbuf.Bytes(), EndHeaders: true}); err != nil {
+		rc.t.Fatal(err)
+	}
+	return id
+}
+
+// The deadlines of one connection's calls share one timer: a deadline
+// earlier than those already waiting still fires on time, each call gets
+// DeadlineExceeded from the proxy no sooner than its own deadline and in
+// deadline order, and a call that ended before its deadline is not
+// answered again.
+func TestProxyDeadlinesOnOneConnection(t *testing.T) {
+	h := newHarness(t, harnessOpts{poolSize: 1})
+	h.waitAllReady(t)
+	raw := newRawClient(t, h.addr, 65535)
+	const echo = "/nitrosign.v1.EchoService/Echo"
+	sent := map[uint32]time.Time{}
+	timeouts := map[uint32]time.Duration{}
+	start := func(timeout string, d time.Duration) uint32 {
+		id := raw.open(echo, timeout)
+		sent[id], timeouts[id] = time.Now(), d
+		return id
+	}
+	late := start("3S", 3*time.Second)
+	mid := start("300m", 300*time.Millisecond)
+	cancelled := start("200m", 200*time.Millisecond)
+	if err := raw.fr.WriteRSTStream(cancelled, http2.ErrCodeCancel); err != nil {
+		t.Fatal(err)
+	}
+	early := start("150m", 150*time.Millisecond)
+
+	dec := hpack.NewDecoder(4096, nil)
+	_ = raw.conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+	var order []uint32
+	for len(order) < 3 {
+		f, err := raw.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("after %v: %v", order, err)
+		}
+		hf, ok := f.(*http2.HeadersFrame)
+		if !ok {
+			continue
+		}
+		fields, err := dec.DecodeFull(hf.HeaderBlockFragment())
+		if err != nil {
+			t.Fatal(err)
+		}
+		id := hf.StreamID
+		if id == cancelled {
+			t.Fatalf("the call reset before its deadline was answered: %v", fields)
+		}
+		if waited := time.Since(sent[id]); waited < timeouts[id] {
+			t.Fatalf("stream %d answered after %v, before its deadline of %v", id, waited, timeouts[id])
+		}
+		got := map[string]string{}
+		for _, f := range fields {
+			got[f.Name] = f.Value
+		}
+		if got["grpc-status"] != "4" || got["grpc-message"] != "deadline exceeded (proxy)" {
+			t.Fatalf("stream %d: %v, want DeadlineExceeded from the proxy", id, got)
+		}
+		if id != late && time.Since(sent[late]) >= timeouts[late] {
+			t.Fatalf("stream %d was answered only once the latest deadline had passed: its earlier deadline did not re-arm the timer", id)
+		}
+		order = append(order, id)
+	}
+	if want := []uint32{early, mid, late}; !slices.Equal(order, want) {
+		t.Fatalf("answered in the order %v, want %v (deadline order)", order, want)
 	}
 }
