@@ -49,7 +49,8 @@ FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/
                 ./enclave/server:FuzzSignRequest ./host/proxy:FuzzConfigAddresses ./enclave/attest:FuzzLeafNotAfter \
                 ./host/proxy:FuzzRelayFrames ./enclave/recipient:FuzzDecrypt ./enclave/sealing:FuzzReadHeader \
                 ./internal/callauth:FuzzParseMetadata ./internal/callauth:FuzzCanonical ./internal/auditfmt:FuzzParse \
-                ./internal/callauth:FuzzParseSessionMetadata ./host/proxy:FuzzHeaderBlocks
+                ./internal/callauth:FuzzParseSessionMetadata ./host/proxy:FuzzHeaderBlocks \
+                ./host/proxy:FuzzHeaderBlockRoundTrip
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
 	@for t in $(FUZZ_TARGETS); do \

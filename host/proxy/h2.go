@@ -136,11 +136,11 @@ type endpoint struct {
 	buf      *bytes.Buffer // frames not yet taken by the flusher
 	spare    *bytes.Buffer
 	fr       *http2.Framer // writes into buf
-	henc     *hpack.Encoder
-	hbuf     bytes.Buffer
-	err      error // set once: the connection is closed
-	window   int64 // connection-level send window
-	initWin  int64 // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	hbuf     []byte        // the header block being written
+	hstarted bool          // a header block was written (hpackStart)
+	err      error         // set once: the connection is closed
+	window   int64         // connection-level send window
+	initWin  int64         // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	maxFrame uint32
 	blocked  []*half // streams with queued data waiting for window
 	writing  bool    // the flusher is writing (outside mu)
@@ -205,7 +205,6 @@ func newEndpoint(nc net.Conn, acct *account) *endpoint {
 		e.sw = newSockWriter(nc, rc)
 	}
 	e.fr = http2.NewFramer(bufWriter{e}, nil)
-	e.henc = hpack.NewEncoder(&e.hbuf)
 	return e
 }
 
@@ -542,17 +541,19 @@ func (e *endpoint) drainAndClose(err error, d time.Duration) {
 	e.fail(err)
 }
 
-// writeHeadersLocked encodes fields with the connection's HPACK state and
-// writes them as HEADERS (+ CONTINUATION) on stream id.
+// writeHeadersLocked encodes fields (hpackenc.go) and writes them as
+// HEADERS (+ CONTINUATION) on stream id.
 func (e *endpoint) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end bool) {
 	if e.err != nil {
 		return
 	}
-	e.hbuf.Reset()
-	for _, f := range fields {
-		_ = e.henc.WriteField(f) // writes into hbuf, cannot fail
+	e.hbuf = e.hbuf[:0]
+	if !e.hstarted {
+		e.hstarted = true
+		e.hbuf = append(e.hbuf, hpackStart)
 	}
-	block := e.hbuf.Bytes()
+	e.hbuf = appendHeaderBlock(e.hbuf, fields)
+	block := e.hbuf
 	max := int(e.maxFrame)
 	first := block
 	if len(first) > max {
@@ -941,9 +942,9 @@ func (e *endpoint) applySettingsLocked(f *http2.SettingsFrame, streams func(func
 			}
 		case http2.SettingMaxFrameSize:
 			e.maxFrame = s.Val
-		case http2.SettingHeaderTableSize:
-			e.henc.SetMaxDynamicTableSizeLimit(s.Val)
 		}
+		// SETTINGS_HEADER_TABLE_SIZE: the proxy's header blocks use no
+		// dynamic table (hpackenc.go), so any size will do.
 		return nil
 	})
 }
