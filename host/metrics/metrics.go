@@ -13,6 +13,7 @@ package metrics
 
 import (
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -99,6 +100,17 @@ type Metrics struct {
 	upstreamErrors *prometheus.CounterVec
 	shed           *prometheus.CounterVec
 	tlsFailures    *prometheus.CounterVec
+	// series are the children of calls and latency for each method
+	// label, looked up once (a label lookup hashes the values and takes
+	// the vector's lock, on the path of every call).
+	series map[string]*methodSeries
+}
+
+// methodSeries is one method label's series, each created on first use
+// (so /metrics shows only what happened, as with WithLabelValues).
+type methodSeries struct {
+	latency atomic.Pointer[prometheus.Observer]
+	calls   [codes.Unauthenticated + 1]atomic.Pointer[prometheus.Counter]
 }
 
 // TLS handshake failure reasons (label "reason" of
@@ -139,6 +151,11 @@ func New() *Metrics {
 		}, []string{"reason"}),
 	}
 	// Pre-create the reasons so that rate() works from the first scrape.
+	m.series = make(map[string]*methodSeries, len(knownMethods)+1)
+	for method := range knownMethods {
+		m.series[method] = new(methodSeries)
+	}
+	m.series[OtherMethod] = new(methodSeries)
 	for _, r := range TLSFailureReasons {
 		m.tlsFailures.WithLabelValues(r)
 	}
@@ -165,8 +182,25 @@ func (m *Metrics) CallStarted(string) { m.inFlight.Inc() }
 func (m *Metrics) CallFinished(method string, code codes.Code, elapsed time.Duration) {
 	m.inFlight.Dec()
 	method = MethodLabel(method)
-	m.calls.WithLabelValues(method, code.String()).Inc()
-	m.latency.WithLabelValues(method).Observe(elapsed.Seconds())
+	s := m.series[method]
+	if int(code) < len(s.calls) {
+		c := s.calls[code].Load()
+		if c == nil {
+			cc := m.calls.WithLabelValues(method, code.String())
+			c = &cc
+			s.calls[code].Store(c)
+		}
+		(*c).Inc()
+	} else {
+		m.calls.WithLabelValues(method, code.String()).Inc()
+	}
+	o := s.latency.Load()
+	if o == nil {
+		oo := m.latency.WithLabelValues(method)
+		o = &oo
+		s.latency.Store(o)
+	}
+	(*o).Observe(elapsed.Seconds())
 }
 
 // TLSHandshakeFailed counts a refused client handshake; reason is one of

@@ -95,7 +95,9 @@ func TestObserverAndProcessMetrics(t *testing.T) {
 	}
 	m.CallStarted("/x.Y/Z")
 	m.CallFinished("/x.Y/Z", codes.Unimplemented, time.Millisecond)
-	m.CallStarted(pb.SignerService_Sign_FullMethodName) // still in flight
+	m.CallStarted("/x.Y/Z")
+	m.CallFinished("/x.Y/Z", codes.Code(42), time.Millisecond) // beyond the known codes
+	m.CallStarted(pb.SignerService_Sign_FullMethodName)        // still in flight
 	m.UpstreamError(metrics.ReasonNoReadyConnection)
 	m.UpstreamError(metrics.ReasonNoReadyConnection)
 	m.UpstreamError("made-up") // folded into server_fault
@@ -104,7 +106,19 @@ func TestObserverAndProcessMetrics(t *testing.T) {
 	want(t, f, "nitrosign_proxy_calls_total", map[string]string{"method": pb.EchoService_Echo_FullMethodName, "code": "OK"}, 3)
 	want(t, f, "nitrosign_proxy_calls_total", map[string]string{"method": metrics.OtherMethod, "code": "Unimplemented"}, 1)
 	want(t, f, "nitrosign_proxy_call_duration_seconds", map[string]string{"method": pb.EchoService_Echo_FullMethodName}, 3)
+	want(t, f, "nitrosign_proxy_calls_total", map[string]string{"method": metrics.OtherMethod, "code": "Code(42)"}, 1)
+	want(t, f, "nitrosign_proxy_call_duration_seconds", map[string]string{"method": metrics.OtherMethod}, 2)
 	want(t, f, "nitrosign_proxy_calls_in_flight", nil, 1)
+	// Series appear once used: none for the call still in flight.
+	for _, name := range []string{"nitrosign_proxy_calls_total", "nitrosign_proxy_call_duration_seconds"} {
+		for _, mm := range f[name].GetMetric() {
+			for _, l := range mm.GetLabel() {
+				if l.GetName() == "method" && l.GetValue() == pb.SignerService_Sign_FullMethodName {
+					t.Errorf("%s has a Sign series before any Sign finished", name)
+				}
+			}
+		}
+	}
 	want(t, f, "nitrosign_proxy_upstream_errors_total", map[string]string{"reason": metrics.ReasonNoReadyConnection}, 2)
 	want(t, f, "nitrosign_proxy_upstream_errors_total", map[string]string{"reason": metrics.ReasonServerFault}, 1)
 	want(t, f, "nitrosign_proxy_upstream_errors_total", map[string]string{"reason": metrics.ReasonUnavailable}, 0)
