@@ -54,25 +54,33 @@ func newRawClient(t *testing.T, addr string, initialWindow uint32) *rawClient {
 // call opens a stream for method with msg as its only request message.
 func (rc *rawClient) call(method string, msg proto.Message) uint32 {
 	rc.t.Helper()
-	rc.hbuf.Reset()
-	for _, f := range []hpack.HeaderField{
-		{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
-		{Name: ":path", Value: method}, {Name: ":authority", Value: "proxy"},
-		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"},
-	} {
-		_ = rc.enc.WriteField(f)
-	}
-	id := rc.next
-	rc.next += 2
-	if err := rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.hbuf.Bytes(), EndHeaders: true}); err != nil {
-		rc.t.Fatal(err)
-	}
+	id := rc.headers(method)
 	b, err := proto.Marshal(msg)
 	if err != nil {
 		rc.t.Fatal(err)
 	}
 	body := append([]byte{0, byte(len(b) >> 24), byte(len(b) >> 16), byte(len(b) >> 8), byte(len(b))}, b...)
 	if err := rc.fr.WriteData(id, true, body); err != nil {
+		rc.t.Fatal(err)
+	}
+	return id
+}
+
+// headers opens a stream for method with a gRPC request's headers (and
+// extra), no request body yet.
+func (rc *rawClient) headers(method string, extra ...hpack.HeaderField) uint32 {
+	rc.t.Helper()
+	rc.hbuf.Reset()
+	for _, f := range append([]hpack.HeaderField{
+		{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
+		{Name: ":path", Value: method}, {Name: ":authority", Value: "proxy"},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"},
+	}, extra...) {
+		_ = rc.enc.WriteField(f)
+	}
+	id := rc.next
+	rc.next += 2
+	if err := rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.hbuf.Bytes(), EndHeaders: true}); err != nil {
 		rc.t.Fatal(err)
 	}
 	return id
@@ -322,27 +330,6 @@ func TestMaxAgeGraceZeroLetsCallsFinish(t *testing.T) {
 	}
 }
 
-// open starts a unary call for method with a grpc-timeout and no request
-// yet: the proxy holds it (never launched) until its deadline.
-func (rc *rawClient) open(method, timeout string) uint32 {
-	rc.t.Helper()
-	rc.hbuf.Reset()
-	for _, f := range []hpack.HeaderField{
-		{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
-		{Name: ":path", Value: method}, {Name: ":authority", Value: "proxy"},
-		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"},
-		{Name: "grpc-timeout", Value: timeout},
-	} {
-		_ = rc.enc.WriteField(f)
-	}
-	id := rc.next
-	rc.next += 2
-	if err := rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: rc.hbuf.Bytes(), EndHeaders: true}); err != nil {
-		rc.t.Fatal(err)
-	}
-	return id
-}
-
 // The deadlines of one connection's calls share one timer: a deadline
 // earlier than those already waiting still fires on time, each call gets
 // DeadlineExceeded from the proxy no sooner than its own deadline and in
@@ -356,7 +343,7 @@ func TestProxyDeadlinesOnOneConnection(t *testing.T) {
 	sent := map[uint32]time.Time{}
 	timeouts := map[uint32]time.Duration{}
 	start := func(timeout string, d time.Duration) uint32 {
-		id := raw.open(echo, timeout)
+		id := raw.headers(echo, hpack.HeaderField{Name: "grpc-timeout", Value: timeout}) // held: no request yet
 		sent[id], timeouts[id] = time.Now(), d
 		return id
 	}
