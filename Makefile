@@ -56,11 +56,7 @@ FUZZ_TARGETS := ./host/verify:FuzzVerify ./internal/target:FuzzParse ./internal/
                 ./host/proxy:FuzzHeaderBlockRoundTrip
 
 fuzz: ## Run every fuzz target for FUZZTIME (default 10s)
-	@for t in $(FUZZ_TARGETS); do \
-	  pkg=$${t%%:*}; fn=$${t##*:}; \
-	  echo "fuzz $$fn ($$pkg) for $(FUZZTIME)"; \
-	  CGO_ENABLED=1 $(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg || exit 1; \
-	done
+	@GO=$(GO) FUZZTIME=$(FUZZTIME) ./scripts/fuzz.sh $(FUZZ_TARGETS)
 
 lint: $(TOOLS)/staticcheck-$(STATICCHECK_VERSION) ## go vet, gofmt, staticcheck, buf lint, the floor plan (README, Layout)
 	@unformatted="$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.tools/*'))"; \
