@@ -202,7 +202,11 @@ summary() {
 		}
 		BEGIN {
 			if (tp == "") print "  proxied / direct throughput at 64 in flight: n/a"
-			else printf "  proxied / direct throughput at 64 in flight: %.2fx (target >= 0.65x: %s)\n", tp, (tp >= 0.65 ? "met" : "missed")
+			else {
+				# Three decimals at the margin, where two would print 0.65x for a miss.
+				f = (tp >= 0.645 && tp < 0.655) ? "%.3fx" : "%.2fx"
+				printf "  proxied / direct throughput at 64 in flight: " f " (target >= 0.65x: %s)\n", tp, (tp >= 0.65 ? "met" : "missed")
+			}
 			a = line("added p50 at 1 in flight, rounds merged", px, l4)
 			b = line("added p50 at 1 in flight, median of the rounds", mpx, ml4)
 			if (a == "" || b == "") print "  latency target (<= 1.5x): n/a"
