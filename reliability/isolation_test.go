@@ -13,7 +13,6 @@ import (
 	"os/exec"
 	"runtime"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -25,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/nitrosign/nitrosign/host/bench"
 	pb "github.com/nitrosign/nitrosign/proto/nitrosign/v1"
 )
 
@@ -302,7 +302,9 @@ func (m *monitor) sample() {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	m.res.peakHeap = max(m.res.peakHeap, ms.HeapInuse)
-	m.res.peakRSS = max(m.res.peakRSS, residentBytes())
+	if rss, err := bench.ResidentBytes(os.Getpid()); err == nil {
+		m.res.peakRSS = max(m.res.peakRSS, uint64(rss))
+	}
 	m.res.maxConnects = max(m.res.maxConnects, m.p.px.UpstreamConnects())
 	m.res.samples++
 }
@@ -318,24 +320,6 @@ func (m *monitor) end() monResult {
 	m.res.connectsAfter = m.p.px.UpstreamConnects()
 	m.res.upstreamStreams = sum(m.p.px.UpstreamCalls()) - m.calls
 	return m.res
-}
-
-// residentBytes is this process's resident set (the second field of
-// /proc/self/statm, in pages); 0 when it cannot be read.
-func residentBytes() uint64 {
-	b, err := os.ReadFile("/proc/self/statm")
-	if err != nil {
-		return 0
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 2 {
-		return 0
-	}
-	pages, err := strconv.ParseUint(f[1], 10, 64)
-	if err != nil {
-		return 0
-	}
-	return pages * uint64(os.Getpagesize())
 }
 
 func sum(xs []uint64) uint64 {

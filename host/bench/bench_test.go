@@ -544,6 +544,12 @@ func TestProcessWatch(t *testing.T) {
 	if gone.Error == "" {
 		t.Fatalf("a missing process reports no error: %+v", gone)
 	}
+	if rss, err := ResidentBytes(os.Getpid()); err != nil || rss <= 0 {
+		t.Fatalf("ResidentBytes of this process: %d, %v", rss, err)
+	}
+	if _, err := ResidentBytes(1 << 30); err == nil {
+		t.Fatal("ResidentBytes of a missing process: no error")
+	}
 }
 
 func TestFormatCount(t *testing.T) {

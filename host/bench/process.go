@@ -57,6 +57,12 @@ func readProcStatus(pid int) (name string, rss, hwm int64, err error) {
 	return name, rss, hwm, nil
 }
 
+// ResidentBytes is the resident set size (VmRSS) of process pid, in bytes.
+func ResidentBytes(pid int) (int64, error) {
+	_, rss, _, err := readProcStatus(pid)
+	return rss, err
+}
+
 // parseKB parses "1234 kB" into bytes; 0 when malformed.
 func parseKB(v string) int64 {
 	n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(v, "kB")), 10, 64)

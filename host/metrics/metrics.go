@@ -109,6 +109,7 @@ type Metrics struct {
 // methodSeries is one method label's series, each created on first use
 // (so /metrics shows only what happened, as with WithLabelValues).
 type methodSeries struct {
+	label   string // the method label (OtherMethod for unknown methods)
 	latency atomic.Pointer[prometheus.Observer]
 	calls   [codes.Unauthenticated + 1]atomic.Pointer[prometheus.Counter]
 }
@@ -153,9 +154,9 @@ func New() *Metrics {
 	// Pre-create the reasons so that rate() works from the first scrape.
 	m.series = make(map[string]*methodSeries, len(knownMethods)+1)
 	for method := range knownMethods {
-		m.series[method] = new(methodSeries)
+		m.series[method] = &methodSeries{label: method}
 	}
-	m.series[OtherMethod] = new(methodSeries)
+	m.series[OtherMethod] = &methodSeries{label: OtherMethod}
 	for _, r := range TLSFailureReasons {
 		m.tlsFailures.WithLabelValues(r)
 	}
@@ -181,8 +182,11 @@ func (m *Metrics) CallStarted(string) { m.inFlight.Inc() }
 // CallFinished records a finished call.
 func (m *Metrics) CallFinished(method string, code codes.Code, elapsed time.Duration) {
 	m.inFlight.Dec()
-	method = MethodLabel(method)
-	s := m.series[method]
+	s, ok := m.series[method] // the known methods and OtherMethod: MethodLabel's labels
+	if !ok {
+		s = m.series[OtherMethod]
+	}
+	method = s.label
 	if int(code) < len(s.calls) {
 		c := s.calls[code].Load()
 		if c == nil {

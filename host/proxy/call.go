@@ -595,7 +595,9 @@ func (c *call) finish() {
 	if !c.finished.CompareAndSwap(false, true) {
 		return
 	}
-	c.sc.deadlines.remove(c)
+	if !c.deadline.IsZero() {
+		c.sc.deadlines.remove(c)
+	}
 	ln, uid := c.lane()
 	if ln != nil {
 		ln.forget(c, uid)
