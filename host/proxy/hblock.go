@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
@@ -37,12 +38,14 @@ type frameReader struct {
 	invalid                   error
 }
 
-// newFrameReader reads fr (whose ReadMetaHeaders must be nil) with a
-// header list limit of max (0: the Framer's default, 16 MiB).
-func newFrameReader(fr *http2.Framer, max uint32) *frameReader {
+// newFrameReader reads the frames of rd (at most maxFrameSize each) with
+// a header list limit of max (0: x/net's default, 16 MiB).
+func newFrameReader(rd io.Reader, max uint32) *frameReader {
 	if max == 0 {
 		max = 16 << 20
 	}
+	fr := http2.NewFramer(nil, rd)
+	fr.SetMaxReadFrameSize(maxFrameSize)
 	r := &frameReader{fr: fr, max: max}
 	r.dec = hpack.NewDecoder(4096, r.emit)
 	r.dec.SetMaxStringLength(int(min(uint64(max), 1<<31-1)))

@@ -73,7 +73,7 @@ func readBoth(frames []byte, max uint32) (want, got []readOutcome) {
 	x := http2.NewFramer(nil, bytes.NewReader(frames))
 	x.MaxHeaderListSize = max
 	x.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	ours := newFrameReader(http2.NewFramer(nil, bytes.NewReader(frames)), max)
+	ours := newFrameReader(bytes.NewReader(frames), max)
 	for range 2 {
 		f, err := x.ReadFrame()
 		want = append(want, outcome(f, err))
@@ -136,7 +136,7 @@ func TestFrameReaderReusesItsFields(t *testing.T) {
 	for range 50 {
 		frames = append(frames, headerFrames(block, block, 0)...)
 	}
-	r := newFrameReader(http2.NewFramer(nil, bytes.NewReader(frames)), 0)
+	r := newFrameReader(bytes.NewReader(frames), 0)
 	if _, err := r.ReadFrame(); err != nil {
 		t.Fatal(err)
 	}

@@ -100,9 +100,7 @@ func dialLane(ctx context.Context, s *slot) (*lane, error) {
 		wrote <- err
 	}()
 	br := bufio.NewReaderSize(newSockReader(nc, &l.lastRead), 32<<10)
-	h2fr := http2.NewFramer(nil, br)
-	h2fr.SetMaxReadFrameSize(maxFrameSize)
-	fr := newFrameReader(h2fr, 0)
+	fr := newFrameReader(br, 0)
 	f, err := fr.ReadFrame()
 	if err != nil {
 		_ = nc.Close()

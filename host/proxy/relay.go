@@ -180,9 +180,7 @@ func (sc *srvConn) serve(handshaking chan struct{}) {
 	br := bufio.NewReaderSize(newSockReader(sc.nc, &sc.lastRead), 32<<10)
 	sc.frameBytes.r = br
 	sc.frameBytes.left = maxFrameRead(px.cfg.Limits.MaxHeaderListSize)
-	fr := http2.NewFramer(nil, &sc.frameBytes)
-	fr.SetMaxReadFrameSize(maxFrameSize)
-	sc.fr = newFrameReader(fr, px.cfg.Limits.MaxHeaderListSize)
+	sc.fr = newFrameReader(&sc.frameBytes, px.cfg.Limits.MaxHeaderListSize)
 	go sc.ep.run(func(err error) {})
 	err := sc.handshake(br)
 	close(handshaking)
